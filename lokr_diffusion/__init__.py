@@ -1,0 +1,17 @@
+"""lokr-diffusion: LoKr (and LoHa/LoRA) adapters for Stable Diffusion, in the LyCORIS layout."""
+from .algos import ALGORITHMS, ModuleSettings
+from .errors import AdapterFileError, ConfigError, DatasetError, LokrDiffusionError, ModelError
+from .fileformat import read_safetensors, write_safetensors
+from .kron import factorization, kron
+from .layers import AdapterModule
+from .loading import LoadReport, load_network, network_from_tensors
+from .network import AdapterConfig, AdapterNetwork, create_network, detect_family
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS", "AdapterConfig", "AdapterFileError", "AdapterModule", "AdapterNetwork", "ConfigError",
+    "DatasetError", "LoadReport", "LokrDiffusionError", "ModelError", "ModuleSettings", "create_network",
+    "detect_family", "factorization", "kron", "load_network", "network_from_tensors", "read_safetensors",
+    "write_safetensors",
+]

@@ -1,0 +1,26 @@
+"""Exception types users can catch and act on.
+
+Every message names the file, key or module, what was expected and what was found, so the
+command line can print it without a traceback.
+"""
+from __future__ import annotations
+
+
+class LokrDiffusionError(ValueError):
+    """Base class: bad input that the user can fix."""
+
+
+class AdapterFileError(LokrDiffusionError):
+    """An adapter file (or state dict) cannot be read, or does not fit the model."""
+
+
+class ConfigError(LokrDiffusionError):
+    """A training or network setting is unknown, of the wrong type, or impossible."""
+
+
+class DatasetError(LokrDiffusionError):
+    """A dataset folder, metadata file or caption cannot be used."""
+
+
+class ModelError(LokrDiffusionError):
+    """A base model cannot be loaded or its family cannot be determined."""

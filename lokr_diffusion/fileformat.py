@@ -1,0 +1,165 @@
+"""Reading and writing adapter `.safetensors` files: bounds, validation, metadata, atomic writes.
+
+Files come from strangers, so reading never unpickles, checks the header before allocating
+anything, and turns every problem into an AdapterFileError naming the file and the key.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from .errors import AdapterFileError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # real adapter headers are well under 1 MB
+MAX_METADATA_VALUE = 16 * 1024 * 1024
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+# family -> (ss_base_model_version, modelspec.architecture)
+FAMILY_METADATA = {
+    "sd1": ("sd_v1", "stable-diffusion-v1/lora"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512/lora"),
+    "sd2-v": ("sd_v2_v", "stable-diffusion-v2-768-v/lora"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def tensor_hash(data: bytes) -> str:
+    """sha256 of the bytes after the header: sd-scripts' `sshs_model_hash`."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Serialise, add the content hash to the metadata, and write atomically."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = _st_save(tensors, meta)
+    meta["sshs_model_hash"] = tensor_hash(data)
+    return atomic_write_bytes(path, _st_save(tensors, meta))
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, metadata) from a safetensors header, bounded and checked."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterFileError(f"{path}: no such file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(
+            f"{path}: {path.suffix} files are Python pickles, which can run code when loaded; "
+            "convert it to .safetensors, or load it explicitly with allow_pickle=True if you trust its source")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n + 8 > size:
+            raise AdapterFileError(
+                f"{path}: not a safetensors file (header length {n} does not fit the file size {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or any(not isinstance(v, str) or len(v) > MAX_METADATA_VALUE for v in metadata.values()):
+        raise AdapterFileError(f"{path}: metadata must map names to strings of at most {MAX_METADATA_VALUE} characters")
+    data_len = size - 8 - n
+    for key, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            shape = entry["shape"]
+            entry["dtype"]
+        except (TypeError, KeyError, ValueError):
+            raise AdapterFileError(f"{path}: tensor {key!r} has a malformed header entry") from None
+        if not (0 <= start <= end <= data_len) or any(not isinstance(s, int) or s < 0 for s in shape):
+            raise AdapterFileError(f"{path}: tensor {key!r} points outside the file (offsets {start}..{end}, data {data_len} bytes)")
+    return header, metadata
+
+
+def read_safetensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file. Pickles only with allow_pickle (weights_only)."""
+    path = Path(path)
+    if allow_pickle and path.suffix.lower() in PICKLE_SUFFIXES:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise AdapterFileError(f"{path}: expected a dict of tensors in the pickle")
+        return dict(sd), {}
+    read_header(path)
+    try:
+        tensors = _st_load(path.read_bytes())
+    except Exception as exc:  # safetensors raises its own error types for corrupt data
+        raise AdapterFileError(f"{path}: cannot read tensors: {exc}") from None
+    _, metadata = read_header(path)
+    return tensors, metadata
+
+
+def training_metadata(family: str | None, network_args: Mapping[str, object], dim: int, alpha: float,
+                      title: str = "adapter", resolution: str | None = None,
+                      prediction_type: str | None = None, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The ss_* and modelspec.* keys sd-scripts writes and the UIs read, all as strings."""
+    meta = {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": title,
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if family in FAMILY_METADATA:
+        version, arch = FAMILY_METADATA[family]
+        meta["ss_base_model_version"] = version
+        meta["ss_v2"] = str(family in ("sd2", "sd2-v"))
+        meta["modelspec.architecture"] = arch
+        meta["modelspec.resolution"] = resolution or {"sdxl": "1024x1024", "sd2-v": "768x768"}.get(family, "512x512")
+        meta["modelspec.prediction_type"] = prediction_type or ("v" if family == "sd2-v" else "epsilon")
+    for k, v in (extra or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    return meta
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    for family, (v, _) in FAMILY_METADATA.items():
+        if version == v:
+            return family
+    if version.startswith("sdxl"):
+        return "sdxl"
+    return None

@@ -1,0 +1,258 @@
+"""AdapterNetwork: a set of AdapterModules injected into a UNet and its text encoder(s).
+
+Its native state dict is exactly the file layout (`<module key>.<tensor>`), so saving,
+loading and Accelerate's checkpointing all use one naming.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import naming
+from .algos import ALGORITHMS, ModuleSettings, get_algorithm
+from .errors import ConfigError
+from .fileformat import training_metadata, write_safetensors
+from .layers import AdapterModule
+from .targets import PRESETS, Target, select_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterConfig:
+    """What to train: the trainer's `[network]` keys.
+
+    `dim`/`alpha` apply to Linear layers and 1x1 convs; k x k convs train only when
+    `conv_dim` is given (the kohya convention). alpha defaults to the rank (scale 1). For LoKr
+    a larger `factor` means a bigger w1 and a smaller w2, hence fewer parameters when w2 is full.
+    """
+
+    algo: str = "lokr"
+    preset: str = "attn-mlp"
+    factor: int = -1
+    dim: int = 16
+    alpha: float | None = None
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    full_matrix: bool = False
+    decompose_both: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(f"network.algo: {self.algo!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"network.preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor == 0:
+            raise ConfigError(f"network.factor: expected a non-zero integer (-1 for balanced), got {self.factor!r}")
+        for name in ("dim", "conv_dim"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"network.{name}: expected a positive integer, got {v!r}")
+        for name in ("rank_dropout", "module_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= float(v) < 1.0:
+                raise ConfigError(f"network.{name}: expected a probability in [0, 1), got {v!r}")
+
+    def settings(self, kxk_conv: bool) -> ModuleSettings:
+        dim = self.conv_dim if kxk_conv else self.dim
+        alpha = self.conv_alpha if kxk_conv else self.alpha
+        return ModuleSettings(dim, dim if alpha is None else alpha, self.factor, self.full_matrix, self.decompose_both)
+
+    def network_args(self) -> dict[str, object]:
+        """The `ss_network_args` sd-scripts users know."""
+        args = {"algo": self.algo, "preset": self.preset, "factor": self.factor}
+        if self.conv_dim:
+            args.update(conv_dim=self.conv_dim, conv_alpha=self.conv_alpha if self.conv_alpha is not None else self.conv_dim)
+        for name in ("full_matrix", "decompose_both"):
+            if getattr(self, name):
+                args[name] = True
+        for name in ("rank_dropout", "module_dropout"):
+            if getattr(self, name):
+                args[name] = getattr(self, name)
+        return args
+
+
+def detect_family(unet: nn.Module | None, text_encoders: Sequence[nn.Module] = ()) -> str:
+    """'sdxl', 'sd2' or 'sd1' from the model structure (v-prediction is a scheduler fact)."""
+    if len(text_encoders) == 2:
+        return "sdxl"
+    if unet is not None:
+        cfg = unet.config
+        if cfg.get("addition_embed_type") == "text_time":
+            return "sdxl"
+        if cfg.get("use_linear_projection") or cfg.get("cross_attention_dim") == 1024:
+            return "sd2"
+        return "sd1"
+    if text_encoders and getattr(text_encoders[0].config, "hidden_size", 768) == 1024:
+        return "sd2"
+    return "sd1"
+
+
+@dataclass
+class ModuleInfo:
+    key: str
+    component: str
+    path: str
+    kind: str  # "linear" | "conv1x1" | "conv"
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+class AdapterNetwork(nn.Module):
+    """The adapters of one model, keyed by their file keys."""
+
+    def __init__(self, family: str, config: AdapterConfig | None = None) -> None:
+        super().__init__()
+        self.family = family
+        self.config = config
+        self.components: dict[str, str] = {}  # key -> component
+        self.paths: dict[str, str] = {}  # key -> module path inside the component
+
+    # -- building ------------------------------------------------------------------------------
+    def add_adapter(self, target: Target, key: str, adapter: AdapterModule) -> None:
+        if key in self._modules:
+            raise ValueError(f"two modules map to the same file key {key!r}")
+        self.add_module(key, adapter)
+        self.components[key] = target.component
+        self.paths[key] = target.path
+        adapter.attach()
+
+    def adapters(self) -> Iterable[AdapterModule]:
+        return (m for m in self.children() if isinstance(m, AdapterModule))
+
+    def adapter(self, key: str) -> AdapterModule:
+        return self._modules[key]  # type: ignore[return-value]
+
+    def module_keys(self) -> list[str]:
+        return [a.key for a in self.adapters()]
+
+    def num_parameters(self, per_module: bool = False) -> int | dict[str, int]:
+        counts = {a.key: sum(p.numel() for p in a.parameters()) for a in self.adapters()}
+        return counts if per_module else sum(counts.values())
+
+    def modules_info(self) -> list[ModuleInfo]:
+        out = []
+        for a in self.adapters():
+            b = a.base
+            kind = "linear" if isinstance(b, nn.Linear) else ("conv1x1" if tuple(b.kernel_size) == (1, 1) else "conv")
+            out.append(ModuleInfo(a.key, self.components[a.key], self.paths[a.key], kind,
+                                  {n: tuple(t.shape) for n, t in a.tensors().items()}))
+        return out
+
+    # -- switching -----------------------------------------------------------------------------
+    def set_multiplier(self, multiplier: float, component: str | None = None) -> None:
+        for a in self.adapters():
+            if component is None or self.components[a.key].startswith(component):
+                if a.merged:
+                    raise RuntimeError("unmerge before changing the multiplier of a merged adapter")
+                a.multiplier = float(multiplier)
+
+    def set_enabled(self, enabled: bool) -> None:
+        for a in self.adapters():
+            a.enabled = enabled
+
+    def merge(self, multiplier: float | None = None) -> None:
+        """Bake every adapter into its base weight; forward then costs nothing extra."""
+        for a in self.adapters():
+            a.merge(multiplier)
+
+    def unmerge(self) -> None:
+        for a in self.adapters():
+            a.unmerge()
+
+    def remove(self) -> None:
+        """Take the adapters out of the model (unmerging first), leaving it as it was."""
+        for a in self.adapters():
+            a.unmerge()
+            a.detach()
+
+    # -- saving --------------------------------------------------------------------------------
+    def file_tensors(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+        """The file layout: factors in `dtype`, alpha as a float32 0-dim tensor."""
+        out = {}
+        for key, t in self.state_dict().items():
+            if key.endswith(".alpha"):
+                out[key] = t.detach().float().reshape(())
+            else:
+                out[key] = t.detach().to(dtype) if dtype is not None else t.detach()
+        return out
+
+    def metadata(self, title: str = "adapter", extra: dict | None = None) -> dict[str, str]:
+        cfg = self.config or AdapterConfig()
+        alpha = cfg.alpha if cfg.alpha is not None else cfg.dim
+        return training_metadata(self.family, cfg.network_args(), cfg.dim, alpha, title=title, extra=extra)
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = torch.float16,
+             metadata: dict[str, str] | None = None) -> Path:
+        """Write a `.safetensors` file in the LyCORIS layout, atomically."""
+        tensors = self.file_tensors(dtype)
+        for k, v in tensors.items():
+            if not torch.isfinite(v).all():
+                raise ValueError(f"refusing to save {path}: tensor {k} has non-finite values")
+        meta = self.metadata(title=Path(path).stem)
+        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        return write_safetensors(path, tensors, meta)
+
+
+def _component_models(unet: nn.Module | None, text_encoders: Sequence[nn.Module]):
+    """(component name, model, key function, alias function) for each given model."""
+    out = []
+    family = detect_family(unet, text_encoders)
+    if unet is not None:
+        layout = naming.unet_layout(unet)
+        ldm = family == "sdxl"
+        out.append(("unet", unet, lambda p, l=layout, x=ldm: naming.unet_key(p, x, l),
+                    lambda p, l=layout: naming.unet_key_aliases(p, l)))
+    prefixes = naming.text_encoder_prefixes(len(text_encoders)) if text_encoders else []
+    n = len(text_encoders)
+    for i, (te, prefix) in enumerate(zip(text_encoders, prefixes)):
+        out.append((prefix[len("lora_"):], te, lambda p, x=prefix: naming.text_encoder_key(x, p),
+                    lambda p, i=i, n=n: naming.text_encoder_key_aliases(i, n, p)))
+    return out
+
+
+def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_encoders: Sequence[nn.Module] = (),
+                   family: str | None = None) -> AdapterNetwork:
+    """Inject fresh adapters into `unet` and `text_encoders` (SDXL: both, in order).
+
+    The update starts at exactly zero, so the model's outputs do not change until training.
+    Works on meta-device models too (for counting parameters without weights).
+    """
+    if unet is None and not text_encoders:
+        raise ConfigError("create_network: give a unet, text encoders, or both")
+    text_encoders = tuple(text_encoders)
+    family = family or detect_family(unet, text_encoders)
+    algo = get_algorithm(config.algo)
+    network = AdapterNetwork(family, config)
+    skipped_convs = 0
+    for component, model, key_of, _ in _component_models(unet, text_encoders):
+        targets = select_targets(component if component == "unet" else "te", model, config.preset, key_of,
+                                 config.include, config.exclude, sdxl=family == "sdxl")
+        for target in targets:
+            if target.is_kxk_conv and config.conv_dim is None:
+                skipped_convs += 1
+                continue
+            weight = target.module.weight
+            settings = config.settings(target.is_kxk_conv)
+            with torch.device(weight.device):
+                tensors = algo.init_tensors(tuple(weight.shape), settings)
+            # both LoKr factors full: scale is 1 in every tool, store alpha = rank to say so
+            alpha = settings.alpha if algo.rank(tensors) is not None else settings.dim
+            adapter = AdapterModule(key_of(target.path), target.module, algo, tensors, alpha,
+                                    rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
+            network.add_adapter(Target(component, target.path, target.module), adapter.key, adapter)
+    if skipped_convs:
+        logger.info("skipped %d k x k convolutions of preset %r: set conv_dim to train them", skipped_convs, config.preset)
+    return network
+
+
+__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "create_network", "detect_family"]
