@@ -83,16 +83,14 @@ class AdapterConfig:
 
 
 def detect_family(unet: nn.Module | None, text_encoders: Sequence[nn.Module] = ()) -> str:
-    """'sdxl', 'sd2' or 'sd1' from the model structure (v-prediction is a scheduler fact)."""
-    if len(text_encoders) == 2:
-        return "sdxl"
+    """'sdxl', 'sd2' or 'sd1' from the model structure (see lokr_diffusion.models.detect_family);
+    without a UNet, from the text encoders alone."""
+    from .models import detect_family as detect_from_unet
+
     if unet is not None:
-        cfg = unet.config
-        if cfg.get("addition_embed_type") == "text_time":
-            return "sdxl"
-        if cfg.get("use_linear_projection") or cfg.get("cross_attention_dim") == 1024:
-            return "sd2"
-        return "sd1"
+        return detect_from_unet(unet, list(text_encoders))
+    if len(text_encoders) >= 2:
+        return "sdxl"
     if text_encoders and getattr(text_encoders[0].config, "hidden_size", 768) == 1024:
         return "sd2"
     return "sd1"

@@ -15,3 +15,35 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Tiny random pipelines with the real module names (lokr_diffusion.models), built once per
+# session: every test that needs a base model loads one of these folders.
+def _build_tiny(tmp_path_factory, family):
+    from lokr_diffusion.models import build_tiny_pipeline
+
+    return build_tiny_pipeline(family, tmp_path_factory.mktemp(f"tiny_{family}"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_path(tmp_path_factory):
+    """Folder of a tiny SD1.5-structured StableDiffusionPipeline (epsilon, PNDM)."""
+    return _build_tiny(tmp_path_factory, "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_path(tmp_path_factory):
+    """Folder of a tiny SD2.1-v-structured StableDiffusionPipeline (v_prediction, DDIM)."""
+    return _build_tiny(tmp_path_factory, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    """Folder of a tiny SDXL-base-structured StableDiffusionXLPipeline (epsilon, Euler)."""
+    return _build_tiny(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_paths(tiny_sd15_path, tiny_sd2_path, tiny_sdxl_path):
+    """Family name ("sd15", "sd2", "sdxl") -> tiny pipeline folder."""
+    return {"sd15": tiny_sd15_path, "sd2": tiny_sd2_path, "sdxl": tiny_sdxl_path}

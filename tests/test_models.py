@@ -1,0 +1,212 @@
+"""Real architecture configs, tiny look-alike pipelines, family detection and loading errors.
+
+The tiny pipelines stand in for the real checkpoints in every other test, so the checks
+here are about them being faithful: same module tree as the published models, loadable
+by the stock Diffusers classes, and able to generate.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lokr_diffusion.errors import ConfigError, ModelError
+from lokr_diffusion.models import (
+    build_meta_models,
+    build_tiny_pipeline,
+    canonical_family,
+    detect_family,
+    load_pipeline,
+    pipeline_family,
+    real_text_encoder_configs,
+    real_unet_config,
+    tiny_unet_config,
+    write_tiny_tokenizer,
+)
+
+FAMILIES = ["sd15", "sd2", "sdxl"]
+PIPELINE_CLASS = {"sd15": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
+                  "sdxl": StableDiffusionXLPipeline}
+
+
+@pytest.fixture(scope="module")
+def meta_models():
+    return {f: build_meta_models(f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes(tiny_pipeline_paths):
+    """Each tiny folder reloaded through the stock class, as a user script would."""
+    return {f: PIPELINE_CLASS[f].from_pretrained(str(p)) for f, p in tiny_pipeline_paths.items()}
+
+
+# Published parameter counts: they pin every width, depth and head setting of the configs.
+REAL_COUNTS = {
+    "sd15": (859_520_964, [123_060_480], 16, [12]),
+    "sd2": (865_910_724, [340_387_840], 16, [23]),
+    "sdxl": (2_567_463_684, [123_060_480, 694_659_840], 70, [12, 32]),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meta_models_match_published_architectures(meta_models, family):
+    unet, encoders = meta_models[family]
+    n_unet, n_text, n_blocks, n_layers = REAL_COUNTS[family]
+    assert unet.device.type == "meta"
+    assert sum(p.numel() for p in unet.parameters()) == n_unet
+    assert [sum(p.numel() for p in e.parameters()) for e in encoders] == n_text
+    assert sum(isinstance(m, BasicTransformerBlock) for m in unet.modules()) == n_blocks
+    assert [e.config.num_hidden_layers for e in encoders] == n_layers
+    # attn-only preset counts of the format spec: 8 projections per block, 4 per CLIP layer
+    n_attn = sum(1 for n, m in unet.named_modules() if re.search(r"\.attn[12]\.(to_[qkv]|to_out\.0)$", n))
+    assert n_attn == 8 * n_blocks
+
+
+def test_text_encoder_classes_and_aliases():
+    assert [c for c, _ in real_text_encoder_configs("sdxl")] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    assert real_text_encoder_configs("sd2")[0][1]["hidden_act"] == "gelu"
+    assert real_unet_config("sd21") == real_unet_config("sd2-v") == real_unet_config("sd2")
+    assert real_unet_config("sd1") == real_unet_config("sd15")
+    assert [canonical_family(a) for a in ("sd1", "SD15", "sd21", "sd2-v", "sdxl")] == \
+        ["sd15", "sd15", "sd2", "sd2", "sdxl"]
+    with pytest.raises(ConfigError, match="sd3"):
+        real_unet_config("sd3")
+
+
+def test_transformers5_text_model_levels(meta_models):
+    """Export keys rely on this: CLIPTextModel lost `text_model`, WithProjection kept it."""
+    te1, te2 = meta_models["sdxl"][1]
+    assert isinstance(te1, CLIPTextModel) and isinstance(te2, CLIPTextModelWithProjection)
+    assert "encoder.layers.0.self_attn.q_proj" in dict(te1.named_modules())
+    assert "text_model.encoder.layers.0.self_attn.q_proj" in dict(te2.named_modules())
+
+
+def _module_tree(unet) -> dict[str, str]:
+    """name -> class, with transformer block indices folded (the tiny models are shallower)."""
+    return {re.sub(r"transformer_blocks\.\d+", "transformer_blocks.*", n): type(m).__name__
+            for n, m in unet.named_modules()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_unet_has_the_real_module_tree(meta_models, tiny_pipes, family):
+    real, tiny = meta_models[family][0], tiny_pipes[family].unet
+    assert _module_tree(tiny) == _module_tree(real)  # incl. conv_shortcut, proj_in kind
+    for key in ("down_block_types", "up_block_types", "layers_per_block", "use_linear_projection",
+                "addition_embed_type"):
+        assert tiny.config.get(key) == real.config.get(key), key
+    proj = tiny.get_submodule("down_blocks.1.attentions.0.proj_in")
+    assert isinstance(proj, torch.nn.Conv2d if family == "sd15" else torch.nn.Linear)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_pipeline_generates_64px(tiny_pipes, family):
+    pipe = tiny_pipes[family]
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    out = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64,
+               generator=gen, output_type="pt").images
+    assert out.shape == (1, 3, 64, 64)
+    assert torch.isfinite(out).all()
+    if family == "sdxl":
+        widths = [pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size]
+        assert sum(widths) == pipe.unet.config.cross_attention_dim
+
+
+def test_tiny_pipeline_folder_is_small_and_safetensors(tiny_pipeline_paths):
+    for path in tiny_pipeline_paths.values():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        assert sum(p.stat().st_size for p in files) < 20e6
+        assert not [p for p in files if p.suffix == ".bin"]
+        assert (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_tiny_build_is_deterministic(tmp_path, tiny_sd15_path):
+    again = build_tiny_pipeline("sd1", tmp_path / "a", seed=0)
+    other = build_tiny_pipeline("sd15", tmp_path / "b", seed=1)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    ref, same, diff = (load_file(p / name) for p in (tiny_sd15_path, again, other))
+    assert all(torch.equal(ref[k], same[k]) for k in ref)
+    assert not torch.equal(ref["conv_in.weight"], diff["conv_in.weight"])
+
+
+@pytest.mark.parametrize("family,expected", [("sd15", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl")])
+def test_detect_family(meta_models, family, expected):
+    unet, encoders = meta_models[family]
+    assert detect_family(unet, encoders) == expected
+    assert detect_family(unet.config) == expected
+    assert detect_family(tiny_unet_config(family)) == expected  # no hint beyond the structure
+    v = detect_family(unet, encoders, prediction_type="v_prediction")
+    assert v == ("sd2-v" if family == "sd2" else expected)
+
+
+def test_pipeline_family_of_tiny_pipelines(tiny_pipes):
+    assert {f: pipeline_family(p) for f, p in tiny_pipes.items()} == \
+        {"sd15": "sd1", "sd2": "sd2-v", "sdxl": "sdxl"}
+
+
+def test_tokenizer_round_trip(tmp_path, tiny_sd15_path):
+    caption = "A photo of a cute dog sitting on the beach at sunset, high quality!"
+    for folder in (write_tiny_tokenizer(tmp_path / "tok"), tiny_sd15_path / "tokenizer"):
+        tok = CLIPTokenizer.from_pretrained(str(folder))
+        ids = tok(caption).input_ids
+        assert tok.model_max_length == 77
+        assert tok.convert_ids_to_tokens([ids[0], ids[-1]]) == ["<|startoftext|>", "<|endoftext|>"]
+        assert max(ids) == ids[-1] == len(tok) - 1  # eos is the highest id, as in real CLIP
+        assert len(ids) == 2 + len(caption.split()) + 2  # common words are single tokens
+        assert tok.decode(ids, skip_special_tokens=True) == "a photo of a cute dog sitting on the beach at sunset , high quality !"
+        assert len(tok("x " * 200, truncation=True, padding="max_length", max_length=77).input_ids) == 77
+    tok2 = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tmp_path / "tok2", pad_token="!")))
+    assert tok2.pad_token == "!" and tok2("cat", padding="max_length", max_length=5).input_ids[-1] == tok2.pad_token_id
+
+
+def test_load_pipeline_detects_and_overrides(tiny_sd2_path, tiny_sdxl_path):
+    pipe = load_pipeline(str(tiny_sdxl_path), torch_dtype="fp32")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and pipeline_family(pipe) == "sdxl"
+    pipe = load_pipeline(tiny_sd2_path, family="sd21", prediction_type="epsilon")
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
+    assert pipeline_family(pipe) == "sd2"
+
+
+def test_load_pipeline_errors(tmp_path, tiny_sd15_path):
+    with pytest.raises(ModelError, match=r"missing_dir.*does not exist"):
+        load_pipeline(str(tmp_path / "missing_dir"))
+    with pytest.raises(ModelError, match=r"model\.safetensors does not exist"):
+        load_pipeline(str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ModelError, match="family sdxl was requested"):
+        load_pipeline(str(tiny_sd15_path), family="sdxl")
+    with pytest.raises(ConfigError, match="prediction_type"):
+        load_pipeline(str(tiny_sd15_path), prediction_type="x0")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ModelError, match=r"broken.*from_pretrained"):
+        load_pipeline(str(broken))
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read checkpoint .*garbage"):
+        load_pipeline(str(garbage))
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(unknown))
+    with pytest.raises(ModelError, match="cannot tell the model family"):
+        load_pipeline(str(unknown))
+    with pytest.raises(ModelError, match="no-such-owner/no-such-model"):  # hub is offline in tests
+        load_pipeline("no-such-owner/no-such-model")
+
+
+def test_cli_tiny_model(tmp_path):
+    from lokr_diffusion.cli import main
+
+    assert main(["tiny-model", "--family", "sd2", "--out", str(tmp_path / "m")]) == 0
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "m"), subfolder="unet")
+    assert detect_family(unet) == "sd2"
