@@ -6,6 +6,7 @@ from .kron import factorization, kron
 from .layers import AdapterModule
 from .loading import LoadReport, load_network, network_from_tensors
 from .network import AdapterConfig, AdapterNetwork, create_network, detect_family
+from .pipelines import fuse_adapter, list_adapters, load_adapter, set_adapter_scale, unfuse_adapter, unload_adapter
 
 __version__ = "0.1.0"
 
@@ -13,5 +14,6 @@ __all__ = [
     "ALGORITHMS", "AdapterConfig", "AdapterFileError", "AdapterModule", "AdapterNetwork", "ConfigError",
     "DatasetError", "LoadReport", "LokrDiffusionError", "ModelError", "ModuleSettings", "create_network",
     "detect_family", "factorization", "kron", "load_network", "network_from_tensors", "read_safetensors",
-    "write_safetensors",
+    "write_safetensors", "fuse_adapter", "list_adapters", "load_adapter", "set_adapter_scale", "unfuse_adapter",
+    "unload_adapter",
 ]
