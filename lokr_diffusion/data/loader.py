@@ -1,0 +1,100 @@
+"""Batches for the training loop: collation, SDXL time ids, and a DataLoader that knows the
+exact data position for resume."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .sampler import BucketBatchSampler
+
+if TYPE_CHECKING:
+    from .dataset import ImageCaptionDataset
+
+
+def collate_samples(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack dataset items into a batch (all from one bucket, so shapes agree).
+
+    Keys: `pixel_values` (B, 3, H, W) in [-1, 1] or `latents` (B, C, h, w); `captions` list[str];
+    `original_size`, `crop_top_left`, `target_size` long (B, 2) as (height, width) / (top, left);
+    `flipped`, `is_reg` bool (B,); `paths` list[str]; `indices` long (B,); `data_position`
+    {"epoch", "batches_done"} after this batch; with tokenizers `input_ids` list of long (B, L),
+    one per tokenizer; with the text cache `text_embeds` dict of (B, ...) tensors.
+    """
+    first = items[0]
+    batch: dict[str, Any] = {}
+    for key in ("pixel_values", "latents"):
+        if key in first:
+            batch[key] = torch.stack([it[key] for it in items])
+    batch["captions"] = [it["caption"] for it in items]
+    for key in ("original_size", "crop_top_left", "target_size"):
+        batch[key] = torch.tensor([it[key] for it in items], dtype=torch.long)
+    batch["flipped"] = torch.tensor([it["flipped"] for it in items], dtype=torch.bool)
+    batch["is_reg"] = torch.tensor([it["is_reg"] for it in items], dtype=torch.bool)
+    batch["paths"] = [it["path"] for it in items]
+    batch["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    epoch, position = first["data_position"]
+    batch["data_position"] = {"epoch": epoch, "batches_done": position}
+    if "input_ids" in first:
+        batch["input_ids"] = [torch.stack([it["input_ids"][t] for it in items])
+                              for t in range(len(first["input_ids"]))]
+    if "text_embeds" in first:
+        batch["text_embeds"] = {name: torch.stack([it["text_embeds"][name] for it in items])
+                                for name in first["text_embeds"]}
+    return batch
+
+
+def sdxl_add_time_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """SDXL's (B, 6) added time ids: original size, crop top-left, target size."""
+    return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+
+
+class BucketDataLoader:
+    """A torch DataLoader over a `BucketBatchSampler` that knows the exact data position.
+
+    The position is taken from the batches the loop has received (each batch carries it), not
+    from how far workers have prefetched, so `state_dict()` saved after step N resumes at
+    batch N + 1. Typical use::
+
+        loader = dataset.dataloader(batch_size, num_replicas=acc.num_processes, rank=acc.process_index)
+        loader.load_state_dict(checkpoint["data"])          # when resuming
+        for epoch in range(first_epoch, epochs):
+            loader.set_epoch(epoch)
+            for batch in loader: ...; checkpoint["data"] = loader.state_dict()
+    """
+
+    def __init__(self, dataset: ImageCaptionDataset, sampler: BucketBatchSampler, *,
+                 num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
+                                 num_workers=num_workers, pin_memory=pin_memory)
+        self._last: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self._last = dict(batch["data_position"])
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._last = None
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def state_dict(self) -> dict[str, int]:
+        state = self.sampler.state_dict()
+        if self._last is not None:
+            state.update(self._last)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+        self._last = None
