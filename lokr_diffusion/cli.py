@@ -41,6 +41,23 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .training.loop import add_train_arguments
+
+    add_train_arguments(p)
+
+
+@command("train", _train_args)
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train an adapter from a TOML config (same as `accelerate launch train.py --config FILE`)."""
+    from .training.loop import main as train_main
+
+    argv = ["--config", args.config]
+    for item in args.set:
+        argv += ["--set", item]
+    return train_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lokr-diffusion",

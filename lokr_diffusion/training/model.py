@@ -1,0 +1,57 @@
+"""TrainingModel: the frozen pipeline parts plus the trainable adapter network, as one module.
+
+Only the adapter network is registered as a submodule, so Accelerate (DDP, save_state) sees
+and synchronises just the trainable tensors, while the forward runs text encoder(s) and UNet
+with the adapters' hooks in place.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..network import AdapterNetwork
+
+
+def tokenize(tokenizers: Sequence[Any], captions: Sequence[str]) -> list[torch.Tensor]:
+    """Token ids per tokenizer, padded to its model_max_length, as the pipelines do."""
+    return [tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in tokenizers]
+
+
+class TrainingModel(nn.Module):
+    def __init__(self, network: AdapterNetwork, unet: nn.Module, text_encoders: Sequence[nn.Module],
+                 sdxl: bool, train_text_encoder: bool) -> None:
+        super().__init__()
+        self.network = network
+        self.frozen = {"unet": unet, "text_encoders": list(text_encoders)}  # plain dict: not registered
+        self.sdxl = sdxl
+        self.train_text_encoder = train_text_encoder
+
+    def encode_text(self, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Prompt embeddings the way the Diffusers pipelines make them (SDXL: penultimate hidden
+        states of both encoders concatenated, pooled output of the second)."""
+        tes = self.frozen["text_encoders"]
+        device = next(self.network.parameters()).device
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            if not self.sdxl:
+                return {"prompt_embeds": tes[0](input_ids[0].to(device))[0]}
+            hidden, pooled = [], None
+            for te, ids in zip(tes, input_ids):
+                out = te(ids.to(device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]
+            return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, batch: Mapping[str, Any],
+                add_time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        unet = self.frozen["unet"]
+        embeds = batch.get("text_embeds") or self.encode_text(batch["input_ids"])
+        dtype = next(unet.parameters()).dtype
+        kwargs = {}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": embeds["pooled_prompt_embeds"].to(noisy_latents.device),
+                                           "time_ids": add_time_ids.to(noisy_latents.device)}
+        return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds["prompt_embeds"].to(noisy_latents.device),
+                    **kwargs).sample

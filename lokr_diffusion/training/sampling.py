@@ -1,0 +1,61 @@
+"""Sample images during training: fixed prompts and seeds, one PNG grid per prompt and step."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..fileformat import atomic_write_bytes
+
+
+def _slug(prompt: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit] or "prompt"
+
+
+def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or len(images)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+@torch.no_grad()
+def sample_grids(pipe, prompts: Sequence[str], out_dir: Path, step: int, *, negative_prompt: str = "",
+                 steps: int = 20, guidance_scale: float = 7.0, seed: int = 0, num_images: int = 2,
+                 width: int | None = None, height: int | None = None, device: torch.device | None = None,
+                 autocast=None) -> list[tuple[str, Path, np.ndarray]]:
+    """Generate `num_images` images per prompt (seeds seed, seed+1, ...), save one grid each.
+
+    The global RNG is left untouched, so sampling does not change the training run (resumed
+    runs stay identical to uninterrupted ones). Returns (prompt, path, grid as HWC uint8).
+    """
+    out = []
+    device = device or pipe.unet.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i, prompt in enumerate(prompts):
+            images = []
+            for k in range(num_images):
+                g = torch.Generator(device=device).manual_seed(seed + k)
+                with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+                    result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                                  guidance_scale=guidance_scale, generator=g, width=width, height=height)
+                images.extend(result.images)
+            grid = image_grid(images)
+            path = save_png(grid, out_dir / f"step{step:06d}-{i:02d}-{_slug(prompt)}.png")
+            out.append((prompt, path, np.asarray(grid)))
+    return out
