@@ -69,8 +69,11 @@ class BucketDataLoader:
                  num_workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = dataset
         self.sampler = sampler
+        # A private generator: a DataLoader draws its worker base seed from the global RNG at
+        # every new iterator, which would shift the training noise of a resumed run.
         self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
-                                 num_workers=num_workers, pin_memory=pin_memory)
+                                 num_workers=num_workers, pin_memory=pin_memory,
+                                 generator=torch.Generator().manual_seed(sampler.seed))
         self._last: dict[str, int] | None = None
 
     def __len__(self) -> int:

@@ -31,8 +31,10 @@ def save_state(accelerator, output_dir: Path, step: int) -> Path:
     """accelerator.save_state into a temp folder, then an atomic rename (main process renames)."""
     final = state_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()

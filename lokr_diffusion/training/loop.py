@@ -69,7 +69,7 @@ class TrainingStopped(RuntimeError):
 def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     """Run a training job; returns the path of the final adapter file."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -89,7 +89,12 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     output_dir = cfg.output_dir
 
     # 1. data: validated and scanned before any model loads
+    # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on a CPU machine):
+    # Accelerate only picks its gloo CPU backend when told the run is on the CPU.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_processes,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.network.module_dropout > 0)],
         mixed_precision=t_cfg.mixed_precision,
         gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
         log_with="tensorboard" if cfg.logging.tensorboard else None,
@@ -175,7 +180,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
                                 num_workers=t_cfg.num_workers)
     steps_per_epoch = max(1, math.ceil(len(loader) / t_cfg.gradient_accumulation_steps))
     max_steps = t_cfg.max_steps or t_cfg.epochs * steps_per_epoch
-    num_epochs = t_cfg.epochs or math.ceil(max_steps / steps_per_epoch)
+    num_epochs = t_cfg.epochs or sys.maxsize  # with max_steps alone, epochs run until the steps are done
     lr_scheduler = get_scheduler(t_cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=t_cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
@@ -261,9 +266,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     bar = tqdm(total=max_steps, initial=progress.step, disable=not main, desc="training", dynamic_ncols=True)
     start, start_step = time.perf_counter(), progress.step
     model.train()
-    first_epoch = progress.epoch
-    while progress.step < max_steps and progress.epoch < max(num_epochs, first_epoch + 1):
-        loader.set_epoch(progress.epoch) if progress.data is None or progress.data.get("epoch") != progress.epoch else None
+    while progress.step < max_steps and progress.epoch < num_epochs:
+        loader.set_epoch(progress.epoch)  # a just-restored epoch keeps its position
         for batch in loader:
             with accelerator.accumulate(model):
                 with torch.no_grad():
@@ -338,6 +342,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
     if cfg.sample.prompts:
         sample()
+    agree = _ranks_agree(accelerator, network)
     accelerator.end_training()
     if main:
         elapsed = time.perf_counter() - start
@@ -347,8 +352,20 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         print(f"done: {progress.step} steps ({steps / elapsed if elapsed > 0 else 0:.2f} steps/s this run), "
               f"peak memory {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'}), "
               f"{network.num_parameters():,} trainable parameters, "
-              f"{progress.nonfinite_total} non-finite steps skipped\nadapter: {final}")
+              f"{progress.nonfinite_total} non-finite steps skipped\n"
+              f"adapter {'identical' if agree else 'DIFFERENT'} on all {accelerator.num_processes} process(es)\n"
+              f"adapter: {final}")
     return final
+
+
+def _ranks_agree(accelerator, network) -> bool:
+    """Whether every process ends with the same adapter tensors (DDP should guarantee it)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in network.parameters()])
+        fingerprint = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64,
+                                                                     device=flat.device)).sum()]).reshape(1, 2)
+    everyone = accelerator.gather(fingerprint)
+    return bool((everyone == everyone[0]).all())
 
 
 def _nonfinite(progress: Progress, limit: int, what: str, main: bool) -> None:

@@ -1,0 +1,207 @@
+"""The trainer end to end, through real `accelerate launch` subprocesses on tiny models."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lokr_diffusion import load_network
+from lokr_diffusion.errors import ConfigError
+from lokr_diffusion.training.config import config_from_dict, load_config, parse_override
+from lokr_diffusion.training.loop import main as train_main
+
+from .helpers import load_components
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = ROOT / "assets" / "example_dataset"
+
+
+def write_config(tmp_path: Path, model: Path, **sections) -> Path:
+    """A small TOML config; `sections` override keys per section ({"train": {...}})."""
+    base = {
+        "model": {"pretrained_model": str(model)},
+        "network": {"algo": "lokr", "preset": "attn-mlp", "factor": 4, "dim": 4, "alpha": 2.0},
+        "data": {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_step": 64,
+                 "cache_latents": "memory", "datasets": [{"dir": str(DATASET)}]},
+        "train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "seed": 1},
+        "output": {"dir": str(tmp_path / "out"), "name": "t", "save_dtype": "fp32"},
+        "logging": {"tensorboard": True},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in base.items():
+        if section == "data":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    data = dict(base["data"])
+    datasets = data.pop("datasets")
+    lines.append("[data]")
+    lines += [f"{k} = {_toml(v)}" for k, v in data.items()]
+    for d in datasets:
+        lines.append("[[data.datasets]]")
+        lines += [f"{k} = {_toml(v)}" for k, v in d.items()]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def launch(config: Path, *extra: str, processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    launcher = ["--cpu"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes),
+                                                 "--main_process_port", str(_free_port())]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), "--config", str(config), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
+    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0},
+                       output={"save_every_steps": 2},
+                       sample={"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1,
+                               "width": 64, "height": 64})
+    log = _ok(launch(cfg))
+    out = tmp_path / "out"
+    adapter = out / "t.safetensors"
+    assert adapter.exists() and (out / "t-step000002.safetensors").exists()
+    assert "adapter identical on all 1 process(es)" in log
+    assert (out / "config.json").exists()
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    sd = load_file(adapter)
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lokr_w1" in k)
+    unet, tes = load_components(tiny_sd15_path)
+    net, report = load_network(adapter, unet=unet, text_encoders=tes, strict=True)
+    assert report.patched == {"unet": 192}  # attn-mlp on the SD1.5 block structure
+    net.remove()
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    from .test_oracle_lycoris import _kohya_views
+    unet_view, te_views = _kohya_views(unet, tes, False)
+    lyco, _ = lycoris_kohya.create_network_from_weights(1.0, str(adapter), None, te_views[0], unet_view)
+    assert len(lyco.unet_loras) == len(net.module_keys())
+
+
+@pytest.mark.slow
+def test_sdxl_end_to_end_with_text_encoder(tiny_sdxl_path, tmp_path):
+    cfg = write_config(tmp_path, tiny_sdxl_path,
+                       network={"algo": "loha", "dim": 2, "train_text_encoder": True, "preset": "attn-only"},
+                       train={"max_steps": 2, "text_encoder_lr": 5e-4},
+                       sample={"prompts": ["a blue square"], "every_steps": 2, "steps": 2, "num_images": 1,
+                               "width": 64, "height": 64})
+    log = _ok(launch(cfg))
+    adapter = tmp_path / "out" / "t.safetensors"
+    sd = load_file(adapter)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in sd)
+    assert any(k.startswith("lora_te1_text_model_") for k in sd) and any(k.startswith("lora_te2_text_model_") for k in sd)
+    unet, tes = load_components(tiny_sdxl_path)
+    net, report = load_network(adapter, unet=unet, text_encoders=tes, strict=True)
+    assert set(report.patched) == {"unet", "te1", "te2"}
+    net.remove()
+    assert "family sdxl" in log
+
+
+@pytest.mark.slow
+def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
+    """Stop after 2 of 4 steps, resume; the adapter equals a 4-step run's (fp32, CPU)."""
+    common = dict(network={"rank_dropout": 0.1}, train={"max_steps": 4, "lr_scheduler": "constant"},
+                  output={"save_every_steps": 2})
+    (tmp_path / "a").mkdir()
+    full = write_config(tmp_path / "a", tiny_sd15_path, **common)
+    _ok(launch(full))
+    (tmp_path / "b").mkdir()
+    part = write_config(tmp_path / "b", tiny_sd15_path, **common)
+    _ok(launch(part, "--set", "train.max_steps=2"))
+    log = _ok(launch(part, "--set", "train.resume=latest"))
+    assert "resumed from" in log and "step-000002" in log
+    a = load_file(tmp_path / "a" / "out" / "t.safetensors")
+    b = load_file(tmp_path / "b" / "out" / "t.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6, diff
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(tiny_sd15_path, tmp_path):
+    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 2})
+    log = _ok(launch(cfg, processes=2))
+    assert "adapter identical on all 2 process(es)" in log
+    assert "2 process(es)" in log
+    assert (tmp_path / "out" / "t.safetensors").exists()
+
+
+# -- config validation (in-process: the errors come before any model loads) --------------------
+
+def _raw(**over):
+    raw = {"model": {"pretrained_model": "x"}, "train": {"max_steps": 1}, "data": {"dir": "d"}}
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v)
+    return raw
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"train": {"max_step": 3}}, "train.max_step: unknown key (did you mean 'max_steps'?)"),
+    ({"netwrok": {}}, "[netwrok]: unknown section (did you mean [network]?)"),
+    ({"train": {"max_steps": -2}}, "train.max_steps: must be at least 1"),
+    ({"train": {"learning_rate": "fast"}}, "train.learning_rate: expected float"),
+    ({"network": {"factor": 0}}, "network.factor: expected a non-zero integer"),
+    ({"network": {"dim": 0}}, "network.dim: expected a positive integer"),
+    ({"network": {"algo": "lokrr"}}, "network.algo: 'lokrr' is not one of"),
+    ({"train": {"optimizer": "adamw9bit"}}, "did you mean 'adamw8bit'?"),
+    ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision: 'fp8' is not one of"),
+    ({"network": {"train_unet": False}}, "nothing to train"),
+    ({"sample": {"every_steps": 5}}, "sample.prompts is empty"),
+    ({"output": {"save_dtype": "int8"}}, "output.save_dtype"),
+    ({"model": {"pretrained_model": ""}}, "model.pretrained_model: required"),
+])
+def test_config_errors_name_the_key(over, needle):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(_raw(**over))
+    assert needle in str(info.value)
+
+
+def test_overrides_and_cli_errors(tmp_path, capsys):
+    assert parse_override("train.max_steps=7") == (["train", "max_steps"], 7)
+    assert parse_override("model.family=sdxl") == (["model", "family"], "sdxl")
+    assert parse_override('sample.prompts=["a", "b"]') == (["sample", "prompts"], ["a", "b"])
+    cfg_path = write_config(tmp_path, tmp_path / "nomodel")
+    cfg = load_config(cfg_path, ["train.max_steps=9", "network.factor=8"])
+    assert cfg.train.max_steps == 9 and cfg.network.factor == 8
+    assert train_main(["--config", str(cfg_path), "--set", "train.batchsize=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batchsize: unknown key (did you mean 'batch_size'?)" in err and "Traceback" not in err
+    assert train_main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nmax_steps = 1")
+    assert train_main(["--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
