@@ -1,6 +1,6 @@
 """lokr-diffusion: LoKr (and LoHa/LoRA) adapters for Stable Diffusion, in the LyCORIS layout."""
 from .algos import ALGORITHMS, ModuleSettings
-from .errors import AdapterFileError, ConfigError, DatasetError, LokrDiffusionError, ModelError
+from .errors import AdapterFileError, ConfigError, DatasetError, LokrDiffusionError, ModelError, OutputError
 from .fileformat import read_safetensors, write_safetensors
 from .kron import factorization, kron
 from .layers import AdapterModule
@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS", "AdapterConfig", "AdapterFileError", "AdapterModule", "AdapterNetwork", "ConfigError",
-    "DatasetError", "LoadReport", "LokrDiffusionError", "ModelError", "ModuleSettings", "create_network",
+    "DatasetError", "LoadReport", "OutputError", "LokrDiffusionError", "ModelError", "ModuleSettings", "create_network",
     "detect_family", "factorization", "kron", "load_network", "network_from_tensors", "read_safetensors",
     "write_safetensors", "fuse_adapter", "list_adapters", "load_adapter", "set_adapter_scale", "unfuse_adapter",
     "unload_adapter",

@@ -24,3 +24,7 @@ class DatasetError(LokrDiffusionError):
 
 class ModelError(LokrDiffusionError):
     """A base model cannot be loaded or its family cannot be determined."""
+
+
+class OutputError(LokrDiffusionError, OSError):
+    """A file could not be written (disk full, no permission); earlier files are untouched."""

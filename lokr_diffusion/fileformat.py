@@ -9,6 +9,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -18,11 +19,15 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from .errors import AdapterFileError
+from .errors import AdapterFileError, OutputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real adapter headers are well under 1 MB
 MAX_METADATA_VALUE = 16 * 1024 * 1024
+MAX_TENSORS = 200_000  # SDXL "full" with every tensor is ~10k
+SPACE_MARGIN = 16 * 2**20
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 # family -> (ss_base_model_version, modelspec.architecture)
 FAMILY_METADATA = {
@@ -33,23 +38,41 @@ FAMILY_METADATA = {
 }
 
 
+def check_free_space(folder: str | os.PathLike, needed: int) -> None:
+    """Refuse a write that cannot fit, before it starts, rather than leave a truncated file."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise OutputError(f"{folder}: {free / 2**20:.1f} MiB free, {needed / 2**20:.1f} MiB (+ {SPACE_MARGIN // 2**20} MiB "
+                          "margin) needed; free some space and try again")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(path.parent, len(data))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        tmp = None
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; the previous file, if any, is untouched") from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
     return path
 
 
@@ -88,8 +111,15 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
             raise AdapterFileError(
                 f"{path}: not a safetensors file (header length {n} does not fit the file size {size})")
         raw = f.read(n)
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise AdapterFileError(f"{path}: the header lists {', '.join(dup[:5])} more than once")
+        return dict(pairs)
+
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFileError(f"{path}: not a safetensors file (header is not JSON: {exc})") from None
     if not isinstance(header, dict):
@@ -98,6 +128,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     if not isinstance(metadata, dict) or any(not isinstance(v, str) or len(v) > MAX_METADATA_VALUE for v in metadata.values()):
         raise AdapterFileError(f"{path}: metadata must map names to strings of at most {MAX_METADATA_VALUE} characters")
     data_len = size - 8 - n
+    if len(header) > MAX_TENSORS:
+        raise AdapterFileError(f"{path}: {len(header)} tensors, more than the {MAX_TENSORS} an adapter can have")
     for key, entry in header.items():
         try:
             start, end = entry["data_offsets"]
@@ -107,6 +139,15 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
             raise AdapterFileError(f"{path}: tensor {key!r} has a malformed header entry") from None
         if not (0 <= start <= end <= data_len) or any(not isinstance(s, int) or s < 0 for s in shape):
             raise AdapterFileError(f"{path}: tensor {key!r} points outside the file (offsets {start}..{end}, data {data_len} bytes)")
+        itemsize = _DTYPE_BYTES.get(entry["dtype"])
+        if itemsize is None:
+            raise AdapterFileError(f"{path}: tensor {key!r} has unknown dtype {entry['dtype']!r}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * itemsize != end - start:
+            raise AdapterFileError(f"{path}: tensor {key!r} of shape {shape} and dtype {entry['dtype']} needs "
+                                   f"{numel * itemsize} bytes, the header gives it {end - start}")
     return header, metadata
 
 

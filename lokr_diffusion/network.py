@@ -195,7 +195,8 @@ class AdapterNetwork(nn.Module):
         tensors = self.file_tensors(dtype)
         for k, v in tensors.items():
             if not torch.isfinite(v).all():
-                raise ValueError(f"refusing to save {path}: tensor {k} has non-finite values")
+                raise FloatingPointError(f"refusing to save {path}: tensor {k} has non-finite values "
+                                         "(the training diverged; lower the learning rate)")
         meta = self.metadata(title=Path(path).stem)
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
         return write_safetensors(path, tensors, meta)

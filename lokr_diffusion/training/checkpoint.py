@@ -14,7 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
+from ..fileformat import check_free_space
 
 _STATE_RE = re.compile(r"step-(\d+)")
 
@@ -27,7 +28,7 @@ def adapter_path(output_dir: Path, name: str, step: int | None = None) -> Path:
     return output_dir / (f"{name}-step{step:06d}.safetensors" if step is not None else f"{name}.safetensors")
 
 
-def save_state(accelerator, output_dir: Path, step: int) -> Path:
+def save_state(accelerator, output_dir: Path, step: int, needed_bytes: int = 0) -> Path:
     """accelerator.save_state into a temp folder, then an atomic rename (main process renames)."""
     final = state_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -35,8 +36,13 @@ def save_state(accelerator, output_dir: Path, step: int) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
+        check_free_space(tmp, needed_bytes)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except OSError as exc:
+        raise OutputError(f"cannot write the checkpoint {tmp}: {exc.strerror or exc}; the previous checkpoints "
+                          "are untouched") from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -44,6 +50,18 @@ def save_state(accelerator, output_dir: Path, step: int) -> Path:
         tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete what a killed run left half-written (`*.tmp` state folders and temp files)."""
+    removed = 0
+    for path in list((output_dir / "checkpoints").glob("*.tmp")) + list(output_dir.rglob(".*.tmp")):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def complete_states(output_dir: Path) -> list[tuple[int, Path]]:

@@ -105,6 +105,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
     dataset_configs = dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir)
+    dataset = build_dataset(dataset_configs, batch_size=t_cfg.batch_size, seed=t_cfg.seed,
+                            cache_dir=output_dir / "cache", report=print if main else None)
     set_seed(t_cfg.seed, device_specific=True)
 
     # 2. base model
@@ -147,9 +149,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
 
-    # 3. data, now that the tokenizers and VAE exist
-    dataset = build_dataset(dataset_configs, batch_size=t_cfg.batch_size, seed=t_cfg.seed, tokenizers=tokenizers,
-                            cache_dir=output_dir / "cache", report=print if main else None)
+    # 3. caches, now that the tokenizers and VAE exist
+    dataset.tokenizers = tokenizers
     encoder = VaeLatentEncoder(vae)
     if dataset.uses_latent_cache:
         with accelerator.main_process_first():  # the main process encodes, the others read its cache
@@ -193,6 +194,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         accelerator.register_for_checkpointing(ema)
 
     # 5. resume
+    if main and output_dir.exists() and checkpoint.remove_stale_temporaries(output_dir):
+        print(f"removed half-written files of an interrupted run in {output_dir}")
+    accelerator.wait_for_everyone()
     resume_from = checkpoint.resolve_resume(t_cfg.resume, output_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -215,6 +219,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         accelerator.init_trackers("lokr-diffusion", config={k: v for k, v in _flat(cfg.to_dict()).items()})
 
     save_dtype = _SAVE_DTYPES[out_cfg.save_dtype]
+    state_bytes = 4 * 4 * network.num_parameters()  # weights, two optimizer moments, EMA (fp32)
     meta_facts = {"ss_sd_model_name": cfg.model.pretrained_model, "ss_v2": str(family in ("sd2", "sd2-v")),
                   "ss_v_parameterization": str(prediction_type == "v_prediction"),
                   "ss_learning_rate": t_cfg.learning_rate, "ss_unet_lr": t_cfg.unet_lr or t_cfg.learning_rate,
@@ -241,7 +246,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     def save_checkpoint() -> None:
         if main:
             save_adapter(checkpoint.adapter_path(output_dir, out_cfg.name, progress.step))
-        checkpoint.save_state(accelerator, output_dir, progress.step)
+        checkpoint.save_state(accelerator, output_dir, progress.step, state_bytes)
         if main:
             checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
 
@@ -337,7 +342,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     final = checkpoint.adapter_path(output_dir, out_cfg.name)
     if main:
         save_adapter(final)
-    checkpoint.save_state(accelerator, output_dir, progress.step)
+    checkpoint.save_state(accelerator, output_dir, progress.step, state_bytes)
     if main:
         checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
     if cfg.sample.prompts:
