@@ -58,6 +58,180 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_main(argv)
 
 
+# -- toolbox: inspect, plan, merge, convert, extract (lokr_diffusion.tools) ----------------------
+
+def _emit(data: dict, as_json: bool, render: Callable[[dict], str]) -> None:
+    from .tools.text import to_json
+
+    print(to_json(data) if as_json else render(data))
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="adapter .safetensors file (LyCORIS/kohya layout) or a PEFT LoKr folder")
+    p.add_argument("--json", action="store_true", help="print everything as JSON (per-module details included)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list every module")
+
+
+@command("inspect", _inspect_args)
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Show what an adapter file holds and where other tools will read it differently.
+
+    Reports, from the file alone (no base model): algorithm per module, model family (SD1,
+    SD2, SDXL) and components (UNet, TE1, TE2), module counts per block, LoKr factor shapes
+    and ranks, trainable parameters, dtypes, file size, the metadata, and warnings for the
+    traps of the format: Tucker layers ComfyUI skips, dora_scale, missing alpha, text-encoder
+    keys without text_model_, Diffusers-style SDXL names A1111 mis-maps, and an alpha that
+    differs from the dim where both LoKr factors are full (the UIs then apply scale 1).
+    """
+    from .tools.inspection import format_inspection, inspect_adapter
+
+    _emit(inspect_adapter(args.file), args.json, lambda r: format_inspection(r, verbose=args.verbose))
+    return 0
+
+
+def _tool_network_args(p: argparse.ArgumentParser, algos: tuple[str, ...] = ("lokr", "loha", "lora"),
+                  default_dim: int = 16) -> None:
+    p.add_argument("--algo", choices=algos, default="lokr", help="adapter algorithm (default lokr)")
+    p.add_argument("--preset", choices=["attn-only", "attn-mlp", "full"], default="attn-mlp",
+                   help="which layers get an adapter (default attn-mlp)")
+    p.add_argument("--factor", type=int, default=-1,
+                   help="LoKr: size of the small factor w1; -1 balances w1 and w2. A LARGER factor means a bigger "
+                        "w1, a smaller w2 and FEWER parameters (default -1)")
+    p.add_argument("--dim", type=int, default=default_dim,
+                   help=f"rank of Linear layers and 1x1 convs; for LoKr only used where w2 is stored low-rank "
+                        f"(dim < max(b, d) / 2) (default {default_dim})")
+    p.add_argument("--conv-dim", type=int, default=None, help="rank of k x k convs; they are skipped without it")
+    p.add_argument("--full-matrix", action="store_true", help="LoKr: never store w2 low-rank")
+    p.add_argument("--decompose-both", action="store_true", help="LoKr: store w1 low-rank too where the rank allows")
+
+
+def _tool_adapter_config(args: argparse.Namespace, **extra):
+    from .network import AdapterConfig
+
+    return AdapterConfig(algo=args.algo, preset=args.preset, factor=args.factor, dim=args.dim, conv_dim=args.conv_dim,
+                         full_matrix=args.full_matrix, decompose_both=args.decompose_both, **extra)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="MODEL_OR_FAMILY",
+                   help="sd15 (sd1), sd2 or sdxl for the real architecture without weights, or a model path/folder")
+    _tool_network_args(p)
+    p.add_argument("--alpha", type=float, default=None, help="alpha of Linear layers / 1x1 convs (default: dim)")
+    p.add_argument("--conv-alpha", type=float, default=None, help="alpha of k x k convs (default: conv dim)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON, with every module")
+
+
+@command("plan", _plan_args)
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Before training: modules, trainable parameters, file size and factor shapes of a config.
+
+    Builds the network the trainer builds (same AdapterConfig, same create_network) on the
+    model's architecture, without weights when given a family name (sd15, sd2, sdxl) or a
+    Diffusers folder. Prints the module counts, the parameter total, the exact file size for
+    each save dtype (fp32/fp16/bf16), the distinct factor shapes, and how the parameter count
+    moves with --factor: a larger factor means fewer parameters.
+    """
+    from .tools.plan import format_plan, plan_network
+
+    config = _tool_adapter_config(args, alpha=args.alpha, conv_alpha=args.conv_alpha)
+    _emit(plan_network(args.model, config), args.json, format_plan)
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, metavar="MODEL", help="base model: Diffusers folder, single file or hub id")
+    p.add_argument("--adapter", required=True, action="append", metavar="FILE[:SCALE]",
+                   help="adapter to bake in, optionally with a strength (default 1.0); repeat for several")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="a folder (Diffusers layout) or a .safetensors file (original single-file layout for the UIs)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="dtype of the written weights (default: fp32; the merge itself is always done in fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("merge", _merge_args)
+def _cmd_merge(args: argparse.Namespace) -> int:
+    """Bake one or more adapters into a base model and save the result.
+
+    Each adapter is applied exactly as load_adapter applies it (W += scale * alpha/r * dW, in
+    float32). OUT as a folder gets a Diffusers pipeline; OUT ending in .safetensors gets one
+    checkpoint in the original (ldm/CompVis, SDXL: sgm) key layout that ComfyUI, A1111 and
+    Forge load. Outputs are written atomically.
+    """
+    from .tools.merge import format_merge, merge_adapters, parse_adapter_arg
+    from .tools.outputs import parse_dtype
+
+    result = merge_adapters(args.base, [parse_adapter_arg(a) for a in args.adapter], args.out,
+                            dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
+    _emit(result, args.json, format_merge)
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="adapter .safetensors (LyCORIS/kohya or PEFT keys) or a PEFT folder")
+    p.add_argument("output", metavar="OUT", help="a .safetensors file (LyCORIS layout) or a folder (PEFT LoKr)")
+    p.add_argument("--to", choices=["lycoris", "peft"], default=None,
+                   help="output layout (default: lycoris for a .safetensors OUT, peft otherwise)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
+    p.add_argument("--family", choices=["sd15", "sd1", "sd2", "sdxl"], default=None,
+                   help="model family, when the keys and metadata cannot tell (tiny or unusual models)")
+    p.add_argument("--component", choices=["unet", "te", "te1", "te2"], default=None,
+                   help="PEFT holds one model per folder: which one to write (default unet), or which one a PEFT "
+                        "text-encoder input belongs to")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("convert", _convert_args)
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Convert an adapter into the layout every tool loads, keeping its effect exactly.
+
+    PEFT LoKr <-> LyCORIS (PEFT's always-applied alpha/r becomes the LyCORIS scale; PEFT's
+    non-swapping factorization is read from the shapes), Diffusers-style SDXL names -> the
+    ldm names A1111 needs, text-encoder keys without text_model_ -> with it, Tucker LoKr
+    (lokr_t2) -> plain w2 that ComfyUI loads, a missing alpha written, and --dtype. Before
+    writing, the effective update of every module is compared with the input's; the largest
+    difference is reported.
+    """
+    from .tools.convert import convert_adapter, format_convert
+    from .tools.outputs import parse_dtype
+
+    report = convert_adapter(args.input, args.output, to=args.to, dtype=parse_dtype(args.dtype), family=args.family,
+                             component=args.component, overwrite=args.overwrite)
+    _emit(report, args.json, format_convert)
+    return 0
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, metavar="MODEL", help="the original model (Diffusers folder, file or hub id)")
+    p.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model")
+    p.add_argument("--out", required=True, metavar="FILE", help="adapter .safetensors to write")
+    _tool_network_args(p, algos=("lokr", "lora"))
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the factors (default fp16)")
+    p.add_argument("--device", default="cpu", help="where to run the SVDs, e.g. cuda (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON, with every module's error")
+
+
+@command("extract", _extract_args)
+def _cmd_extract(args: argparse.Namespace) -> int:
+    """Make an adapter from the difference between a fine-tuned model and its base.
+
+    LoKr: per module the nearest Kronecker product (top singular pair of the rearranged dW,
+    Van Loan-Pitsianis), w2 truncated by SVD where it is stored low-rank; LoRA: truncated SVD.
+    Modules and shapes are those the trainer would create for the same options; alpha = rank
+    (scale 1). Reports the relative error ||dW - approx|| / ||dW|| of every module and the
+    changed weights no adapter module covers. Unchanged modules are skipped.
+    """
+    from .tools.extract import extract_adapter, format_extract
+    from .tools.outputs import parse_dtype
+
+    result = extract_adapter(args.base, args.tuned, args.out, _tool_adapter_config(args), dtype=parse_dtype(args.dtype),
+                             device=args.device, overwrite=args.overwrite)
+    _emit(result, args.json, format_extract)
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lokr-diffusion",

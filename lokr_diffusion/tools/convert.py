@@ -1,0 +1,295 @@
+"""`convert`: one adapter file into the safe profile (or PEFT), proven to keep its effect.
+
+Every conversion here is exact: keys are renamed through the alias table of the real
+architecture, a Tucker core is multiplied out into the plain w2 that ComfyUI and LyCORIS
+load (its alpha / r folded so the effective weight stays put), PEFT's always-applied
+alpha / r becomes the LyCORIS scale. Before anything is written, the effective update
+scale * dW of every module of the output is compared with the input's; a mismatch beyond
+the output dtype's rounding is an error, and the largest difference is reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..algos import lokr
+from ..errors import AdapterFileError, ConfigError
+from ..fileformat import (
+    FAMILY_METADATA,
+    read_safetensors,
+    training_metadata,
+    write_safetensors,
+)
+from ..naming import module_key
+from . import keymap, peft
+from .adapterfile import (
+    FileModule,
+    as_number,
+    detect_family,
+    flat_shape,
+    group_modules,
+    lokr_factor_shapes,
+    max_abs_and_relative,
+    network_args,
+)
+from .outputs import atomic_folder, check_output
+
+_DROPPED = ("scale", "bias", "on_input")  # only A1111 reads `scale`; nobody needs the others
+_REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _family_arg(family: str | None) -> str | None:
+    if family is None:
+        return None
+    fam = keymap.meta_family(family)
+    return {"sd15": "sd1"}.get(fam, fam)
+
+
+def _peft_prefixes(groups: Mapping[str, Mapping[str, torch.Tensor]], family: str | None, component: str | None):
+    """File-key prefix per PEFT module path: a PEFT folder holds one model, UNet or text encoder."""
+    te = component if component and component.startswith("te") else None
+    if te is None and family == "sdxl":  # CLIP-L is 768 wide, OpenCLIP bigG 1280
+        widths = [flat_shape("lokr", t)[0] for p, t in groups.items() if p.endswith("self_attn.q_proj")]
+        te = {768: "te1", 1280: "te2"}.get(widths[0] if widths else 0)
+    te_prefix = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}.get(te or "te", "lora_te")
+    if family == "sdxl" and te_prefix == "lora_te" and any(p.startswith(peft.TE_PATHS) for p in groups):
+        raise ConfigError("this PEFT folder holds an SDXL text encoder; pass --component te1 or te2")
+    return lambda path: te_prefix if path.startswith(peft.TE_PATHS) else "lora_unet"
+
+
+def read_any(src: str | Path, family: str | None = None, component: str | None = None):
+    """(modules in file layout, reference effective updates per key, metadata, layout, notes, family).
+
+    The reference updates follow the *input's* own rules (PEFT: alpha / r always), so the later
+    comparison checks the conversion rather than restating it.
+    """
+    src = Path(src)
+    fam = _family_arg(family)
+    if peft.looks_like_peft(src):
+        tensors, config, notes = peft.read_peft(src)
+        groups = peft.group_peft(tensors)
+        prefix_of = _peft_prefixes(groups, fam, component)
+        modules = group_modules(peft.to_lycoris(groups, config, prefix_of))
+        fam = fam or detect_family(modules, {})[0]
+        if fam == "sdxl":  # the text-encoder prefix depends on the family
+            prefix_of = _peft_prefixes(groups, fam, component)
+            modules = group_modules(peft.to_lycoris(groups, config, prefix_of))
+        reference = {module_key(prefix_of(p), p): peft.peft_delta(t, config, p) for p, t in groups.items()}
+        return modules, reference, _peft_metadata(config, fam), "peft", notes, fam
+    if not src.is_file():
+        raise AdapterFileError(f"{src}: no such file (expected a .safetensors adapter or a PEFT folder)")
+    tensors, metadata = read_safetensors(src)
+    modules = group_modules(tensors)
+    for key, m in modules.items():
+        if m.algo is None:
+            names = sorted(f"{key}.{n}".rstrip(".") for n in m.extras)
+            raise AdapterFileError(f"{src}: tensors {names} are no LoKr, LoHa or LoRA set (lokr_w1..., hada_w1_a..., "
+                                   "lora_down.weight...); remove them or fix their names")
+        if "dora_scale" in m.extras:
+            raise AdapterFileError(f"{src}: module {key} uses DoRA (dora_scale); the tools disagree on its meaning, "
+                                   "so it cannot be converted without changing the result")
+    reference = {k: m.delta() for k, m in modules.items()}
+    return modules, reference, metadata, "lycoris", [], fam or detect_family(modules, metadata)[0]
+
+
+def _untucker(m: FileModule) -> tuple[dict[str, torch.Tensor], float]:
+    """(tensors with the Tucker core multiplied out into a full lokr_w2, the alpha keeping the effect).
+
+    With w1 full as well the UIs apply scale 1, so the old alpha / r moves into w1 and alpha
+    becomes the old rank (the spec's alpha = rank); with a low-rank w1, alpha is rescaled to its rank.
+    """
+    t = {n: v for n, v in m.tensors.items() if n.startswith("lokr_w1")}
+    w1 = "lokr_w1" if "lokr_w1" in t else "lokr_w1_a"
+    _, (b, dk) = lokr_factor_shapes(m.tensors)
+    kernel = tuple(int(k) for k in m.tensors["lokr_t2"].shape[2:])
+    w2 = lokr.make_w2({n: v.float() for n, v in m.tensors.items()}, b, dk // math.prod(kernel), kernel)
+    t["lokr_w2"] = w2.to(t[w1].dtype)
+    new_rank = lokr.rank(t)
+    if new_rank is not None:
+        return t, m.scale * new_rank
+    t[w1] = (t[w1].float() * m.scale).to(t[w1].dtype)
+    return t, float(m.rank)
+
+
+def plain_form(m: FileModule, default_alpha: float | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The module in the safe profile: no Tucker core, 2-D w2_b, a float32 alpha, no extras."""
+    t = dict(m.tensors)
+    changes = []
+    alpha = None if m.alpha is None else float(m.alpha.float().reshape(-1)[0])
+    if "lokr_t2" in t:
+        t, alpha = _untucker(m)
+        changes.append("tucker")
+    if "lokr_w2_b" in t and t["lokr_w2_b"].dim() == 4:
+        t["lokr_w2_b"] = t["lokr_w2_b"].flatten(1)
+        changes.append("w2_b_4d")
+    if alpha is None:
+        r = m.rank
+        alpha = float(r) if r is not None else (default_alpha or 1.0)  # scale 1, as the UIs read it
+        changes.append("alpha_added")
+    dropped = [n for n in m.extras if n in _DROPPED]
+    if dropped:
+        changes.append("dropped:" + ",".join(sorted(dropped)))
+    t["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return t, changes
+
+
+def _check(reference: Mapping[str, torch.Tensor], produced: Mapping[str, torch.Tensor],
+           tol: float) -> tuple[float, float]:
+    """(max abs, max relative) difference of the effective updates; an error above `tol`."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for key, want in reference.items():
+        got = produced.get(key)
+        if got is None:
+            raise AdapterFileError(f"conversion lost module {key}")
+        if got.shape != want.shape:
+            raise AdapterFileError(f"module {key}: converted update has shape {tuple(got.shape)}, "
+                                   f"expected {tuple(want.shape)}")
+        abs_err, rel_err = max_abs_and_relative(want, got)
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+        if rel_err > tol:
+            raise AdapterFileError(f"module {key}: converted update differs by {rel_err:.2e} (relative), more than the "
+                                   f"{tol:.0e} the output dtype allows; nothing was written")
+    return worst_abs, worst_rel
+
+
+def convert_adapter(src: str | Path, dst: str | Path, to: str | None = None, dtype: torch.dtype | None = None,
+                    family: str | None = None, component: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Convert `src` (LyCORIS/kohya file or PEFT LoKr) into `dst`; returns what was done and the check."""
+    dst = Path(dst)
+    to = to or ("lycoris" if dst.suffix == ".safetensors" else "peft")
+    if to not in ("lycoris", "peft"):
+        raise ConfigError(f"--to must be lycoris or peft, got {to!r}")
+    if to == "lycoris" and dst.suffix != ".safetensors":
+        raise ConfigError(f"{dst}: a LyCORIS adapter is one .safetensors file; end OUT with .safetensors")
+    check_output(dst, overwrite)
+    modules, reference, metadata, layout, notes, fam = read_any(src, family, component)
+    fam = keymap.require_family(fam, str(src))
+    report: dict[str, Any] = {"input": str(src), "output": str(dst), "from": layout, "to": to, "family": fam,
+                              "modules": len(modules), "renamed": 0, "unmatched": [], "changes": {}, "notes": notes}
+    default_alpha = as_number(metadata.get("ss_network_dim"))
+    out_key: dict[str, str] = {}
+    plain: dict[str, FileModule] = {}
+    for key, m in modules.items():
+        canonical = keymap.canonical_key(fam, key)
+        if canonical is None:
+            report["unmatched"].append(key)
+            canonical = key
+        if canonical in plain:
+            first = next(k for k, v in out_key.items() if v == canonical)
+            raise AdapterFileError(f"{src}: modules {first} and {key} are the same module ({canonical})")
+        report["renamed"] += canonical != key
+        t, changes = plain_form(m, default_alpha)
+        for c in changes:
+            report["changes"][c] = report["changes"].get(c, 0) + 1
+        if layout == "peft" and m.rank is None:  # from_peft folded alpha/r into w1; alpha = the network dim
+            t["alpha"] = torch.tensor(default_alpha, dtype=torch.float32)
+            report["changes"]["peft_scale_folded"] = report["changes"].get("peft_scale_folded", 0) + 1
+        if dtype is not None:
+            t = {n: (v if n == "alpha" else v.to(dtype)) for n, v in t.items()}
+        out_key[key] = canonical
+        plain[canonical] = group_modules({f"{canonical}.{n}": v for n, v in t.items()})[canonical]
+    out_dtypes = {v.dtype for m in plain.values() for v in m.tensors.values()}
+    tol = max(_REL_TOL.get(d, 1e-5) for d in out_dtypes)
+    if to == "lycoris":
+        tensors = {f"{k}.{n}": v for k, m in plain.items() for n, v in {**m.tensors, "alpha": m.alpha}.items()}
+        produced = {k: plain[out_key[k]].delta() for k in reference}
+        report["max_abs_diff"], report["max_rel_diff"] = _check(reference, produced, tol)
+        write_safetensors(dst, tensors, _metadata(metadata, fam, plain, dst, src))
+    else:
+        report.update(_write_peft(dst, plain, out_key, reference, fam, component or "unet", metadata, tol, overwrite))
+    return report
+
+
+def _peft_metadata(config: Mapping, family: str | None) -> dict[str, str]:
+    """The sd-scripts metadata a PEFT adapter would have had: its global r and alpha, its factor."""
+    args = {"algo": "lokr", "factor": config.get("decompose_factor", -1)}
+    return training_metadata(family if family in FAMILY_METADATA else None, args, int(config.get("r", 8)),
+                             float(config.get("alpha", 8)))
+
+
+def _metadata(metadata: Mapping[str, str], family: str, plain: Mapping[str, FileModule], dst: Path,
+              src: str | Path) -> dict[str, str]:
+    """Keep the input's metadata, adding the base-model keys A1111 needs; bare files get the minimum.
+
+    With the family known only as "SD 1.x or 2.x" no base-model version is guessed.
+    """
+    fam = family if family in FAMILY_METADATA else None
+    if metadata:
+        meta = dict(metadata)
+        if fam and "ss_base_model_version" not in meta:
+            base = training_metadata(fam, {}, 0, 0)
+            for k in ("ss_base_model_version", "ss_v2", "modelspec.architecture"):
+                meta[k] = base[k]
+    else:
+        ranks = [m.rank for m in plain.values() if m.rank is not None]
+        dim = max(ranks) if ranks else max(int(m.alpha) for m in plain.values())
+        algos = sorted({m.algo.NAME for m in plain.values()})
+        meta = training_metadata(fam, {"algo": ",".join(algos)}, dim, dim)
+    meta["ss_output_name"] = meta["modelspec.title"] = dst.stem
+    meta["lokr_diffusion_converted_from"] = Path(src).name
+    return meta
+
+
+def _write_peft(dst: Path, plain: Mapping[str, FileModule], out_key: Mapping[str, str], reference, family: str,
+                component: str, metadata: Mapping[str, str], tol: float, overwrite: bool) -> dict[str, Any]:
+    """One PEFT folder for one model (UNet or a text encoder), as PEFT's save_pretrained writes it."""
+    chosen = {k: m for k, m in plain.items() if m.component == component}
+    if not chosen:
+        raise ConfigError(f"no {component} modules to convert; the file has "
+                          f"{', '.join(sorted({m.component for m in plain.values()}))} (pick one with --component)")
+    paths = {}
+    for key in chosen:
+        target = keymap.module_of(family, key)
+        if target is None:
+            raise AdapterFileError(f"module {key} matches no module of an {family} model, so its PEFT path is unknown")
+        kernel = tuple(int(k) for k in target.module.kernel_size) if hasattr(target.module, "kernel_size") else ()
+        paths[key] = (target.path, kernel)
+    hint = _factor_hint(metadata)
+    tensors, config, expanded = peft.from_lycoris(chosen, paths, hint)
+    groups = peft.group_peft(tensors)
+    produced = {k: peft.peft_delta(groups[paths[c][0]], config, paths[c][0]) for k, c in out_key.items() if c in chosen}
+    worst_abs, worst_rel = _check({k: reference[k] for k in produced}, produced, tol)
+    with atomic_folder(dst, overwrite) as tmp:
+        write_safetensors(tmp / peft.WEIGHTS_NAME, tensors, {"format": "pt"})
+        (tmp / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    skipped: dict[str, int] = {}
+    for m in plain.values():
+        if m.component != component:
+            skipped[m.component] = skipped.get(m.component, 0) + 1
+    return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "component": component, "skipped": skipped,
+            "expanded_to_full": expanded, "decompose_factor": config["decompose_factor"]}
+
+
+def _factor_hint(metadata: Mapping[str, str]) -> int | None:
+    factor = as_number(network_args(metadata).get("factor"))
+    return int(factor) if factor is not None else None
+
+
+def format_convert(r: dict[str, Any]) -> str:
+    lines = [(f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}), family {r['family']}, "
+              f"{r['modules']} modules")]
+    if r["renamed"]:
+        lines.append(f"  renamed {r['renamed']} module keys to the sd-scripts names")
+    names = {"tucker": "Tucker layers rebuilt as plain w2", "w2_b_4d": "4-D w2_b flattened",
+             "alpha_added": "alpha written where missing",
+             "peft_scale_folded": "PEFT alpha/r folded into w1 (both factors full)"}
+    for code, n in r["changes"].items():
+        lines.append(f"  {names.get(code, code)}: {n}")
+    if r.get("expanded_to_full"):
+        lines.append("  low-rank factors stored full for PEFT (its rules would not build them low-rank): "
+                     f"{r['expanded_to_full']}")
+    if r.get("skipped"):
+        lines.append("  not in this PEFT folder (one model per folder, see --component): "
+                     + ", ".join(f"{c} {n}" for c, n in r["skipped"].items()))
+    if r["unmatched"]:
+        lines.append(f"  {len(r['unmatched'])} keys match no module of an {r['family']} model and were kept as they "
+                     f"are, e.g. {r['unmatched'][0]}")
+    lines += [f"  note: {n}" for n in r["notes"]]
+    lines.append(f"check: effective weights equal, max abs diff {r['max_abs_diff']:.3g}, "
+                 f"max relative diff {r['max_rel_diff']:.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""`merge`: bake adapters into a base model and write it as a Diffusers folder or one checkpoint.
+
+The adapters are applied by the same code as `load_adapter` (a network per file, merged in
+float32 into float32 weights), so a merged model matches the base with the adapters loaded.
+The dtype cast happens once, at the end.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..fileformat import read_header, write_safetensors
+from ..loading import load_network
+from ..models import load_pipeline, pipeline_family
+from ..pipelines import _components as pipeline_components
+from .checkpoint import pipeline_to_original
+from .outputs import atomic_folder, check_output
+
+_SGM = "https://github.com/Stability-AI/generative-models"
+_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                 "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+def parse_adapter_arg(value: str) -> tuple[str, float]:
+    """FILE[:SCALE]; a colon followed by something that is not a number stays part of the path."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+@torch.no_grad()
+def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path, dtype: torch.dtype | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Merge each (file, scale) into `base`; OUT ending in .safetensors is a single-file checkpoint."""
+    if not adapters:
+        raise ConfigError("merge: give at least one --adapter FILE[:SCALE]")
+    out = check_output(out, overwrite)
+    for path, _ in adapters:
+        read_header(path)  # a bad adapter path fails before minutes of model loading
+    pipe = load_pipeline(base, torch_dtype=torch.float32)
+    family = pipeline_family(pipe)
+    unet, encoders = pipeline_components(pipe)
+    reports = []
+    for path, scale in adapters:
+        network, report = load_network(path, unet=unet, text_encoders=encoders, multiplier=scale)
+        network.merge()
+        for adapter in network.adapters():
+            adapter.detach()  # the weights now hold the update; the hooks must not add it again
+        reports.append({"file": str(path), "scale": scale, "modules": dict(report.patched),
+                        "unmatched": len(report.unmatched)})
+    if out.suffix == ".safetensors":
+        tensors = pipeline_to_original(pipe, family)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        write_safetensors(out, tensors, _checkpoint_metadata(family, out, reports))
+        layout = "single-file (original keys)"
+    else:
+        if dtype is not None:
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                module = getattr(pipe, name, None)
+                if module is not None:  # plain cast: ModelMixin.to warns about fp32 modules SD does not have
+                    torch.nn.Module.to(module, dtype=dtype)
+        with atomic_folder(out, overwrite) as tmp:
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+        layout = "diffusers folder"
+    return {"base": str(base), "family": family, "output": str(out), "layout": layout,
+            "dtype": str(dtype or torch.float32).replace("torch.", ""), "adapters": reports}
+
+
+def _checkpoint_metadata(family: str, out: Path, reports: list[dict]) -> dict[str, str]:
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _ARCHITECTURE.get(family, family),
+        "modelspec.implementation": _SGM if family == "sdxl" else "diffusers",
+        "modelspec.title": out.stem,
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "lokr_diffusion_merged_adapters": json.dumps([{"file": Path(r["file"]).name, "scale": r["scale"]}
+                                                      for r in reports]),
+    }
+
+
+def format_merge(r: dict[str, Any]) -> str:
+    lines = [f"merged into {r['base']} ({r['family']}) -> {r['output']} [{r['layout']}, {r['dtype']}]"]
+    for a in r["adapters"]:
+        unmatched = f"; {a['unmatched']} modules matched nothing" if a["unmatched"] else ""
+        lines.append(f"  {a['file']} x {a['scale']:g}: " + ", ".join(f"{c} {n}" for c, n in a["modules"].items())
+                     + unmatched)
+    return "\n".join(lines)
