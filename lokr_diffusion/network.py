@@ -6,7 +6,7 @@ loading and Accelerate's checkpointing all use one naming.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 

@@ -172,7 +172,7 @@ def test_atomic_write_leaves_old_file_or_nothing(tmp_path, monkeypatch):
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr("lokr_diffusion.data.cache.save_file", boom)
+    monkeypatch.setattr("lokr_diffusion.fileformat.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         save_tensors_atomic(target, {"a": torch.zeros(2)})
     assert sorted(p.name for p in target.parent.iterdir()) == ["t.safetensors"]

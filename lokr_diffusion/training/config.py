@@ -38,29 +38,16 @@ class ModelSection:
 
 
 @dataclass
-class NetworkSection:
-    algo: str = "lokr"
-    preset: str = "attn-mlp"
-    factor: int = -1
-    dim: int = 16
-    alpha: float | None = None
-    conv_dim: int | None = None
-    conv_alpha: float | None = None
-    full_matrix: bool = False
-    decompose_both: bool = False
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+class NetworkSection(AdapterConfig):
+    """The AdapterConfig fields plus which parts of the model get adapters."""
+
     train_unet: bool = True
     train_text_encoder: bool = False
 
     def adapter_config(self) -> AdapterConfig:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)}
-        return AdapterConfig(**values)
+        return AdapterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)})
 
-    def check(self) -> None:
-        self.adapter_config()  # raises ConfigError naming the key
+    def check(self) -> None:  # the AdapterConfig fields were checked in __post_init__
         if not (self.train_unet or self.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false; nothing to train")
 
@@ -212,9 +199,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin in (list, tuple):  # TOML arrays; tuple[str, ...] fields take them too
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
