@@ -1,14 +1,24 @@
 """AdapterModule: one adapter attached to one nn.Linear / nn.Conv2d of a frozen model.
 
-The adapter does not replace the layer: it adds a forward hook that returns
-base(x) + multiplier * scale * delta(x). The model's own module tree and state dict stay
-untouched, several adapters stack on one layer, and removing the hook restores the layer.
+The adapter does not replace the layer: a small dispatcher takes the layer's `forward` and
+adds what its adapters contribute. The model's own module tree and state dict stay untouched,
+several adapters stack on one layer, and detaching the last one restores the layer.
+
+Two ways to add the adapters, chosen per call:
+- while adapters are trained (grad enabled and some adapter tensor requires grad):
+  base(x) + sum of multiplier * scale * delta(x), each delta on its cheapest path (factored
+  for LoKr), so the backward pass never touches a full-size weight gradient;
+- otherwise (inference): one call of the layer's op with W + sum of multiplier * scale * dW,
+  rebuilt in float32 and cast to the weight's dtype, and kept until a weight, a scale or the
+  set of adapters changes. An unfused adapter then runs at the base's speed, for the memory
+  of one extra copy of each patched weight (fusing avoids that copy).
 """
 from __future__ import annotations
 
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .algos.common import apply_weight
@@ -17,6 +27,57 @@ from .algos.common import apply_weight
 class _Holder(nn.Module):
     """Gives a dotted tensor name its own level ('lora_down.weight'), so the native state dict
     of an adapter network is exactly the file layout."""
+
+
+class _Dispatch:
+    """Installed as `base.forward`: the layer's own forward plus its active adapters."""
+
+    def __init__(self, base: nn.Module) -> None:
+        self.base = base
+        self.had_own_forward = "forward" in base.__dict__
+        self.original = base.forward
+        self.adapters: list[AdapterModule] = []
+        self._merged_key: tuple | None = None
+        self._merged_weight: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [a for a in self.adapters if a.active]
+        if not active:
+            return self.original(x, *args, **kwargs)
+        training = torch.is_grad_enabled() and any(p.requires_grad for a in active for p in a.parameters())
+        if not training:
+            return self._merged(x, active)
+        out = self.original(x, *args, **kwargs)
+        for a in active:
+            if a.training and a.module_dropout and torch.rand(()) < a.module_dropout:
+                continue
+            out = out + a.delta(x).to(out.dtype)
+        return out
+
+    def _merged(self, x: torch.Tensor, active: list[AdapterModule]) -> torch.Tensor:
+        base = self.base
+        key = (id(base.weight), base.weight._version, base.weight.device, base.weight.dtype,
+               tuple((id(a), a.multiplier, a.alpha._version, tuple(p._version for p in a.parameters())) for a in active))
+        if key != self._merged_key:
+            self._merged_weight = None  # free the old copy before building the new one
+            with torch.no_grad():
+                w = base.weight.float()
+                for a in active:
+                    w = w + a.multiplier * a.delta_weight().to(w.device, torch.float32)
+            self._merged_weight, self._merged_key = w.to(base.weight.dtype), key
+        w = self._merged_weight
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, w, base.bias)
+        return F.linear(x, w, base.bias)
+
+    def remove(self, adapter: AdapterModule) -> None:
+        self.adapters.remove(adapter)
+        if not self.adapters:
+            if self.had_own_forward:
+                self.base.forward = self.original
+            else:
+                del self.base.forward
+            del self.base._lokr_dispatch
 
 
 class AdapterModule(nn.Module):
@@ -46,7 +107,7 @@ class AdapterModule(nn.Module):
         self.module_dropout = float(module_dropout)
         self.enabled = True
         self.merged = False
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._attached = False
 
     @property
     def base(self) -> nn.Module:
@@ -66,21 +127,26 @@ class AdapterModule(nn.Module):
         return self.algo.delta_weight(self.tensors(), tuple(self.base.weight.shape)) * self.scale
 
     # -- forward -----------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.enabled and not self.merged and self.multiplier != 0.0
+
     def attach(self) -> None:
-        if self._hook is None:
-            self._hook = self.base.register_forward_hook(self._hook_fn)
+        if self._attached:
+            return
+        base = self.base
+        dispatch = base.__dict__.get("_lokr_dispatch")
+        if dispatch is None:
+            dispatch = _Dispatch(base)
+            base.__dict__["_lokr_dispatch"] = dispatch
+            base.forward = dispatch
+        dispatch.adapters.append(self)
+        self._attached = True
 
     def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _hook_fn(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self.merged or self.multiplier == 0.0:
-            return output
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return output
-        return output + self.delta(args[0]).to(output.dtype)
+        if self._attached:
+            self.base.__dict__["_lokr_dispatch"].remove(self)
+            self._attached = False
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """multiplier * scale * dW applied to x: the factored path where the algorithm has one."""
@@ -88,11 +154,17 @@ class AdapterModule(nn.Module):
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)  # adapter math in the adapter's dtype (fp32), cast back by the caller
-        y = self.algo.forward(x, t, self.base)
+        r = self.algo.rank(t)
+        alpha = float(self.alpha) if self.alpha.device.type == "cpu" else self.alpha  # no device sync
+        s = self.multiplier if r is None else alpha * (self.multiplier / r)
+        if getattr(self.algo, "FORWARD_TAKES_SCALE", False):
+            y = self.algo.forward(x, t, self.base, scale=s)  # scale folded into a small factor
+        else:
+            y = self.algo.forward(x, t, self.base)
+            y = None if y is None else y * s
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
-            y = apply_weight(x, w.to(x.dtype), self.base)
-        y = y * (self.multiplier * self.scale)
+            y = apply_weight(x, w.to(x.dtype) * s, self.base)
         if self.training and self.rank_dropout:
             keep = (torch.rand(y.shape[1] if y.dim() == 4 else y.shape[-1], device=y.device) > self.rank_dropout)
             keep = keep.to(y.dtype) / (1.0 - self.rank_dropout)
