@@ -151,12 +151,17 @@ def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes(tiny_sd15_path, tmp_path):
-    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 2})
+def test_two_cpu_processes_sd2_v_prediction(tiny_sd2_path, tmp_path):
+    """Data-parallel over gloo, on the v-prediction SD2 model with a zero-terminal-SNR schedule,
+    gradient accumulation and an EMA of the adapter."""
+    cfg = write_config(tmp_path, tiny_sd2_path, train={"max_steps": 2, "gradient_accumulation_steps": 2,
+                                                       "zero_terminal_snr": True, "ema_decay": 0.9,
+                                                       "min_snr_gamma": 5.0})
     log = _ok(launch(cfg, processes=2))
     assert "adapter identical on all 2 process(es)" in log
-    assert "2 process(es)" in log
-    assert (tmp_path / "out" / "t.safetensors").exists()
+    assert "family sd2-v, prediction v_prediction" in log and "2 process(es)" in log
+    sd = load_file(tmp_path / "out" / "t.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
 
 
 # -- config validation (in-process: the errors come before any model loads) --------------------

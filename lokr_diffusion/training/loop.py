@@ -348,7 +348,12 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     if cfg.sample.prompts:
         sample()
     agree = _ranks_agree(accelerator, network)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Freeing the DDP reducer tears the gloo process group down while its worker thread may
+        # still need the GIL: a deadlock. Keep them alive; main() exits the process directly.
+        _KEEP_UNTIL_EXIT.append((model, accelerator))
     if main:
         elapsed = time.perf_counter() - start
         steps = progress.step - start_step
@@ -361,6 +366,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
               f"adapter {'identical' if agree else 'DIFFERENT'} on all {accelerator.num_processes} process(es)\n"
               f"adapter: {final}")
     return final
+
+
+_KEEP_UNTIL_EXIT: list = []
 
 
 def _ranks_agree(accelerator, network) -> bool:
@@ -427,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         train(cfg, Path(args.config))
+        if _KEEP_UNTIL_EXIT:  # a multi-process run: skip the interpreter's teardown (see train)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except TrainingStopped as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 3
