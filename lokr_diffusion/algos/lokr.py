@@ -1,15 +1,20 @@
 """LoKr: dW = kron(w1, w2), w1 small (a, c), w2 big (b, d[, kh, kw]), either optionally low-rank."""
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Iterator
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kron import factorization, kron
+from ..kron_autograd import kron_conv2d, kron_linear
 from .common import ModuleSettings, kaiming_, weight_dims
 
 NAME = "lokr"
 TENSOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+FORWARD_TAKES_SCALE = True  # forward(..., scale=s) returns the already scaled delta
 
 
 def detect(names: set[str]) -> bool:
@@ -81,48 +86,150 @@ def rank(t: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module) -> torch.Tensor | None:
+# -- applying the update to activations --------------------------------------------------------
+#
+# Two ways to compute scale * conv/linear(x, kron(w1, w2)):
+#   "rebuild":  form dW (out x in [x k]) and run one full-size matmul/conv; backward pays a full
+#               weight gradient (another full-size product) plus one for the input.
+#   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd), order "in"
+#               (w1 on the input side first) or "out"; far fewer multiply-adds, but several
+#               passes over activation-sized tensors.
+# `plan` prices both with a three-term model, time = flops / F + bytes moved / B + kernels * O,
+# and picks the cheapest. The constants below are round figures measured on the reference
+# machines (bench/bench_speed.py --check-model prints the per-layer comparison).
+
+COST_CONSTANTS = {  # device type -> (flop/s, bytes/s, seconds per kernel incl. Python dispatch)
+    "cpu": (1.6e11, 6.0e10, 8e-6),
+    "cuda": (4.0e14, 3.0e12, 6e-6),
+}
+
+
+def _cost(flops: float, elems: float, kernels: int, esize: int, device_type: str) -> float:
+    f, bw, o = COST_CONSTANTS.get(device_type, COST_CONSTANTS["cpu"])
+    return flops / f + elems * esize / bw + kernels * o
+
+
+def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1,
+               training: bool = True, esize: int = 4, device_type: str = "cpu") -> dict[str, float]:
+    """Estimated seconds of each path for one layer: {"rebuild": .., "in": .., "out": ..}.
+
+    kind: "linear" or "conv" (NCHW). n_in / n_out: tokens (linear) or pixels times batch (conv)
+    at the input and the output; k: kernel size kh*kw. Elements count reads plus writes.
+    """
+    cin, cout = c * d, a * b
+    w = cout * cin * k  # full kernel size
+    ad, cb = a * d, c * b
+    if training:
+        rebuild = _cost(6.0 * n_out * cout * cin * k, 3 * (n_in * cin + n_out * cout) + 6 * w, 9, esize, device_type)
+    else:
+        rebuild = _cost(2.0 * n_out * cout * cin * k, n_in * cin + n_out * cout + 2 * w, 4, esize, device_type)
+    if kind == "linear":
+        n = n_in
+        if training:
+            fin = _cost(2.0 * n * (4 * a * c * d + 3 * a * b * d), n * (8 * cin + 7 * ad + 3 * cout), 10, esize, device_type)
+            fout = _cost(2.0 * n * (3 * a * c * b + 4 * c * d * b), n * (4 * cin + 7 * cb + 7 * cout), 10, esize, device_type)
+        else:
+            fin = _cost(2.0 * n * (a * c * d + a * d * b), n * (3 * cin + 2 * ad + cout), 4, esize, device_type)
+            fout = _cost(2.0 * n * (c * d * b + a * c * b), n * (cin + 2 * cb + 3 * cout), 4, esize, device_type)
+    else:
+        conv_in = 2.0 * n_out * a * b * d * k  # w2's convolution over the a mixed groups
+        conv_out = 2.0 * n_out * c * b * d * k  # ... over the c input groups
+        if training:
+            # "in": mix, conv | recompute mix, conv backward (2 convs), w1 grad, input mix
+            fin = _cost(3 * conv_in + 2.0 * n_in * 4 * a * c * d,
+                        n_in * (4 * cin + 6 * ad) + n_out * 3 * cout, 10, esize, device_type)
+            # "out": conv, mix | w1 grad, output mix, conv backward (T is kept for k x k)
+            fout = _cost(3 * conv_out + 2.0 * n_out * 3 * a * c * b,
+                         n_in * 3 * cin + n_out * (7 * cb + 4 * cout), 10, esize, device_type)
+        else:
+            fin = _cost(conv_in + 2.0 * n_in * a * c * d, n_in * (cin + 2 * ad) + n_out * cout, 3, esize, device_type)
+            fout = _cost(conv_out + 2.0 * n_out * a * c * b, n_in * cin + n_out * (2 * cb + cout), 3, esize, device_type)
+    return {"rebuild": rebuild, "in": fin, "out": fout}
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1, training: bool = True,
+         esize: int = 4, device_type: str = "cpu") -> str:
+    """"rebuild", "in" or "out": the cheapest path by `path_costs`. A pure function of shapes."""
+    costs = path_costs(kind, n_in, n_out, a, b, c, d, k, training, esize, device_type)
+    return min(("in", "out", "rebuild"), key=lambda p: costs[p])
+
+
+_forced_path: str | None = None
+
+
+@contextlib.contextmanager
+def force_path(path: str | None) -> Iterator[None]:
+    """Make every LoKr layer take `path` ("in", "out" or "rebuild") instead of `plan`'s choice.
+
+    For benchmarks and tests that compare the paths; None restores the cost model.
+    """
+    global _forced_path
+    if path not in (None, "in", "out", "rebuild"):
+        raise ValueError(f"force_path: expected 'in', 'out', 'rebuild' or None, got {path!r}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def factored_is_cheaper(tokens: int, a: int, b: int, c: int, d: int, t: dict[str, torch.Tensor] | None = None,
+                        training: bool = True, device_type: str = "cpu") -> bool:
+    """Whether a factored order beats rebuilding dW for a linear layer over `tokens` tokens."""
+    return plan("linear", tokens, tokens, a, b, c, d, 1, training, 4, device_type) != "rebuild"
+
+
+def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module,
+            scale: float | torch.Tensor | None = None) -> torch.Tensor | None:
     """kron(w1, w2) applied without forming it: (w1 (x) w2) vec(X) = vec(w1 X w2^T).
 
     Linear: the input features are viewed as (c, d); w2 contracts d, w1 mixes c. Conv: the c
-    groups of d channels run through w2's kernel as one batched conv, then w1 mixes the groups
-    like a 1x1 conv. The backward pass then only ever touches the small factors. Returns None
-    where rebuilding dW is cheaper (few tokens, see `factored_is_cheaper`).
+    groups of d channels run through w2's kernel as one batched conv, and w1 mixes the groups
+    (or the other way round). The backward pass only ever touches the small factors (see
+    lokr_diffusion.kron_autograd). Returns None where rebuilding dW is cheaper (`plan`) or the
+    layer has a geometry the factored path does not cover (grouped convs, string padding).
+
+    `scale` (multiplier * alpha / r), when given, is folded into w1 rather than applied to the
+    output, which saves a full pass over the activations; the result is then already scaled.
     """
     weight_shape = tuple(base.weight.shape)
     out_dim, in_dim, kernel = weight_dims(weight_shape)
     w1 = make_w1(t)
     a, c = w1.shape
-    b, d = out_dim // a, in_dim // c
-    if isinstance(base, nn.Conv2d):
-        if base.groups != 1:
-            return None
-        n, _, h, w = x.shape
-        y = F.conv2d(x.reshape(n * c, d, h, w), make_w2(t, b, d, kernel).to(x.dtype), None,
-                     base.stride, base.padding, base.dilation)
-        y = y.reshape(n, c, b, *y.shape[-2:])
-        return torch.einsum("ip,npbhw->nibhw", w1.to(x.dtype), y).reshape(n, a * b, *y.shape[-2:])
-    tokens = x.numel() // in_dim
-    if not factored_is_cheaper(tokens, a, b, c, d, t):
+    if out_dim % a or in_dim % c:
         return None
-    xs = x.reshape(*x.shape[:-1], c, d)
-    if "lokr_w2_a" in t and "lokr_t2" not in t and t["lokr_w2_b"].dim() == 2:
-        h = (xs @ t["lokr_w2_b"].to(x.dtype).T) @ t["lokr_w2_a"].to(x.dtype).T  # (..., c, b)
+    b, d = out_dim // a, in_dim // c
+    is_conv = isinstance(base, nn.Conv2d)
+    if is_conv:
+        if (base.groups != 1 or isinstance(base.padding, str) or base.padding_mode != "zeros"
+                or x.dim() != 4):
+            return None
+        k = 1
+        for size in kernel:
+            k *= size
+        n, _, h, w = x.shape
+        (sh, sw), (ph, pw), (dh, dw) = base.stride, base.padding, base.dilation
+        ho = (h + 2 * ph - dh * (kernel[0] - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kernel[1] - 1) - 1) // sw + 1
+        n_in, n_out = n * h * w, n * ho * wo
     else:
-        h = xs @ make_w2(t, b, d, ()).to(x.dtype).T
-    y = w1.to(x.dtype) @ h  # (..., a, b)
-    return y.reshape(*x.shape[:-1], a * b)
-
-
-def factored_is_cheaper(tokens: int, a: int, b: int, c: int, d: int, t: dict[str, torch.Tensor]) -> bool:
-    """Multiply-add count of the factored path against rebuilding dW and one full matmul.
-
-    Factored: tokens * (c*d*b [or via rank r] + a*c*b). Rebuild: a*b*c*d to form dW plus
-    tokens * a*b*c*d to apply it. The factored path wins unless a or d is 1 (no real factoring)
-    or there are only a handful of tokens.
-    """
-    r = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else None
-    w2_cost = c * r * (d + b) if r is not None else c * d * b
-    factored = tokens * (w2_cost + a * c * b)
-    rebuild = a * b * c * d * (tokens + 1)
-    return factored < rebuild
+        k = 1
+        n_in = n_out = x.numel() // in_dim
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # run in the autocast dtype, with autocast off inside
+        cdtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return forward(x.to(cdtype), {n: v.to(cdtype) for n, v in t.items()}, base, scale)
+    training = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in t.values()))
+    order = _forced_path or plan("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
+                                 x.element_size(), x.device.type)
+    if order == "rebuild":
+        return None
+    w1 = w1.to(x.dtype)
+    if scale is not None and not (isinstance(scale, float) and scale == 1.0):
+        w1 = w1 * scale
+    w2 = make_w2(t, b, d, kernel).to(x.dtype)
+    if is_conv:
+        return kron_conv2d(x, w1, w2, base.stride, base.padding, base.dilation, order)
+    return kron_linear(x, w1, w2, order)

@@ -1,0 +1,701 @@
+"""LoKr training and inference speed: ours against the frozen floor, LyCORIS and PEFT.
+
+One command regenerates BENCHMARKS.md and docs/benchmarks/speed.png:
+
+    python bench/bench_speed.py            # full run, about 10-15 minutes on 2 CPU cores
+    python bench/bench_speed.py --quick    # main scenario only, fewer rounds (a few minutes)
+
+What it measures, all on the same UNet (the real SD 1.5 config at widths 128/256/512/512,
+batch 2, 32x32 latents, fp32, 2 threads by default):
+
+* training step (forward, MSE loss, backward; no optimizer) for the floor (frozen UNet, the
+  gradient still flows to the input), ours, LyCORIS (default and bypass) and PEFT LoKr, on
+  three scenarios (attn-mlp factor 8 full matrix; attn-mlp factor -1 rank 4; the full preset
+  with convs). All adapters target the same modules (checked), get the same small random factors,
+  and ours is checked to give LyCORIS's outputs. Steps run in interleaved rounds (every
+  configuration once per round, rotating order) and each round's ratio to the floor is taken
+  in that round, so the drift of a shared machine cancels; medians are reported.
+* peak memory of a training step: on CPU each configuration in a fresh subprocess (peak RSS);
+  on CUDA the step's max allocated above what is resident;
+* inference (no grad): floor, ours unfused, ours fused (merged into the weights), peers
+  unfused; and the time to merge/unmerge all adapters;
+* the cost model behind the per-layer path choice, against a timing of each path on every
+  distinct layer shape of the UNet;
+* a profile of the main scenario: which ops make up the difference to the floor.
+
+With a CUDA device present it also runs the GPU variant (the real SDXL UNet, bf16) and stores
+its results in docs/benchmarks/gpu_results.json, which later CPU-only runs include in the report.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Idle OpenMP threads sleep instead of spinning. On a shared 2-core machine a spinning thread
+# holds the core the other thread is waiting for, and every parallel region can then stall for a
+# scheduler tick (8 ms seen here): that noise swamps everything else. --omp-active keeps the default.
+if "--omp-active" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import speed_impls as S  # noqa: E402
+
+DEFAULT_MD = ROOT / "BENCHMARKS.md"
+DEFAULT_PNG = ROOT / "docs" / "benchmarks" / "speed.png"
+GPU_JSON = ROOT / "docs" / "benchmarks" / "gpu_results.json"
+COMMAND = "python bench/bench_speed.py"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lycoris", "diffusers", "peft", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from lycoris.logging import logger as lyco_logger
+
+        lyco_logger.setLevel(logging.ERROR)
+    except Exception:  # pragma: no cover - lycoris missing or changed
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def interleaved(configs: dict, rounds: int, warmup: int) -> dict[str, list[tuple[float, float]]]:
+    """configs: name -> (prepare, run, finish). Every configuration once per round, in a rotating
+    order (reversed every other round), the garbage collector off while timing. Returns
+    name -> [(wall, cpu) per round]."""
+    names = list(configs)
+    for name in names:
+        prepare, run, finish = configs[name]
+        prepare()
+        for _ in range(warmup):
+            run()
+        finish()
+    times = {n: [] for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(names)
+            order = names[k:] + names[:k]
+            if r % 2:
+                order = order[::-1]
+            for name in order:
+                prepare, run, finish = configs[name]
+                prepare()
+                times[name].append(_timed(run))
+                finish()
+                gc.collect()
+    finally:
+        gc.enable()
+    return times
+
+
+def paired_ratios(times: dict, num: str, den: str, clock: int = 0) -> list[float]:
+    return [a[clock] / b[clock] for a, b in zip(times[num], times[den])]
+
+
+def run_training(setup, atts, inputs, rounds, warmup):
+    def cfg(att):
+        return (lambda: S.activate(att, atts), lambda: S.train_step(setup, att, inputs), lambda: None)
+
+    return interleaved({name: cfg(att) for name, att in atts.items()}, rounds, warmup)
+
+
+def run_inference(setup, atts, inputs, rounds, warmup):
+    ours = atts.get("ours")
+    configs = {}
+    for name, att in atts.items():
+        if name == "ours":
+            configs["ours (unfused)"] = (lambda a=att: S.activate(a, atts), lambda a=att: S.infer_step(setup, a, inputs),
+                                         lambda: None)
+
+            def merge(a=att):
+                S.activate(a, atts)
+                a.handle.merge()
+
+            configs["ours (fused)"] = (merge, lambda a=att: S.infer_step(setup, a, inputs), lambda a=att: a.handle.unmerge())
+        else:
+            configs[name] = (lambda a=att: S.activate(a, atts), lambda a=att: S.infer_step(setup, a, inputs),
+                             lambda: None)
+    for att in atts.values():
+        att.model.eval()
+    try:
+        times = interleaved(configs, rounds, warmup)
+        merge_t, unmerge_t = [], []
+        if ours is not None:
+            S.activate(ours, atts)
+            for _ in range(3):
+                merge_t.append(_timed(ours.handle.merge)[0])
+                unmerge_t.append(_timed(ours.handle.unmerge)[0])
+    finally:
+        for att in atts.values():
+            att.model.train()
+    return times, {"merge_s": S.median(merge_t), "unmerge_s": S.median(unmerge_t)}
+
+
+def summarise(times: dict, floor: str) -> dict:
+    """Medians of wall time, and of the per-round ratios (wall and CPU time) to the floor and
+    between ours and each other configuration."""
+    out = {}
+    for name, ts in times.items():
+        row = {"median_s": S.median([t[0] for t in ts]), "median_cpu_s": S.median([t[1] for t in ts]),
+               "times_s": [t[0] for t in ts], "cpu_s": [t[1] for t in ts]}
+        if floor in times:
+            row["x_floor"] = S.median(paired_ratios(times, name, floor))
+            row["x_floor_cpu"] = S.median(paired_ratios(times, name, floor, 1))
+        out[name] = row
+    ours = "ours" if "ours" in times else ("ours (unfused)" if "ours (unfused)" in times else None)
+    if ours:
+        for name in times:
+            if not name.startswith("ours") and name != floor:
+                out[name]["ours_speedup"] = S.median(paired_ratios(times, name, ours))
+                out[name]["ours_speedup_cpu"] = S.median(paired_ratios(times, name, ours, 1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# memory (fresh subprocess per configuration)
+# ------------------------------------------------------------------------------------------
+
+def measure_memory(setup_name: str, scen_key: str, impls, threads: int) -> dict:
+    out = {}
+    for impl in impls:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", setup_name, scen_key, impl,
+               "--threads", str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not line:
+            log(f"  memory child failed for {impl}: {proc.stderr[-2000:]}")
+            continue
+        out[impl] = json.loads(line[-1])
+        log(f"  memory {scen_key:18s} {impl:15s} peak {out[impl].get('peak_alloc_mb', out[impl]['peak_rss_mb']):8.0f} MB")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# cost model against measurement
+# ------------------------------------------------------------------------------------------
+
+def check_model(setup, scen, rounds: int = 7) -> list[dict]:
+    """Time "in", "out" and "rebuild" (fwd + bwd) on every distinct adapted layer of the UNet."""
+    from torch import nn
+
+    from lokr_diffusion.algos import lokr
+    from lokr_diffusion.layers import AdapterModule
+
+    atts = S.build_all(setup, scen, impls=("ours",))
+    ours = atts["ours"]
+    unet = ours.model
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    def record(key):
+        def hook(module, args, out):
+            shapes.setdefault(key, (tuple(args[0].shape), tuple(out.shape)))
+        return hook
+
+    for a in ours.handle.adapters():
+        hooks.append(a.base.register_forward_hook(record(a.key)))
+    S.train_step(setup, ours, S.make_inputs(setup))
+    for h in hooks:
+        h.remove()
+    ours.handle.set_enabled(False)  # each probe below attaches its own adapter to the layer
+    groups: dict[tuple, list] = {}
+    for a in ours.handle.adapters():
+        b = a.base
+        geom = (("conv", tuple(b.kernel_size), tuple(b.stride), tuple(b.padding)) if isinstance(b, nn.Conv2d)
+                else ("linear",))
+        sig = (geom, tuple(b.weight.shape), shapes[a.key][0], tuple(sorted((n, tuple(t.shape)) for n, t in a.tensors().items())))
+        groups.setdefault(sig, []).append(a)
+    rows = []
+    for sig, adapters in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        a0 = adapters[0]
+        base = a0.base
+        x_shape = sig[2]
+        tens = {n: t.detach().clone() for n, t in a0.tensors().items()}
+        mod = AdapterModule("probe", base, lokr, tens, float(a0.alpha))
+        mod.attach()
+        x = torch.randn(x_shape, device=setup.device)
+        g = torch.randn(shapes[a0.key][1], device=setup.device)
+        w1 = lokr.make_w1(mod.tensors())
+        out_dim, in_dim = base.weight.shape[:2]
+        a_, c_ = w1.shape
+        b_, d_ = out_dim // a_, in_dim // c_
+        k = base.weight[0, 0].numel()
+        if isinstance(base, nn.Conv2d):
+            n_in = x_shape[0] * x_shape[2] * x_shape[3]
+            n_out = g.shape[0] * g.shape[2] * g.shape[3]
+        else:
+            n_in = n_out = x.numel() // in_dim
+        kind = "conv" if isinstance(base, nn.Conv2d) else "linear"
+        costs = lokr.path_costs(kind, n_in, n_out, a_, b_, c_, d_, k, True, 4, setup.device)
+        choice = lokr.plan(kind, n_in, n_out, a_, b_, c_, d_, k, True, 4, setup.device)
+
+        def run(path, xr=x.requires_grad_(True)):
+            if path == "base":
+                mod.enabled = False
+            with lokr.force_path(None if path == "base" else path):
+                y = base(xr)
+                y.backward(g)
+            mod.enabled = True
+            xr.grad = None
+            for p in mod.parameters():
+                p.grad = None
+
+        cfgs = {p: (lambda: None, lambda p=p: run(p), lambda: None) for p in ("base", "in", "out", "rebuild")}
+        times = interleaved(cfgs, rounds, 2)
+        med = {p: S.median([t[1] for t in ts]) for p, ts in times.items()}  # CPU time: steadier
+        best = min(("in", "out", "rebuild"), key=med.get)
+        mod.detach()
+        path0 = ours.handle.paths[a0.key]
+        rows.append({
+            "example": path0, "layers": len(adapters), "kind": kind if kind == "linear" else f"conv{sig[0][1][0]}x{sig[0][1][1]}/s{sig[0][2][0]}",
+            "in": in_dim, "out": out_dim, "tokens": n_in, "abcd": (a_, b_, c_, d_),
+            "model_choice": choice, "measured_best": best,
+            "ms": {p: 1e3 * v for p, v in med.items()},
+            "model_ms": {p: 1e3 * v for p, v in costs.items()},
+            "loss": med[choice] / med[best] - 1.0,
+        })
+        log(f"  model check {path0[:60]:60s} x{len(adapters):<3d} choice {choice:7s} best {best:7s} "
+            + " ".join(f"{p}={1e3 * med[p]:.2f}ms" for p in ("base", "in", "out", "rebuild")))
+    del atts, ours, unet
+    gc.collect()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# profile
+# ------------------------------------------------------------------------------------------
+
+def profile_diff(setup, scen) -> dict:
+    """Self CPU time per op, floor against ours, over one training step each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    atts = S.build_all(setup, scen, impls=("floor", "ours"))
+    inputs = S.make_inputs(setup)
+    tables = {}
+    for name in ("floor", "ours"):
+        S.activate(atts[name], atts)
+        for _ in range(2):
+            S.train_step(setup, atts[name], inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                S.train_step(setup, atts[name], inputs)
+        tables[name] = {e.key: (e.self_cpu_time_total / 2e3, e.count // 2) for e in prof.key_averages()}
+    keys = set(tables["floor"]) | set(tables["ours"])
+    rows = []
+    for k in keys:
+        fb, cb = tables["floor"].get(k, (0.0, 0))
+        fo, co = tables["ours"].get(k, (0.0, 0))
+        rows.append({"op": k, "floor_ms": fb, "ours_ms": fo, "diff_ms": fo - fb, "calls_floor": cb, "calls_ours": co})
+    rows.sort(key=lambda r: -r["diff_ms"])
+    total = {n: sum(v[0] for v in t.values()) for n, t in tables.items()}
+    del atts
+    gc.collect()
+    return {"total_ms": total, "rows": rows[:14]}
+
+
+# ------------------------------------------------------------------------------------------
+# suites
+# ------------------------------------------------------------------------------------------
+
+def run_suite(setup, scenarios, rounds: int, warmup: int, memory: bool, threads: int) -> dict:
+    res = {"setup": setup.label, "device": setup.device, "scenarios": {}}
+    for scen in scenarios:
+        log(f"{setup.device}: scenario {scen.title}: building the UNet copies")
+        atts = S.build_all(setup, scen)
+        inputs = S.make_inputs(setup)
+        copied = S.copy_ours_into_lycoris(atts["ours"], atts["lycoris"])
+        outs = {}
+        for name in ("ours", "lycoris", "lycoris-bypass"):
+            S.activate(atts[name], atts)
+            S.infer_step(setup, atts[name], inputs)  # warm
+            with torch.no_grad(), S._autocast(setup):
+                outs[name] = S.forward(atts[name].model, inputs, inputs["sample"])
+        agree = {"copied_tensors": copied, "vs_lycoris": S.rel_diff(outs["ours"], outs["lycoris"]),
+                 "vs_lycoris_bypass": S.rel_diff(outs["ours"], outs["lycoris-bypass"])}
+        del outs
+        entry = {"title": scen.title, "modules": {n: a.count for n, a in atts.items()},
+                 "adapter_params": {n: a.n_params() for n, a in atts.items()}, "agreement": agree}
+        log(f"  modules {entry['modules']}; ours vs LyCORIS outputs: rel. diff {agree['vs_lycoris']:.1e}")
+        times = run_training(setup, atts, inputs, rounds, warmup)
+        entry["train"] = summarise(times, "floor")
+        for name, row in entry["train"].items():
+            log(f"  train {name:15s} median {row['median_s']:.3f} s  x floor {row.get('x_floor', float('nan')):.3f}")
+        if setup.device == "cuda":  # memory in-process: the step's peak above what is resident
+            entry["memory"] = {}
+            for name, att in atts.items():
+                S.activate(att, atts)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                S.train_step(setup, att, inputs)
+                entry["memory"][name] = {"peak_alloc_mb": (torch.cuda.max_memory_allocated() - before) / 2**20}
+                log(f"  memory {name:15s} step peak above resident {entry['memory'][name]['peak_alloc_mb']:8.0f} MB")
+        itimes, merge = run_inference(setup, atts, inputs, rounds, max(1, warmup))
+        entry["infer"] = summarise(itimes, "floor")
+        entry["merge"] = merge
+        for name, row in entry["infer"].items():
+            log(f"  infer {name:15s} median {row['median_s']:.3f} s  x floor {row.get('x_floor', float('nan')):.3f}")
+        del atts, inputs
+        gc.collect()
+        if setup.device == "cuda":
+            torch.cuda.empty_cache()
+        if memory and setup.device == "cpu":
+            which = "dry" if setup.label.startswith("dry") else "cpu"
+            entry["memory"] = measure_memory(which, scen.key, S.IMPLS, threads)
+        res["scenarios"][scen.key] = entry
+    return res
+
+
+def environment(threads: int) -> dict:
+    import diffusers
+    import lycoris  # noqa: F401
+    import peft
+
+    def version(mod, dist):
+        try:
+            from importlib.metadata import version as v
+
+            return v(dist)
+        except Exception:
+            return getattr(mod, "__version__", "?")
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "cores": os.cpu_count(),
+           "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "lycoris": version(None, "lycoris-lora"), "peft": peft.__version__}
+    try:
+        env["load_avg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+NAMES = {"floor": "floor (frozen base)", "ours": "**ours**", "lycoris": "LyCORIS", "lycoris-bypass": "LyCORIS bypass",
+         "peft": "PEFT", "ours (unfused)": "**ours, unfused**", "ours (fused)": "**ours, fused**"}
+
+
+def _fmt(x, spec=".2f", dash="-"):
+    if x is None or (isinstance(x, float) and x != x):
+        return dash
+    return format(x, spec)
+
+
+def _x(v, spec=".3f"):
+    return _fmt(v, spec) + "x" if v is not None and v == v else "-"
+
+
+def scenario_tables(entry: dict, device: str) -> list[str]:
+    lines = []
+    mem = entry.get("memory", {})
+    floor_mem = mem.get("floor", {})
+    mem_key = "peak_alloc_mb" if device == "cuda" else "peak_rss_mb"
+    mem_label = "step peak above resident (MB)" if device == "cuda" else "peak RSS (MB)"
+    lines.append(f"| training step | modules | adapter params | median step (s) | x floor | x floor (CPU time) | "
+                 f"ours faster by | {mem_label} | vs floor (MB) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in S.IMPLS:
+        row = entry["train"].get(name)
+        if row is None:
+            continue
+        m = mem.get(name, {}).get(mem_key)
+        dm = (m - floor_mem[mem_key]) if (m is not None and mem_key in floor_mem) else None
+        lines.append(f"| {NAMES[name]} | {entry['modules'].get(name, 0)} | {S.human(entry['adapter_params'].get(name, 0))} | "
+                     f"{_fmt(row['median_s'], '.3f')} | {_x(row.get('x_floor'))} | {_x(row.get('x_floor_cpu'))} | "
+                     f"{_x(row.get('ours_speedup'), '.2f')} | "
+                     f"{_fmt(m, '.0f')} | {('+' if dm is not None and dm >= 0 else '') + _fmt(dm, '.0f')} |")
+    lines.append("")
+    lines.append("| inference (no grad) | median forward (s) | x floor | x floor (CPU time) | ours unfused faster by |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for name, row in entry["infer"].items():
+        lines.append(f"| {NAMES.get(name, name)} | {_fmt(row['median_s'], '.3f')} | {_x(row.get('x_floor'))} | "
+                     f"{_x(row.get('x_floor_cpu'))} | {_x(row.get('ours_speedup'), '.2f')} |")
+    mg = entry.get("merge", {})
+    if mg.get("merge_s") == mg.get("merge_s"):
+        lines.append("")
+        lines.append(f"Fusing all {entry['modules'].get('ours', 0)} adapters into the weights took "
+                     f"{1e3 * mg['merge_s']:.0f} ms, unfusing {1e3 * mg['unmerge_s']:.0f} ms (vectorised kron, "
+                     f"one fp32 add per weight). With the same factor values, the UNet outputs of ours and LyCORIS "
+                     f"differ by {entry['agreement']['vs_lycoris']:.1e} (max, relative).")
+    return lines
+
+
+def targets_table(cpu: dict) -> list[str]:
+    main = cpu["scenarios"].get("attn-mlp-f8-full")
+    if main is None:
+        return []
+    tr, inf, mem = main["train"], main["infer"], main.get("memory", {})
+    ours_x = tr["ours"]["x_floor"]
+    rows = ["| target (CPU, attn-mlp factor 8 full matrix) | measured (wall) | CPU time | met |", "|---|---:|---:|:---:|"]
+    rows.append(f"| training step <= 1.15x the frozen floor | {ours_x:.3f}x | {_x(tr['ours'].get('x_floor_cpu'))} | "
+                f"{'yes' if ours_x <= 1.15 else 'no'} |")
+    for peer in S.PEERS:
+        sp = tr[peer].get("ours_speedup")
+        rows.append(f"| >= 1.2x faster per step than {NAMES[peer]} | {sp:.2f}x | {_x(tr[peer].get('ours_speedup_cpu'), '.2f')} | "
+                    f"{'yes' if sp >= 1.2 else 'no'} |")
+        if peer in mem and "ours" in mem:
+            po, pp = mem["ours"]["peak_rss_mb"], mem[peer]["peak_rss_mb"]
+            rows.append(f"| lower peak memory than {NAMES[peer]} | {po:.0f} vs {pp:.0f} MB | | {'yes' if po < pp else 'no'} |")
+    un = inf["ours (unfused)"]
+    fu = inf["ours (fused)"]
+    rows.append(f"| unfused inference <= 1.05x the floor | {un['x_floor']:.3f}x | {_x(un.get('x_floor_cpu'))} | "
+                f"{'yes' if un['x_floor'] <= 1.05 else 'no'} |")
+    rows.append(f"| fused inference 1.00x | {fu['x_floor']:.3f}x | {_x(fu.get('x_floor_cpu'))} | "
+                f"{'yes' if fu['x_floor'] <= 1.02 else 'no'} |")
+    return rows
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    total = sum(r["layers"] for r in rows)
+    agree = sum(r["layers"] for r in rows if r["model_choice"] == r["measured_best"])
+    near = sum(r["layers"] for r in rows if r["loss"] <= 0.10)
+    out = [f"Per distinct adapted layer of the main scenario's UNet (and the full preset's convs), one layer's "
+           f"forward + backward in isolation with each path forced (median of interleaved repeats). The model "
+           f"picks the measured best for {agree}/{total} layers and a path within 10% of it for {near}/{total}.", "",
+           "| layer (example) | n | kind | in -> out | tokens | a,b,c,d | base ms | in ms | out ms | rebuild ms | model picks | measured best | loss |",
+           "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|---|---:|"]
+    for r in rows:
+        ms = r["ms"]
+        out.append(f"| `{r['example']}` | {r['layers']} | {r['kind']} | {r['in']} -> {r['out']} | {r['tokens']} | "
+                   f"{','.join(map(str, r['abcd']))} | {ms['base']:.2f} | {ms['in']:.2f} | {ms['out']:.2f} | "
+                   f"{ms['rebuild']:.2f} | {r['model_choice']} | {r['measured_best']} | {100 * r['loss']:.0f}% |")
+    return out
+
+
+def profile_table(prof: dict) -> list[str]:
+    if not prof:
+        return []
+    t = prof["total_ms"]
+    out = [f"One training step, self CPU time per op (torch.profiler, profiler overhead included): floor "
+           f"{t['floor']:.0f} ms, ours {t['ours']:.0f} ms. The ops that grew most:", "",
+           "| op | floor ms | ours ms | difference ms | calls floor -> ours |", "|---|---:|---:|---:|---:|"]
+    for r in prof["rows"]:
+        out.append(f"| `{r['op'][:60]}` | {r['floor_ms']:.1f} | {r['ours_ms']:.1f} | {r['diff_ms']:+.1f} | "
+                   f"{r['calls_floor']} -> {r['calls_ours']} |")
+    return out
+
+
+def write_chart(results: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    suites = [(k, results[k]) for k in ("cpu", "gpu") if results.get(k)]
+    fig, axes = plt.subplots(len(suites), 2, figsize=(13, 4.2 * len(suites)), squeeze=False)
+    colors = {"floor": "#999999", "ours": "#d62728", "lycoris": "#1f77b4", "lycoris-bypass": "#6baed6", "peft": "#2ca02c",
+              "ours (unfused)": "#d62728", "ours (fused)": "#ff9896"}
+    for row, (name, suite) in enumerate(suites):
+        scens = list(suite["scenarios"].values())
+        ax = axes[row][0]
+        width = 0.8 / len(S.IMPLS)
+        for i, impl in enumerate(S.IMPLS):
+            vals = [s["train"].get(impl, {}).get("x_floor", float("nan")) for s in scens]
+            xs = [j + (i - (len(S.IMPLS) - 1) / 2) * width for j in range(len(scens))]
+            bars = ax.bar(xs, vals, width, label=impl, color=colors[impl])
+            for b, v in zip(bars, vals):
+                if v == v:
+                    ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.15, color="#d62728", ls="--", lw=0.8)
+        ax.set_xticks(range(len(scens)))
+        ax.set_xticklabels([s["title"].replace(", ", "\n", 1) for s in scens], fontsize=8)
+        ax.set_ylabel("training step / frozen floor")
+        ax.set_title(f"{name.upper()}: training step (median of paired rounds)")
+        ax.legend(fontsize=7)
+        ax.set_ylim(0.9, None)
+        ax = axes[row][1]
+        inames = list(scens[0]["infer"])
+        width = 0.8 / len(inames)
+        for i, impl in enumerate(inames):
+            vals = [s["infer"].get(impl, {}).get("x_floor", float("nan")) for s in scens]
+            xs = [j + (i - (len(inames) - 1) / 2) * width for j in range(len(scens))]
+            bars = ax.bar(xs, vals, width, label=impl, color=colors.get(impl, "#444444"))
+            for b, v in zip(bars, vals):
+                if v == v:
+                    ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.05, color="#d62728", ls="--", lw=0.8)
+        ax.set_xticks(range(len(scens)))
+        ax.set_xticklabels([s["title"].replace(", ", "\n", 1) for s in scens], fontsize=8)
+        ax.set_ylabel("forward (no grad) / frozen floor")
+        ax.set_title(f"{name.upper()}: inference")
+        ax.legend(fontsize=7)
+        ax.set_ylim(0.9, None)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_report(results: dict, md_path: Path, png_path: Path, args) -> None:
+    env = results["env"]
+    cpu = results.get("cpu")
+    gpu = results.get("gpu")
+    chart_note = write_chart(results, png_path)
+    png_rel = os.path.relpath(png_path, md_path.parent)
+    L = ["# Benchmarks", "",
+         f"Generated by `{results['command']}` on {env['date']} (this file and "
+         f"`{png_rel}` are rewritten by that command; do not edit by hand).", "",
+         f"Machine: {env['cpu']}, {env['cores']} cores, {env['threads']} torch threads"
+         + (f", load average at start {', '.join(f'{x:.1f}' for x in env['load_avg_at_start'])}" if env.get("load_avg_at_start") else "")
+         + f". Python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, "
+         f"lycoris-lora {env['lycoris']}, peft {env['peft']}.", "",
+         "How: every configuration runs in the same process, in interleaved rounds (each configuration "
+         "once per round, rotating order), and a configuration's ratio to the floor (or to ours) is the median "
+         "of the per-round ratios, so the drift of a shared machine cancels. The floor is the frozen UNet's "
+         "forward + backward with the gradient flowing to the input latents, the least any adapter's training "
+         "step can cost; every configuration computes that same input gradient. Steps are forward + MSE loss + "
+         "backward (no optimizer step). Peak memory on CPU is measured per configuration in a fresh subprocess (two "
+         "training steps, `ru_maxrss`). All implementations target the same "
+         "modules with the same shapes (counts and parameter numbers below), and with the same factor values ours "
+         "reproduces LyCORIS's outputs.", ""]
+    if chart_note:
+        L += [f"_{chart_note}_", ""]
+    else:
+        L += [f"![speed chart]({png_rel})", ""]
+    if cpu:
+        L += ["## Targets", ""] + targets_table(cpu) + [""]
+        L += [f"## CPU: {cpu['setup']}", ""]
+        for entry in cpu["scenarios"].values():
+            L += [f"### {entry['title']}", ""] + scenario_tables(entry, "cpu") + [""]
+    if results.get("model_check"):
+        L += ["## The per-layer path choice against measurement", ""] + model_table(results["model_check"]) + [""]
+    if results.get("profile"):
+        L += ["## Where the time goes (main scenario, CPU)", ""] + profile_table(results["profile"]) + [""]
+    if results.get("notes"):
+        L += ["## Notes", ""] + results["notes"] + [""]
+    L += ["## GPU", ""]
+    if gpu:
+        L += [f"{gpu['setup']}. Run on {gpu.get('env', {}).get('gpu', 'a CUDA device')} "
+              f"({gpu.get('env', {}).get('date', '?')}, torch {gpu.get('env', {}).get('torch', '?')}); stored in "
+              f"`{os.path.relpath(args.gpu_json, md_path.parent)}` and included here by later runs. Memory on CUDA: "
+              f"`max_memory_allocated` during one training step minus what was allocated before it (activations, "
+              f"gradients and temporaries; the weights of all copies stay resident).", ""]
+        for entry in gpu["scenarios"].values():
+            L += [f"### {entry['title']}", ""] + scenario_tables(entry, "cuda") + [""]
+    else:
+        L += ["No CUDA device on the machine that generated this file, and no stored GPU results: the GPU "
+              "variant (real SDXL UNet, bf16) runs automatically where `torch.cuda.is_available()`.", ""]
+    L += ["## Reproduce", "", "```", COMMAND + "            # everything (CPU, plus the GPU variant where CUDA is present)",
+          COMMAND + " --quick    # main scenario only, fewer rounds", "```", ""]
+    md_path.write_text("\n".join(L))
+    log(f"wrote {md_path} and {png_path}")
+
+
+# ------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="main scenario only, 3 rounds, no model check")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per configuration (default 5; quick 3)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--omp-active", action="store_true", help="leave OMP_WAIT_POLICY alone (spinning threads)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU variant even where CUDA is present")
+    p.add_argument("--gpu-only", action="store_true", help="run only the GPU variant (writes its JSON, no report)")
+    p.add_argument("--scenarios", default=None, help="comma-separated scenario keys")
+    p.add_argument("--md", type=Path, default=DEFAULT_MD)
+    p.add_argument("--png", type=Path, default=DEFAULT_PNG)
+    p.add_argument("--gpu-json", type=Path, default=GPU_JSON)
+    p.add_argument("--json", type=Path, default=None, help="also write all raw results here")
+    p.add_argument("--child-memory", nargs=3, metavar=("SETUP", "SCENARIO", "IMPL"), help=argparse.SUPPRESS)
+    p.add_argument("--dry-gpu", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        print(json.dumps(S.peak_memory_child(*args.child_memory, threads=args.threads)))
+        return 0
+    rounds = args.rounds or (3 if args.quick else 5)
+    scenarios = list(S.SCENARIOS)
+    if args.quick:
+        scenarios = scenarios[:1]
+    if args.scenarios:
+        scenarios = [S.SCENARIO_BY_KEY[k] for k in args.scenarios.split(",")]
+    cmd = COMMAND + (" --quick" if args.quick else "")
+    results = {"command": cmd, "env": environment(args.threads)}
+    t_start = time.time()
+    has_cuda = (torch.cuda.is_available() or args.dry_gpu) and not args.no_gpu
+    if has_cuda:
+        log("CUDA device found: running the GPU variant")
+        gres = run_suite(S.dry_gpu_setup() if args.dry_gpu else S.gpu_setup(), scenarios, max(rounds, 5), max(args.warmup, 2), not args.no_memory, args.threads)
+        gres["env"] = results["env"]
+        args.gpu_json.parent.mkdir(parents=True, exist_ok=True)
+        args.gpu_json.write_text(json.dumps(gres, indent=1))
+        results["gpu"] = gres
+        log(f"GPU results written to {args.gpu_json}")
+        if args.gpu_only:
+            return 0
+    elif args.gpu_only:
+        log("no CUDA device: nothing to do for --gpu-only")
+        return 0
+    elif args.gpu_json.exists():
+        results["gpu"] = json.loads(args.gpu_json.read_text())
+    setup = S.cpu_setup()
+    results["cpu"] = run_suite(setup, scenarios, rounds, args.warmup, not args.no_memory, args.threads)
+    if not args.quick:
+        log("cost model check")
+        rows = check_model(setup, S.SCENARIOS[0])
+        rows += [r for r in check_model(setup, S.SCENARIOS[2]) if r["kind"].startswith("conv")]
+        results["model_check"] = rows
+    log("profile")
+    results["profile"] = profile_diff(setup, scenarios[0])
+    results["elapsed_s"] = time.time() - t_start
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    write_report(results, args.md, args.png, args)
+    log(f"done in {results['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
