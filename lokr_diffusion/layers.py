@@ -12,6 +12,8 @@ Two ways to add the adapters, chosen per call:
   rebuilt in float32 and cast to the weight's dtype, and kept until a weight, a scale or the
   set of adapters changes. An unfused adapter then runs at the base's speed, for the memory
   of one extra copy of each patched weight (fusing avoids that copy).
+While no adapter of a layer is active (all fused, disabled or at multiplier 0) the layer's own
+forward is put back, so a fused model runs exactly the base's code.
 """
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ class _Dispatch:
         self.adapters: list[AdapterModule] = []
         self._merged_key: tuple | None = None
         self._merged_weight: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        """Route the layer through this dispatcher only while some adapter is active: per-call
+        Python work costs real time on a GPU with hundreds of small layers."""
+        if any(a.active for a in self.adapters):
+            self.base.forward = self
+            return
+        self._merged_weight = self._merged_key = None  # nothing to add: drop the patched copy
+        if self.had_own_forward:
+            self.base.forward = self.original
+        else:
+            self.base.__dict__.pop("forward", None)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = [a for a in self.adapters if a.active]
@@ -72,11 +86,8 @@ class _Dispatch:
 
     def remove(self, adapter: AdapterModule) -> None:
         self.adapters.remove(adapter)
+        self.refresh()
         if not self.adapters:
-            if self.had_own_forward:
-                self.base.forward = self.original
-            else:
-                del self.base.forward
             del self.base._lokr_dispatch
 
 
@@ -102,12 +113,10 @@ class AdapterModule(nn.Module):
                 owner = getattr(self, head)
             owner.register_parameter(leaf, nn.Parameter(t))
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
-        self.multiplier = float(multiplier)
+        self._attached = False
+        self._state = {"multiplier": float(multiplier), "enabled": True, "merged": False}
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
-        self.enabled = True
-        self.merged = False
-        self._attached = False
 
     @property
     def base(self) -> nn.Module:
@@ -127,6 +136,15 @@ class AdapterModule(nn.Module):
         return self.algo.delta_weight(self.tensors(), tuple(self.base.weight.shape)) * self.scale
 
     # -- forward -----------------------------------------------------------------------------
+    def _set(self, name: str, value) -> None:
+        self._state[name] = value
+        if self._attached:
+            self.base.__dict__["_lokr_dispatch"].refresh()
+
+    multiplier = property(lambda self: self._state["multiplier"], lambda self, v: self._set("multiplier", float(v)))
+    enabled = property(lambda self: self._state["enabled"], lambda self, v: self._set("enabled", bool(v)))
+    merged = property(lambda self: self._state["merged"], lambda self, v: self._set("merged", bool(v)))
+
     @property
     def active(self) -> bool:
         return self.enabled and not self.merged and self.multiplier != 0.0
@@ -139,9 +157,9 @@ class AdapterModule(nn.Module):
         if dispatch is None:
             dispatch = _Dispatch(base)
             base.__dict__["_lokr_dispatch"] = dispatch
-            base.forward = dispatch
         dispatch.adapters.append(self)
         self._attached = True
+        dispatch.refresh()
 
     def detach(self) -> None:
         if self._attached:

@@ -83,6 +83,40 @@ def test_multiplier_enable_and_detach():
     assert torch.equal(base(x), ref)
 
 
+def test_layer_runs_its_own_forward_while_no_adapter_is_active():
+    """Fused, disabled or zero-multiplier adapters leave nothing in the layer's call path."""
+    base = nn.Linear(64, 32)
+    x = _x(base)
+    a = _adapter(ALGORITHMS["lokr"], base, dim=4)
+    b = _adapter(ALGORITHMS["lora"], base, dim=4)
+    with torch.no_grad():
+        a.get_parameter("lokr_w2_b" if "lokr_w2_b" in a.tensor_names else "lokr_w2").normal_()
+        b.get_parameter("lora_up.weight").normal_()
+    dispatch = base.__dict__["_lokr_dispatch"]
+    assert base.forward is dispatch
+    with torch.no_grad():
+        unfused = base(x)
+    for adapter in (a, b):
+        adapter.merge()
+    assert "forward" not in base.__dict__ and dispatch._merged_weight is None
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), unfused, rtol=1e-5, atol=1e-5)
+    b.unmerge()
+    assert base.forward is dispatch
+    b.multiplier = 0.0
+    assert "forward" not in base.__dict__
+    b.multiplier = 1.0
+    a.unmerge()
+    a.enabled = False
+    assert base.forward is dispatch
+    a.enabled = True
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), unfused, rtol=1e-6, atol=1e-6)
+    a.detach()
+    b.detach()
+    assert "forward" not in base.__dict__ and "_lokr_dispatch" not in base.__dict__
+
+
 def test_dropouts_only_in_training():
     base = nn.Linear(64, 32)
     x = _x(base)
