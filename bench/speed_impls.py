@@ -305,10 +305,26 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def peak_memory_child(setup_name: str, scen_key: str, impl: str, threads: int) -> dict:
-    """Measured in a fresh process: peak RSS (CPU) or peak allocated (CUDA) of training steps."""
+def _vm_hwm_mb() -> float:
+    """Peak resident set size of this process image (VmHWM), in MB.
+
+    Not getrusage's ru_maxrss: that high-water mark survives exec, so a child started from a
+    large parent would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_child(setup_name: str, scen_key: str, impl: str, threads: int) -> dict:
+    """Measured in a fresh process: peak RSS (CPU) or peak allocated (CUDA) of training steps."""
     torch.set_num_threads(threads)
     setup = {"cpu": cpu_setup, "cuda": gpu_setup, "dry": dry_gpu_setup}[setup_name]()
     scen = SCENARIO_BY_KEY[scen_key]
@@ -320,12 +336,11 @@ def peak_memory_child(setup_name: str, scen_key: str, impl: str, threads: int) -
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _vm_hwm_mb()
     for _ in range(2):
         train_step(setup, att, inputs)
     res = {"impl": impl, "scenario": scen_key, "modules": att.count, "adapter_params": att.n_params(),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_steps_mb": rss_before}
+           "peak_rss_mb": _vm_hwm_mb(), "rss_before_steps_mb": rss_before}
     if setup.device == "cuda":
         res["peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
         res["resident_mb"] = before / 2**20

@@ -9,17 +9,21 @@ the *middle* axis of the (tokens, c, d) layout. These functions pick layouts so 
 is a single BLAS call on strided views (``bmm`` with strided operands or outputs, one flat
 ``mm`` with a short inner dimension) and at most one transposing copy is made per direction.
 The backward passes save only the input (which every adapter must keep to compute its factor
-gradients) and recompute the cheap intermediates instead of storing them.
+gradients; order "in" keeps it regrouped, shared by layers that read the same tensor) and
+recompute the cheap intermediates instead of storing them (``KEEP_INTERMEDIATES`` trades that
+back for memory).
 
-Two orders exist for each layer kind:
+Orders (all give the same result; ``lokr.plan`` picks one per layer from the shapes):
 
 * ``"in"``: mix the c input groups with w1 first (on the input side), then apply w2;
-* ``"out"``: apply w2 first, then mix with w1 on the output side.
+* ``"out"``: apply w2 first, then mix with w1 on the output side;
+* ``"tok"`` (linear only): token-major, the w1 mix as a batch of small per-token products and
+  w2 as one flat product; no transposing copy at all, which pays off when the output side is
+  large (the GEGLU projection).
 
-They give the same result; which is cheaper depends on whether the input or the output side
-is smaller (``lokr.plan`` decides). Convolutions use NCHW, where both contractions are plain
-batched matrix products over large matrices; the k x k kernel of w2 runs as one convolution
-over the c (or a) groups, stacked along the batch axis.
+Convolutions use NCHW, where both contractions are plain batched matrix products over large
+matrices; the k x k kernel of w2 runs as one convolution over the c (or a) groups, stacked
+along the batch axis.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kron_linear", "kron_conv2d"]
+__all__ = ["kron_conv2d", "kron_linear"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -49,11 +53,6 @@ def _regroup(x: torch.Tensor, c: int, d: int) -> torch.Tensor:
     xc = x.view(-1, c, d).transpose(0, 1).contiguous()  # the one transposing copy
     _regrouped = (weakref.ref(x), x._version, c, d, xc)
     return xc
-
-
-def _forget_regrouped() -> None:
-    global _regrouped
-    _regrouped = (None, -1, 0, 0, None)
 
 
 def _linear_fwd_in(x, w1, w2):
@@ -79,6 +78,17 @@ def _linear_fwd_out(x, w1, w2):
     return yt.transpose(0, 1).contiguous().view(n, a * b), t  # the one transposing copy
 
 
+def _linear_fwd_tok(x, w1, w2):
+    """(y, z): token-major. w1 mixes each token's (c, d) block as a batch of small products
+    -> z (N, a, d), then one flat product with w2 gives y in its (N, a, b) layout. No copies,
+    but the small batched products run below BLAS's best speed."""
+    n = x.shape[0]
+    a, c = w1.shape
+    b, d = w2.shape
+    z = torch.bmm(w1.expand(n, a, c), x.view(n, c, d))
+    return torch.mm(z.view(n * a, d), w2.t()).view(n, a * b), z
+
+
 class _KronLinear(torch.autograd.Function):
     """y = (w1 (x) w2) x for a 2-D x (N, c*d).
 
@@ -89,11 +99,14 @@ class _KronLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w2, order, keep):  # noqa: D401 - autograd signature
+    def forward(ctx, x, w1, w2, order, keep):
         ctx.order, ctx.keep = order, keep
         if order == "in":
             y, xc, z = _linear_fwd_in(x, w1, w2)
             ctx.save_for_backward(xc, w1, w2, z if keep else None)
+        elif order == "tok":
+            y, z = _linear_fwd_tok(x, w1, w2)
+            ctx.save_for_backward(x, w1, w2, z if keep else None)
         else:
             y, t = _linear_fwd_out(x, w1, w2)
             ctx.save_for_backward(x, w1, w2, t if keep else None)
@@ -120,6 +133,20 @@ class _KronLinear(torch.autograd.Function):
                     gw1 = torch.mm(gz, xc.view(c, n * d).t())
                 if need_x:
                     gx = torch.mm(w1.t(), gz).view(c, n, d).transpose(0, 1).reshape(n, c * d)
+        elif ctx.order == "tok":
+            x = saved
+            n = x.shape[0]
+            x3 = x.view(n, c, d)
+            g2 = g.view(n * a, b)
+            if need_w2:
+                z = mid if mid is not None else torch.bmm(w1.expand(n, a, c), x3)
+                gw2 = torch.mm(g2.t(), z.view(n * a, d))
+            if need_w1 or need_x:
+                gz = torch.mm(g2, w2).view(n, a, d)
+                if need_w1:
+                    gw1 = torch.bmm(gz, x3.transpose(1, 2)).sum(0)
+                if need_x:
+                    gx = torch.bmm(w1.t().expand(n, c, a), gz).view(n, c * d)
         else:
             x = saved
             n = x.shape[0]
@@ -155,7 +182,8 @@ def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str 
     if torch.is_grad_enabled() and (x2.requires_grad or w1.requires_grad or w2.requires_grad):
         y = _KronLinear.apply(x2, w1, w2, order, KEEP_INTERMEDIATES)
     else:
-        y = _linear_fwd_in(x2, w1, w2)[0] if order == "in" else _linear_fwd_out(x2, w1, w2)[0]
+        fwd = {"in": _linear_fwd_in, "out": _linear_fwd_out, "tok": _linear_fwd_tok}[order]
+        y = fwd(x2, w1, w2)[0]
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -172,7 +200,7 @@ def _lmul(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w.unsqueeze(0).expand(t.shape[0], *w.shape), t)
 
 def _is_pointwise(w2: torch.Tensor, geom) -> bool:
-    stride, padding, dilation = geom
+    stride, padding, _ = geom
     return tuple(w2.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
 
 

@@ -1,8 +1,8 @@
 """The fast LoKr paths against the plain rebuild-and-add path: outputs and every gradient.
 
-`lokr.force_path` makes every LoKr layer take one path: "in" and "out" (the two factored
-orders of lokr_diffusion.kron_autograd) or "rebuild" (form dW = kron(w1, w2), then one full
-linear/conv). All three must agree on the output and on the gradients w.r.t. the input and
+`lokr.force_path` makes every LoKr layer take one path: "in", "out" and "tok" (the factored
+orders of lokr_diffusion.kron_autograd; "tok" is linear-only, convs take "in" for it) or
+"rebuild" (form dW = kron(w1, w2), then one full linear/conv). All three must agree on the output and on the gradients w.r.t. the input and
 every factor, for linear layers, 1x1 and k x k convolutions (stride, padding), full and
 low-rank factors, in fp32 (and bf16 on CUDA when present).
 """
@@ -16,7 +16,8 @@ from lokr_diffusion import kron_autograd as ka
 from lokr_diffusion.algos import lokr
 from lokr_diffusion.kron import kron
 
-PATHS = ("in", "out", "rebuild")
+PATHS = ("in", "out", "tok", "rebuild")
+FACTORED = ("in", "out", "tok")
 
 
 def _adapter(base, settings, multiplier=0.7, alpha=None, seed=0):
@@ -56,7 +57,7 @@ def _assert_paths_agree(base, adapter, x, rel=2e-5):
     with torch.no_grad():
         g = torch.randn_like(base(x)).contiguous()
     ref = _run(base, adapter, x, g, "rebuild")
-    for path in ("in", "out"):
+    for path in FACTORED:
         got = _run(base, adapter, x, g, path)
         _close(got[0], ref[0], f"{path} output", rel)
         _close(got[1], ref[1], f"{path} input grad", rel)
@@ -85,15 +86,15 @@ def test_linear_paths_agree(cin, cout, s):
 
 
 CONV_CASES = [
-    pytest.param(dict(kernel_size=1), ModuleSettings(8, 8, factor=4, full_matrix=True), id="1x1-full"),
-    pytest.param(dict(kernel_size=1), ModuleSettings(2, 1, factor=-1), id="1x1-lowrank"),
-    pytest.param(dict(kernel_size=1, stride=2), ModuleSettings(8, 8, factor=4, full_matrix=True), id="1x1-stride2"),
-    pytest.param(dict(kernel_size=3, padding=1), ModuleSettings(8, 8, factor=8, full_matrix=True), id="3x3-full"),
-    pytest.param(dict(kernel_size=3, padding=1), ModuleSettings(2, 1, factor=-1), id="3x3-lowrank"),
-    pytest.param(dict(kernel_size=3, stride=2, padding=1), ModuleSettings(8, 8, factor=8, full_matrix=True),
+    pytest.param({"kernel_size": 1}, ModuleSettings(8, 8, factor=4, full_matrix=True), id="1x1-full"),
+    pytest.param({"kernel_size": 1}, ModuleSettings(2, 1, factor=-1), id="1x1-lowrank"),
+    pytest.param({"kernel_size": 1, "stride": 2}, ModuleSettings(8, 8, factor=4, full_matrix=True), id="1x1-stride2"),
+    pytest.param({"kernel_size": 3, "padding": 1}, ModuleSettings(8, 8, factor=8, full_matrix=True), id="3x3-full"),
+    pytest.param({"kernel_size": 3, "padding": 1}, ModuleSettings(2, 1, factor=-1), id="3x3-lowrank"),
+    pytest.param({"kernel_size": 3, "stride": 2, "padding": 1}, ModuleSettings(8, 8, factor=8, full_matrix=True),
                  id="3x3-stride2"),
-    pytest.param(dict(kernel_size=3), ModuleSettings(8, 8, factor=4, full_matrix=True), id="3x3-nopad"),
-    pytest.param(dict(kernel_size=3, padding=2, dilation=2), ModuleSettings(2, 1, factor=-1), id="3x3-dilated"),
+    pytest.param({"kernel_size": 3}, ModuleSettings(8, 8, factor=4, full_matrix=True), id="3x3-nopad"),
+    pytest.param({"kernel_size": 3, "padding": 2, "dilation": 2}, ModuleSettings(2, 1, factor=-1), id="3x3-dilated"),
 ]
 
 
@@ -137,7 +138,7 @@ def test_functions_match_explicit_kron_in_float64():
     x = torch.randn(7, 18, dtype=dt, requires_grad=True)
     g = torch.randn(7, 20, dtype=dt)
     ref = torch.autograd.grad(F.linear(x, kron(w1, w2)), (x, w1, w2), g)
-    for order in ("in", "out"):
+    for order in FACTORED:
         for keep in (False, True):
             y = ka._KronLinear.apply(x, w1, w2, order, keep)
             torch.testing.assert_close(y, F.linear(x, kron(w1, w2)), rtol=1e-10, atol=1e-10)
@@ -165,8 +166,8 @@ def test_inference_paths_agree_without_grad():
                 with lokr.force_path(path):
                     deltas[path] = adapter.delta(x)
             unfused = base(x)
-        _close(deltas["in"], deltas["rebuild"], "in")
-        _close(deltas["out"], deltas["rebuild"], "out")
+        for path in FACTORED:
+            _close(deltas[path], deltas["rebuild"], path)
         reference = F.linear(x, base.weight, base.bias) if isinstance(base, nn.Linear) else base._conv_forward(
             x, base.weight, base.bias)
         _close(unfused, reference + deltas["rebuild"], "unfused", 1e-5)
@@ -218,10 +219,9 @@ def test_path_choice_is_a_function_of_shapes_only():
     assert [lokr.plan(*a) for a in args] == first
     for a, p in zip(args, first):
         costs = lokr.path_costs(*a)
-        assert p == min(("in", "out", "rebuild"), key=costs.get) and p in PATHS
-    with pytest.raises(ValueError):
-        with lokr.force_path("sideways"):
-            pass
+        assert p == min(costs, key=costs.get) and p in PATHS
+    with pytest.raises(ValueError), lokr.force_path("sideways"):
+        pass
 
     seen = []
     real_linear, real_conv = lokr.kron_linear, lokr.kron_conv2d
@@ -290,7 +290,7 @@ def test_bf16_cuda_paths_agree(make_base, shape, s):
             y = base(xr)
         y.backward(g)
         res[path] = [y.float(), xr.grad.float()] + [p.grad.float() for p in adapter.parameters()]
-    for path in ("in", "out"):
+    for path in FACTORED:
         for got, ref in zip(res[path], res["rebuild"]):
             scale = ref.abs().max().clamp_min(1e-6)
             assert float((got - ref).abs().max() / scale) < 3e-2, path

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -88,19 +88,23 @@ def rank(t: dict[str, torch.Tensor]) -> int | None:
 
 # -- applying the update to activations --------------------------------------------------------
 #
-# Two ways to compute scale * conv/linear(x, kron(w1, w2)):
+# Ways to compute scale * linear/conv(x, kron(w1, w2)):
 #   "rebuild":  form dW (out x in [x k]) and run one full-size matmul/conv; backward pays a full
 #               weight gradient (another full-size product) plus one for the input.
-#   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd), order "in"
-#               (w1 on the input side first) or "out"; far fewer multiply-adds, but several
-#               passes over activation-sized tensors.
-# `plan` prices both with a three-term model, time = flops / F + bytes moved / B + kernels * O,
-# and picks the cheapest. The constants below are round figures measured on the reference
-# machines (bench/bench_speed.py --check-model prints the per-layer comparison).
+#   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd): far fewer
+#               multiply-adds, but several passes over activation-sized tensors. Orders:
+#               "in" (w1 mixes the input groups first), "out" (w2 first, w1 mixes the output
+#               groups), and for linear layers "tok" (token-major: no transposing copies, small
+#               batched products for the w1 mix).
+# `plan` prices them with a three-term model, time = flops / F + bytes moved / B + kernels * O,
+# and picks the cheapest. Element counts below are reads plus writes of activation-sized
+# tensors per token; operations that read or write the large side through a strided view are
+# counted 1.5 times. The constants are fitted to per-layer timings of the SD-shaped UNet in
+# bench/bench_speed.py (its "path choice against measurement" table re-checks them).
 
 COST_CONSTANTS = {  # device type -> (flop/s, bytes/s, seconds per kernel incl. Python dispatch)
-    "cpu": (1.6e11, 6.0e10, 8e-6),
-    "cuda": (4.0e14, 3.0e12, 6e-6),
+    "cpu": (1.3e11, 1.2e10, 4e-5),
+    "cuda": (3.0e14, 3.0e12, 8e-6),
 }
 
 
@@ -111,10 +115,10 @@ def _cost(flops: float, elems: float, kernels: int, esize: int, device_type: str
 
 def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1,
                training: bool = True, esize: int = 4, device_type: str = "cpu") -> dict[str, float]:
-    """Estimated seconds of each path for one layer: {"rebuild": .., "in": .., "out": ..}.
+    """Estimated seconds of each path for one layer: {"rebuild", "in", "out"[, "tok"]: seconds}.
 
     kind: "linear" or "conv" (NCHW). n_in / n_out: tokens (linear) or pixels times batch (conv)
-    at the input and the output; k: kernel size kh*kw. Elements count reads plus writes.
+    at the input and the output; k: kernel size kh*kw.
     """
     cin, cout = c * d, a * b
     w = cout * cin * k  # full kernel size
@@ -125,34 +129,44 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
         rebuild = _cost(2.0 * n_out * cout * cin * k, n_in * cin + n_out * cout + 2 * w, 4, esize, device_type)
     if kind == "linear":
         n = n_in
+        mix_in, mix_out = a * c * d, a * c * b  # multiply-adds per token of a w1 mix on each side
+        w2_in, w2_out = a * d * b, c * d * b  # ... of the w2 product after / before the mix
         if training:
-            fin = _cost(2.0 * n * (4 * a * c * d + 3 * a * b * d), n * (8 * cin + 7 * ad + 3 * cout), 10, esize, device_type)
-            fout = _cost(2.0 * n * (3 * a * c * b + 4 * c * d * b), n * (4 * cin + 7 * cb + 7 * cout), 10, esize, device_type)
+            # in:  regroup, mix, w2 (strided out) | mix again, w2 grad, input-side grad, w1 grad, mix, copy back
+            fin = _cost(2.0 * n * (4 * mix_in + 3 * w2_in), n * (8 * cin + 7 * ad + 4.5 * cout), 10, esize, device_type)
+            # out: w2 (strided in), mix, copy | copy, mix, w2 again, w1 grad, w2 grad, input grad (strided)
+            fout = _cost(2.0 * n * (3 * mix_out + 4 * w2_out), n * (6 * cin + 7 * cb + 7 * cout), 10, esize, device_type)
+            # tok: flat w2 products, no copies, but the batched small mixes run far below memory
+            # speed (fitted: they win only where per-kernel overhead dominates, few tokens)
+            ftok = _cost(2.0 * n * (4 * mix_in + 3 * w2_in), n * (8 * cin + 14 * ad + 4 * cout), 8, esize, device_type)
         else:
-            fin = _cost(2.0 * n * (a * c * d + a * d * b), n * (3 * cin + 2 * ad + cout), 4, esize, device_type)
-            fout = _cost(2.0 * n * (c * d * b + a * c * b), n * (cin + 2 * cb + 3 * cout), 4, esize, device_type)
+            fin = _cost(2.0 * n * (mix_in + w2_in), n * (3 * cin + 2 * ad + 1.5 * cout), 3, esize, device_type)
+            fout = _cost(2.0 * n * (w2_out + mix_out), n * (1.5 * cin + 2 * cb + 3 * cout), 3, esize, device_type)
+            ftok = _cost(2.0 * n * (mix_in + w2_in), n * (2 * cin + 3 * ad + cout), 2, esize, device_type)
+        return {"rebuild": rebuild, "in": fin, "out": fout, "tok": ftok}
+    conv_in = 2.0 * n_out * a * b * d * k  # w2's convolution over the a mixed groups
+    conv_out = 2.0 * n_out * c * b * d * k  # ... over the c input groups
+    if training:
+        # "in": mix, conv | recompute mix, conv backward (2 convs), w1 grad, input mix
+        fin = _cost(3 * conv_in + 2.0 * n_in * 4 * a * c * d,
+                    n_in * (4 * cin + 6 * ad) + n_out * 3 * cout, 10, esize, device_type)
+        # "out": conv, mix | w1 grad (a 1x1 conv's t is recomputed, a k x k one is kept), output
+        # mix, conv backward
+        redo = n_in * cin + n_out * cb if k == 1 else 0
+        fout = _cost(3 * conv_out + 2.0 * n_out * 3 * a * c * b,
+                     n_in * 3 * cin + n_out * (7 * cb + 4 * cout) + redo, 10, esize, device_type)
     else:
-        conv_in = 2.0 * n_out * a * b * d * k  # w2's convolution over the a mixed groups
-        conv_out = 2.0 * n_out * c * b * d * k  # ... over the c input groups
-        if training:
-            # "in": mix, conv | recompute mix, conv backward (2 convs), w1 grad, input mix
-            fin = _cost(3 * conv_in + 2.0 * n_in * 4 * a * c * d,
-                        n_in * (4 * cin + 6 * ad) + n_out * 3 * cout, 10, esize, device_type)
-            # "out": conv, mix | w1 grad, output mix, conv backward (T is kept for k x k)
-            fout = _cost(3 * conv_out + 2.0 * n_out * 3 * a * c * b,
-                         n_in * 3 * cin + n_out * (7 * cb + 4 * cout), 10, esize, device_type)
-        else:
-            fin = _cost(conv_in + 2.0 * n_in * a * c * d, n_in * (cin + 2 * ad) + n_out * cout, 3, esize, device_type)
-            fout = _cost(conv_out + 2.0 * n_out * a * c * b, n_in * cin + n_out * (2 * cb + cout), 3, esize, device_type)
+        fin = _cost(conv_in + 2.0 * n_in * a * c * d, n_in * (cin + 2 * ad) + n_out * cout, 3, esize, device_type)
+        fout = _cost(conv_out + 2.0 * n_out * a * c * b, n_in * cin + n_out * (2 * cb + cout), 3, esize, device_type)
     return {"rebuild": rebuild, "in": fin, "out": fout}
 
 
 @functools.lru_cache(maxsize=4096)
 def plan(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1, training: bool = True,
          esize: int = 4, device_type: str = "cpu") -> str:
-    """"rebuild", "in" or "out": the cheapest path by `path_costs`. A pure function of shapes."""
+    """"rebuild", "in", "out" or "tok": the cheapest path by `path_costs`. A pure function of shapes."""
     costs = path_costs(kind, n_in, n_out, a, b, c, d, k, training, esize, device_type)
-    return min(("in", "out", "rebuild"), key=lambda p: costs[p])
+    return min(costs, key=costs.get)
 
 
 _forced_path: str | None = None
@@ -160,13 +174,13 @@ _forced_path: str | None = None
 
 @contextlib.contextmanager
 def force_path(path: str | None) -> Iterator[None]:
-    """Make every LoKr layer take `path` ("in", "out" or "rebuild") instead of `plan`'s choice.
+    """Make every LoKr layer take `path` ("in", "out", "tok" or "rebuild") instead of `plan`'s choice.
 
     For benchmarks and tests that compare the paths; None restores the cost model.
     """
     global _forced_path
-    if path not in (None, "in", "out", "rebuild"):
-        raise ValueError(f"force_path: expected 'in', 'out', 'rebuild' or None, got {path!r}")
+    if path not in (None, "in", "out", "tok", "rebuild"):
+        raise ValueError(f"force_path: expected 'in', 'out', 'tok', 'rebuild' or None, got {path!r}")
     previous, _forced_path = _forced_path, path
     try:
         yield
@@ -193,19 +207,23 @@ def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module,
     `scale` (multiplier * alpha / r), when given, is folded into w1 rather than applied to the
     output, which saves a full pass over the activations; the result is then already scaled.
     """
-    weight_shape = tuple(base.weight.shape)
-    out_dim, in_dim, kernel = weight_dims(weight_shape)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # run in the autocast dtype, with autocast off inside
+        cdtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return forward(x.to(cdtype), {name: v.to(cdtype) for name, v in t.items()}, base, scale)
+    out_dim, in_dim, kernel = weight_dims(base.weight.shape)
     w1 = make_w1(t)
     a, c = w1.shape
     if out_dim % a or in_dim % c:
         return None
     b, d = out_dim // a, in_dim // c
     is_conv = isinstance(base, nn.Conv2d)
+    k = 1
     if is_conv:
         if (base.groups != 1 or isinstance(base.padding, str) or base.padding_mode != "zeros"
                 or x.dim() != 4):
             return None
-        k = 1
         for size in kernel:
             k *= size
         n, _, h, w = x.shape
@@ -214,22 +232,21 @@ def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module,
         wo = (w + 2 * pw - dw * (kernel[1] - 1) - 1) // sw + 1
         n_in, n_out = n * h * w, n * ho * wo
     else:
-        k = 1
         n_in = n_out = x.numel() // in_dim
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):  # run in the autocast dtype, with autocast off inside
-        cdtype = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
-            return forward(x.to(cdtype), {n: v.to(cdtype) for n, v in t.items()}, base, scale)
     training = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in t.values()))
     order = _forced_path or plan("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
-                                 x.element_size(), x.device.type)
+                                 x.element_size(), dev)
     if order == "rebuild":
         return None
-    w1 = w1.to(x.dtype)
-    if scale is not None and not (isinstance(scale, float) and scale == 1.0):
+    if is_conv and order == "tok":  # the token-major order exists for linear layers only
+        order = "in"
+    if w1.dtype != x.dtype:
+        w1 = w1.to(x.dtype)
+    if scale is not None and not (isinstance(scale, (int, float)) and scale == 1):
         w1 = w1 * scale
-    w2 = make_w2(t, b, d, kernel).to(x.dtype)
+    w2 = make_w2(t, b, d, kernel)
+    if w2.dtype != x.dtype:
+        w2 = w2.to(x.dtype)
     if is_conv:
         return kron_conv2d(x, w1, w2, base.stride, base.padding, base.dilation, order)
     return kron_linear(x, w1, w2, order)
