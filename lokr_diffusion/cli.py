@@ -232,6 +232,21 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _emit(result, args.json, format_extract)
     return 0
 
+
+def _toy_args(p: argparse.ArgumentParser) -> None:
+    from .toy.cli import add_arguments
+
+    add_arguments(p)
+
+
+@command("toy", _toy_args)
+def _cmd_toy(args: argparse.Namespace) -> int:
+    """The toy model: pretrain it, score an adapter on it, compare LoRA/LoHa/LoKr on it."""
+    from .toy.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lokr-diffusion",

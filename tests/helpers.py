@@ -1,7 +1,9 @@
 """Small helpers the tests share."""
 from pathlib import Path
 
+import numpy as np
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 
@@ -15,3 +17,18 @@ def load_components(path: Path):
     for m in [unet, *tes]:
         m.requires_grad_(False).eval()
     return unet, tes
+
+
+def assert_same_files(made: Path, committed: Path) -> None:
+    """A generated folder equals the committed one: same names, same caption bytes, same pixels
+    (compared decoded, so a PNG encoder change alone does not fail it)."""
+    names = sorted(p.name for p in Path(committed).iterdir())
+    assert sorted(p.name for p in Path(made).iterdir()) == names
+    for name in names:
+        ours, theirs = Path(made) / name, Path(committed) / name
+        if name.endswith(".txt"):
+            assert ours.read_bytes() == theirs.read_bytes(), name
+        else:
+            with Image.open(ours) as a, Image.open(theirs) as b:
+                assert a.mode == b.mode == "RGB" and a.size == b.size, name
+                assert np.array_equal(np.asarray(a), np.asarray(b)), name

@@ -1,10 +1,11 @@
 """The committed example dataset is exactly what the generator makes."""
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from lokr_diffusion.data import make_example_dataset
+
+from .helpers import assert_same_files
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "example_dataset"
 
@@ -12,16 +13,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "example_dataset"
 def test_generator_reproduces_the_committed_files(tmp_path):
     made = make_example_dataset(tmp_path, n=20, seed=0)
     assert len(made) == 20
-    committed = sorted(p.name for p in ASSETS.iterdir())
-    assert sorted(p.name for p in tmp_path.iterdir()) == committed
-    for name in committed:
-        ours, theirs = tmp_path / name, ASSETS / name
-        if name.endswith(".txt"):
-            assert ours.read_bytes() == theirs.read_bytes(), name
-        else:
-            with Image.open(ours) as a, Image.open(theirs) as b:
-                assert a.mode == b.mode == "RGB" and a.size == b.size, name
-                assert np.array_equal(np.asarray(a), np.asarray(b)), name
+    assert_same_files(tmp_path, ASSETS)
 
 
 def test_example_dataset_is_small_and_varied():
