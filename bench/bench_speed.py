@@ -621,6 +621,26 @@ def closing_notes(results: dict) -> list[str]:
     return out
 
 
+def _bar_panel(ax, scens: list[dict], kind: str, names: list[str], colors: dict, target: float, ylabel: str,
+               title: str) -> None:
+    """One chart panel: per scenario, a bar per configuration of its ratio to the floor."""
+    width = 0.8 / len(names)
+    for i, impl in enumerate(names):
+        vals = [s[kind].get(impl, {}).get("x_floor", float("nan")) for s in scens]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(scens))]
+        bars = ax.bar(xs, vals, width, label=impl, color=colors.get(impl, "#444444"))
+        for b, v in zip(bars, vals):
+            if v == v:
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(target, color="#d62728", ls="--", lw=0.8)
+    ax.set_xticks(range(len(scens)))
+    ax.set_xticklabels([s["title"].replace(", ", "\n", 1) for s in scens], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.set_ylim(0.9, None)
+
+
 def write_chart(results: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -635,39 +655,10 @@ def write_chart(results: dict, path: Path) -> str | None:
               "ours (unfused)": "#d62728", "ours (fused)": "#ff9896"}
     for row, (name, suite) in enumerate(suites):
         scens = list(suite["scenarios"].values())
-        ax = axes[row][0]
-        width = 0.8 / len(S.IMPLS)
-        for i, impl in enumerate(S.IMPLS):
-            vals = [s["train"].get(impl, {}).get("x_floor", float("nan")) for s in scens]
-            xs = [j + (i - (len(S.IMPLS) - 1) / 2) * width for j in range(len(scens))]
-            bars = ax.bar(xs, vals, width, label=impl, color=colors[impl])
-            for b, v in zip(bars, vals):
-                if v == v:
-                    ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.15, color="#d62728", ls="--", lw=0.8)
-        ax.set_xticks(range(len(scens)))
-        ax.set_xticklabels([s["title"].replace(", ", "\n", 1) for s in scens], fontsize=8)
-        ax.set_ylabel("training step / frozen floor")
-        ax.set_title(f"{name.upper()}: training step (median of paired rounds)")
-        ax.legend(fontsize=7)
-        ax.set_ylim(0.9, None)
-        ax = axes[row][1]
-        inames = list(scens[0]["infer"])
-        width = 0.8 / len(inames)
-        for i, impl in enumerate(inames):
-            vals = [s["infer"].get(impl, {}).get("x_floor", float("nan")) for s in scens]
-            xs = [j + (i - (len(inames) - 1) / 2) * width for j in range(len(scens))]
-            bars = ax.bar(xs, vals, width, label=impl, color=colors.get(impl, "#444444"))
-            for b, v in zip(bars, vals):
-                if v == v:
-                    ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.05, color="#d62728", ls="--", lw=0.8)
-        ax.set_xticks(range(len(scens)))
-        ax.set_xticklabels([s["title"].replace(", ", "\n", 1) for s in scens], fontsize=8)
-        ax.set_ylabel("forward (no grad) / frozen floor")
-        ax.set_title(f"{name.upper()}: inference")
-        ax.legend(fontsize=7)
-        ax.set_ylim(0.9, None)
+        _bar_panel(axes[row][0], scens, "train", list(S.IMPLS), colors, 1.15, "training step / frozen floor",
+                   f"{name.upper()}: training step (median of paired rounds)")
+        _bar_panel(axes[row][1], scens, "infer", list(scens[0]["infer"]), colors, 1.05,
+                   "forward (no grad) / frozen floor", f"{name.upper()}: inference")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
