@@ -31,16 +31,17 @@ def test_toy_model_is_a_small_sd1_pipeline(toy_pipe):
 
 
 def test_toy_model_draws_the_prompt(toy_pipe):
-    """Eight fixed prompts and seeds: the base model must get most shapes and colours right."""
+    """Eight fixed prompts and seeds: the base model must get most shapes, colours and places right."""
     scenes = ev.plain_prompts(8)
     images = ev.generate(toy_pipe, [s.caption for s in scenes], list(range(8)))
     assert all(im.size == (64, 64) for im in images)
     fid = ev.fidelity(scorer.read_images(images), scenes)
-    assert fid["colour"] >= 0.75 and fid["background"] >= 0.75 and fid["shape"] >= 0.5, fid
+    assert min(fid["shape"], fid["colour"], fid["background"], fid["position"]) >= 0.75, fid
 
 
-def test_quickstart_fine_tune_runs_end_to_end(toy_pipe, tmp_path):
-    """Three steps of the real quickstart config, then the score command on two samples."""
+def test_quickstart_fine_tune_runs_end_to_end(toy_pipe, tmp_path, capsys):
+    """Three steps of the real quickstart config, then the score command on two samples.
+    The toy model's zero-terminal-SNR schedule is taken from its scheduler config, not the TOML."""
     from lokr_diffusion.cli import main as cli_main
     from lokr_diffusion.training.config import load_config
     from lokr_diffusion.training.loop import train
@@ -54,6 +55,7 @@ def test_quickstart_fine_tune_runs_end_to_end(toy_pipe, tmp_path):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert adapter.is_file() and adapter.name == "quickstart_lokr.safetensors"
+    assert "prediction v_prediction, zero terminal SNR," in capsys.readouterr().out
     code = cli_main(["toy", "score", "--adapter", str(adapter), "-n", "2", "--grids", str(tmp_path / "grids"),
                      "--json", str(tmp_path / "scores.json")])
     assert code in (0, 1)  # 3 steps teach nothing; the command must still run and report

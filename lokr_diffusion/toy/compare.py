@@ -161,12 +161,14 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
 
     cfg = load_config(config, list(sets))
     t = cfg.train
-    probe = create_network(cfg.network.adapter_config(), unet=pipe.unet)  # the layer selection, reused
+    text_encoders = [pipe.text_encoder] if cfg.network.train_text_encoder else []
+    probe = create_network(cfg.network.adapter_config(), unet=pipe.unet, text_encoders=text_encoders)  # the layers
     targets = [(probe.paths[a.key], a.base) for a in probe.adapters()]
     probe.remove()
     unet, text_encoder = pipe.unet, pipe.text_encoder
     originals = [m.weight.detach().clone() for _, m in targets]
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's schedule and prediction type
+    prediction = noise_scheduler.config.prediction_type
     dataset = build_dataset(dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir), batch_size=t.batch_size,
                             seed=t.seed, tokenizers=[pipe.tokenizer], report=None)
     encoder = VaeLatentEncoder(pipe.vae)
@@ -185,14 +187,14 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
         loader.set_epoch(epoch)
         for batch in loader:
             latents = batch["latents"].float()
-            with torch.no_grad():
+            with torch.set_grad_enabled(bool(text_encoders)):
                 embeds = text_encoder(tokenize([pipe.tokenizer], batch["captions"])[0])[0]
             noise = make_noise(latents, t.noise_offset)
             ts = sample_timesteps(len(latents), t.min_timestep, t.max_timestep or 1000, latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, ts)
-            target = target_for(noise_scheduler, latents, noise, ts, "epsilon")
+            target = target_for(noise_scheduler, latents, noise, ts, prediction)
             pred = unet(noisy, ts, encoder_hidden_states=embeds).sample
-            loss = diffusion_loss(pred, target, ts, noise_scheduler, "epsilon", t.min_snr_gamma)
+            loss = diffusion_loss(pred, target, ts, noise_scheduler, prediction, t.min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -395,7 +397,8 @@ def render_markdown(rows: list[Row], base: Evaluation, sweep: list[dict[str, Any
         "`assets/toy/concept`. Only the `[network]` keys differ; everything else is",
         f"`train_configs/quickstart.toml`: {t.get('max_steps')} steps, batch {t.get('batch_size')}, "
         f"{t.get('optimizer', 'adamw')} at learning rate {t.get('learning_rate')} ({t.get('lr_scheduler', 'constant')}), "
-        f"seed {t.get('seed')}, preset `{cfg['network'].get('preset', 'attn-mlp')}` (UNet only).{changed}",
+        f"seed {t.get('seed')}, preset `{cfg['network'].get('preset', 'attn-mlp')}` "
+        f"({'UNet and text encoder' if eff.network.train_text_encoder else 'UNet only'}).{changed}",
         "",
         f"Scores ({n} samples each, {SAMPLE_STEPS} DPM-Solver++ steps, guidance {GUIDANCE}; the scorer and the",
         "metrics are described in the README's quickstart section and in `lokr_diffusion/toy/evaluate.py`):",
@@ -406,10 +409,8 @@ def render_markdown(rows: list[Row], base: Evaluation, sweep: list[dict[str, Any
         f"* **leak**: the same for prompts without the trigger (\"a red circle on ...\"); pass <= "
         f"{THRESHOLDS['concept_without_trigger']}.",
         "* **preservation**: share of no-trigger samples (same prompts and seeds) where the adapted model draws",
-        f"  what the base model drew (same shape, colour and background); pass >= {THRESHOLDS['preservation']}.",
-        "  Position is not compared: the base model does not follow the position words (it places shapes",
-        "  at the captioned place about as often as chance). *pixel dist.* is the mean absolute difference",
-        "  to the base samples (0..1).",
+        f"  what the base model drew (same shape, colour, background and position); pass >= {THRESHOLDS['preservation']}.",
+        "  *pixel dist.* is the mean absolute difference to the base samples (0..1).",
         "* **rank**: measured rank of each trained dW divided by min(out, in), averaged over layers: how much",
         "  of a layer the update can reach (1.0 = full rank).",
         "* **step time**: seconds per optimizer step reported by the trainer (includes data loading and the",

@@ -8,13 +8,9 @@ The proof has three numbers, each with a threshold fixed in advance (`THRESHOLDS
 * concept rate without the trigger: the same for ordinary prompts ("a red circle on ...").
   Must stay at most 0.1 ("rarely"): an adapter that draws crosses everywhere fails.
 * preservation: for ordinary prompts and identical seeds, the share of samples where the
-  adapted model draws what the base model drew: the same shape, colour and background by the
-  scorer. Must be at least 0.8. Position is left out of this test on purpose: the base model
-  does not follow the position words (its samples land at the captioned place about as often
-  as chance, 1 in 5, so the place is set by the starting noise, not the caption), and a shape
-  sitting on the boundary between two of the five places flips the scorer's position reading
-  when it moves by a pixel. Position agreement is reported beside it, with the mean absolute
-  pixel difference to the base samples (0 = identical images, 1 = black vs white everywhere).
+  adapted model draws what the base model drew: the same shape, colour, background and
+  position by the scorer. Must be at least 0.8. The mean absolute pixel difference to the base
+  samples is reported beside it (0 = identical images, 1 = black vs white everywhere).
 
 Prompts and seeds are fixed, so the numbers are reproducible for a given adapter file.
 """
@@ -82,7 +78,7 @@ def trigger_distances(pipe, trigger: str = gen.TRIGGER) -> dict[str, float]:
     return out
 
 
-PRESERVED = ("shape", "colour", "background")  # what `preservation` compares (see the module docstring)
+PRESERVED = ("shape", "colour", "background", "position")  # what `preservation` compares
 
 
 def _same(a: Reading, b: Reading, keys: Sequence[str] = PRESERVED) -> bool:
@@ -91,7 +87,7 @@ def _same(a: Reading, b: Reading, keys: Sequence[str] = PRESERVED) -> bool:
 
 def fidelity(readings: Sequence[Reading], scenes: Sequence[gen.Scene]) -> dict[str, float]:
     """How often each attribute the prompt asked for is what the scorer read."""
-    keys = ("shape", "colour", "background", "position")
+    keys = PRESERVED
     out = {k: float(np.mean([getattr(r, k) == getattr(s, k) for r, s in zip(readings, scenes)])) for k in keys}
     out["all"] = float(np.mean([all(getattr(r, k) == getattr(s, k) for k in keys) for r, s in zip(readings, scenes)]))
     return out
@@ -106,7 +102,6 @@ class Evaluation:
     concept_without_trigger: float
     preservation: float
     pixel_distance: float  # mean |adapted - base| over plain prompts, in [0, 1]
-    position_agreement: float  # share of plain samples whose position reading is the base sample's
     base_fidelity: dict[str, float]
     adapted_fidelity_trigger: dict[str, float]
     passed: dict[str, bool] = field(default_factory=dict)
@@ -139,9 +134,8 @@ class Evaluation:
                  f">= {t['concept_with_trigger']}", "concept_with_trigger"),
             line("concept rate, without trigger", self.concept_without_trigger_before, self.concept_without_trigger,
                  f"<= {t['concept_without_trigger']}", "concept_without_trigger"),
-            line("preservation (same shape+colours)", None, self.preservation, f">= {t['preservation']}", "preservation"),
-            f"  mean pixel distance to base (no trigger): {self.pixel_distance:.3f}; "
-            f"same position reading: {self.position_agreement:.2f}",
+            line("preservation (same reading)", None, self.preservation, f">= {t['preservation']}", "preservation"),
+            f"  mean pixel distance to base (no trigger): {self.pixel_distance:.3f}",
             "  base model draws the prompt: " + ", ".join(f"{k} {v:.2f}" for k, v in self.base_fidelity.items()),
             "  adapted, trigger prompts:    " + ", ".join(f"{k} {v:.2f}" for k, v in self.adapted_fidelity_trigger.items()
                                                           if k != "shape"),
@@ -229,7 +223,6 @@ def score_samples(s: Samples) -> Evaluation:
         concept_without_trigger_before=concept_rate(bp), concept_without_trigger=concept_rate(ap),
         preservation=float(np.mean([_same(a, b) for a, b in zip(ap, bp)])),
         pixel_distance=pixels,
-        position_agreement=float(np.mean([_same(a, b, ("position",)) for a, b in zip(ap, bp)])),
         base_fidelity=fidelity(bp, s.plain),
         adapted_fidelity_trigger=fidelity(at, s.trigger),
     )

@@ -10,23 +10,23 @@ Two stages, both full-parameter training with AdamW:
 1. the VAE as an autoencoder (L1 reconstruction plus a tiny KL term) on random crops of the
    840 base images (it is fully convolutional, and crops cost a quarter of whole images);
 2. the UNet and CLIP text encoder jointly on the cached latents with the trainer's own
-   denoising objective (`lokr_diffusion.training.loss`: epsilon target, min-SNR weighting),
-   10% empty captions so classifier-free guidance works, and an EMA of the weights. Offset
-   noise matters here: with SD's schedule the last timestep keeps ~7% of the signal, and in a
-   16 x 16 latent the image mean (the background colour) then shows through the noise, so
-   without it the model learns to take the background from the noise instead of the caption.
+   denoising objective (`lokr_diffusion.training.loss`: v-prediction on a zero-terminal-SNR
+   schedule, see `model.build_scheduler`), 10% empty captions so classifier-free guidance
+   works, and an EMA of the weights. The loss is the plain v-prediction MSE: min-SNR weighting
+   would give the noisiest timesteps, where only the caption says what to draw, almost no weight.
 
-Determinism: all randomness comes from one seed (each stage re-seeds with it), and training runs on one thread, where every
-CPU kernel sums in a fixed order, so the same torch version writes byte-identical files (a test
-checks a short run). `torch.use_deterministic_algorithms` is not switched on: on the CPU it only
-swaps in slower kernels (about 2x here) for a guarantee one thread already gives. More threads
-are faster on an idle machine but may change the last bits.
+Determinism: all randomness comes from one seed (each stage re-seeds with it), and training
+runs on one thread, where every CPU kernel sums in a fixed order, so the same torch version
+writes byte-identical files (a test checks a short run). `torch.use_deterministic_algorithms`
+is not switched on: on the CPU it only swaps in slower kernels (about 2x here) for a guarantee
+one thread already gives. More threads are faster on an idle machine but may change the last
+bits.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +35,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from ..models import _tokenizer_files, write_tiny_tokenizer
+from ..tools.outputs import atomic_folder
 from . import generator as gen
 from .model import build_scheduler, build_text_encoder, build_unet, build_vae
 
@@ -52,14 +54,14 @@ class PretrainSettings:
     vae_crop: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 1500
+    unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 2e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
-    min_snr_gamma: float = 5.0
-    noise_offset: float = 0.1
+    min_snr_gamma: float | None = None  # min-SNR weights the high-noise steps, where the caption sets the layout, near 0
+    noise_offset: float = 0.0
     log_every: int = 100
 
 
@@ -69,18 +71,11 @@ def _images(scenes: list[gen.Scene]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def _lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warmup then cosine decay to 0, as a multiplier."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_vae(images: torch.Tensor, s: PretrainSettings, log: Callable[[str], None]):
     vae = build_vae()
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_at(i, s.vae_steps, s.warmup_steps))
+    sched = get_cosine_schedule_with_warmup(opt, s.warmup_steps, s.vae_steps)
     n, _, size, _ = images.shape
     start = time.perf_counter()
     for step in range(s.vae_steps):
@@ -118,13 +113,14 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, s: Pretrai
     from ..training.loss import diffusion_loss, make_noise, sample_timesteps, target_for
 
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
-    noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
+    noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)  # keeps zero SNR and v-prediction
+    prediction = noise_scheduler.config.prediction_type
     ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     empty = len(captions)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_at(i, s.unet_steps, s.warmup_steps))
+    sched = get_cosine_schedule_with_warmup(opt, s.warmup_steps, s.unet_steps)
     ema_unet = EMAModel(unet.parameters(), decay=s.ema_decay)
     ema_text = EMAModel(text_encoder.parameters(), decay=s.ema_decay)
     unet.train()
@@ -139,10 +135,10 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, s: Pretrai
         noise = make_noise(x0, s.noise_offset)
         t = sample_timesteps(len(x0), 0, noise_scheduler.config.num_train_timesteps, x0.device)
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        target = target_for(noise_scheduler, x0, noise, t, "epsilon")
+        target = target_for(noise_scheduler, x0, noise, t, prediction)
         cond = text_encoder(batch_ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = diffusion_loss(pred, target, t, noise_scheduler, "epsilon", s.min_snr_gamma)
+        loss = diffusion_loss(pred, target, t, noise_scheduler, prediction, s.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -190,8 +186,6 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings | None = None,
     import transformers
 
     s = settings or PretrainSettings()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scenes = scenes if scenes is not None else gen.base_scenes()
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
@@ -205,17 +199,19 @@ def pretrain(out_dir: str | Path, settings: PretrainSettings | None = None,
             latents = encode_latents(vae, images)
             scale = float(1.0 / latents.std())
             vae.register_to_config(scaling_factor=scale)
-            tok_dir = write_tiny_tokenizer(out / "tokenizer")
-            tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
+            with tempfile.TemporaryDirectory() as tok_tmp:
+                tokenizer = transformers.CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tok_tmp)))
             torch.manual_seed(s.seed)  # each stage starts from the seed, independent of the other's draws
             unet, text_encoder = train_unet(latents * scale, [sc.caption for sc in scenes], tokenizer, s, log)
     finally:
         torch.set_num_threads(threads)
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    save_pipeline(out, vae, text_encoder, tokenizer, unet)
     record = {"settings": asdict(s), "images": len(scenes), "latent_scaling_factor": scale,
               "seconds": {"vae": round(vae_seconds, 1), "total": round(total, 1), "cpu": round(cpu, 1)},
               "torch": torch.__version__}
-    (out / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with atomic_folder(out_dir, overwrite=True) as tmp:  # an interrupted save keeps the old model whole
+        save_pipeline(tmp, vae, text_encoder, tokenizer, unet)
+        (tmp / "toy_pretrain.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    out = Path(out_dir)
     log(f"pretrained in {total:.0f}s wall, {cpu:.0f}s CPU (vae {vae_seconds:.0f}s wall); wrote {out}")
     return out

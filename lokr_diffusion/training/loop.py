@@ -121,12 +121,14 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if t_cfg.zero_terminal_snr and prediction_type != "v_prediction":
+    # a model pretrained on a zero-terminal-SNR schedule says so in its scheduler config; fine-tune it on the same
+    zero_snr = t_cfg.zero_terminal_snr or bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
+    if zero_snr and prediction_type != "v_prediction":
         raise ConfigError("train.zero_terminal_snr needs v-prediction (model.prediction_type = 'v_prediction')")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type,
-                                                rescale_betas_zero_snr=t_cfg.zero_terminal_snr)
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, rescale_betas_zero_snr=t_cfg.zero_terminal_snr) \
-        if t_cfg.zero_terminal_snr else pipe.scheduler
+                                                rescale_betas_zero_snr=zero_snr)
+    if zero_snr:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, rescale_betas_zero_snr=True)
     max_t = t_cfg.max_timestep or noise_scheduler.config.num_train_timesteps
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t_cfg.mixed_precision]
     for m in (unet, vae, *text_encoders):
@@ -212,7 +214,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         resolved = json.dumps(cfg.to_dict(), indent=2, default=str)
         atomic_write_bytes(output_dir / "config.json", resolved.encode())
         print(f"config:\n{resolved}")
-        print(f"family {family}, prediction {prediction_type}, {len(network.module_keys())} modules, "
+        print(f"family {family}, prediction {prediction_type}{', zero terminal SNR' if zero_snr else ''}, "
+              f"{len(network.module_keys())} modules, "
               f"{network.num_parameters():,} trainable parameters, {max_steps} steps "
               f"({steps_per_epoch} per epoch, {accelerator.num_processes} process(es))")
     if cfg.logging.tensorboard:
