@@ -13,12 +13,6 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*.safetensors"))}
 
 
-def pipe_config_prediction(folder: Path) -> str:
-    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    assert cfg["rescale_betas_zero_snr"] and cfg["timestep_spacing"] == "trailing"
-    return cfg["prediction_type"]
-
-
 def test_short_pretrain_is_bit_for_bit_reproducible(tmp_path):
     settings = PretrainSettings(vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup_steps=1, log_every=1)
     scenes = gen.base_scenes()[::105]  # 8 scenes
@@ -29,7 +23,9 @@ def test_short_pretrain_is_bit_for_bit_reproducible(tmp_path):
     assert _digest(a) == _digest(b) and len(_digest(a)) == 3
     assert not (b / "stale.txt").exists()  # the folder is replaced whole, not written into
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
-    assert pipe_config_prediction(a) == "v_prediction"
+    scheduler = json.loads((a / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] and scheduler["timestep_spacing"] == "trailing"
+    assert scheduler["prediction_type"] == "v_prediction"
     pipe = load_pipeline(str(a))
     assert pipe.vae.config.scaling_factor > 0
     image = pipe("a red circle on a blue background, center", num_inference_steps=2, height=64, width=64).images[0]

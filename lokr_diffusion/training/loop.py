@@ -122,12 +122,13 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     # a model pretrained on a zero-terminal-SNR schedule says so in its scheduler config; fine-tune it on the same
-    zero_snr = t_cfg.zero_terminal_snr or bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
+    model_zero_snr = bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
+    zero_snr = t_cfg.zero_terminal_snr or model_zero_snr
     if zero_snr and prediction_type != "v_prediction":
         raise ConfigError("train.zero_terminal_snr needs v-prediction (model.prediction_type = 'v_prediction')")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type,
                                                 rescale_betas_zero_snr=zero_snr)
-    if zero_snr:
+    if zero_snr and not model_zero_snr:  # the sampling scheduler must match what training switched on
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, rescale_betas_zero_snr=True)
     max_t = t_cfg.max_timestep or noise_scheduler.config.num_train_timesteps
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t_cfg.mixed_precision]
