@@ -187,11 +187,30 @@ def _raw(**over):
     ({"sample": {"every_steps": 5}}, "sample.prompts is empty"),
     ({"output": {"save_dtype": "int8"}}, "output.save_dtype"),
     ({"model": {"pretrained_model": ""}}, "model.pretrained_model: required"),
+    ({"train": {"prior_loss_weight": 0.0}}, "train.prior_loss_weight: must be positive"),
 ])
 def test_config_errors_name_the_key(over, needle):
     with pytest.raises(ConfigError) as info:
         config_from_dict(_raw(**over))
     assert needle in str(info.value)
+
+
+def test_prior_loss_weight_scales_each_regularisation_sample():
+    from diffusers import DDPMScheduler
+
+    from lokr_diffusion.training.loss import diffusion_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 200, 500, 900])
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    weights = torch.tensor([1.0, 1.0, 3.0, 3.0])  # two training images, two reg images at weight 3
+    scheduler = DDPMScheduler()
+    plain = diffusion_loss(pred, target, timesteps, scheduler, "epsilon")
+    weighted = diffusion_loss(pred, target, timesteps, scheduler, "epsilon", sample_weights=weights)
+    torch.testing.assert_close(plain, per_sample.mean())
+    torch.testing.assert_close(weighted, (per_sample * weights).mean())
+    assert weighted > plain
 
 
 def test_overrides_and_cli_errors(tmp_path, capsys):

@@ -75,6 +75,7 @@ class TrainSection:
     min_timestep: int = 0
     max_timestep: int | None = None
     ema_decay: float | None = None
+    prior_loss_weight: float = 1.0  # loss weight of regularisation (is_reg) images
     xformers: bool = False
     resume: str | None = None  # "latest" or a checkpoint folder
     max_nonfinite_steps: int = 10
@@ -96,6 +97,8 @@ class TrainSection:
                 raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")
         if self.max_timestep is not None and not self.min_timestep < self.max_timestep <= 1000:
             raise ConfigError(f"train.max_timestep: must be in ({self.min_timestep}, 1000], got {self.max_timestep}")
+        if not self.prior_loss_weight > 0:
+            raise ConfigError(f"train.prior_loss_weight: must be positive, got {self.prior_loss_weight}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ConfigError(f"train.min_snr_gamma: must be positive, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

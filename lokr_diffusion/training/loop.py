@@ -288,7 +288,11 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
                     target = target_for(noise_scheduler, latents, noise, timesteps, prediction_type)
                 add_time_ids = sdxl_add_time_ids(batch).float() if sdxl else None
                 pred = model(noisy, timesteps, batch, add_time_ids)
-                loss = diffusion_loss(pred, target, timesteps, noise_scheduler, prediction_type, t_cfg.min_snr_gamma)
+                weights = None
+                if t_cfg.prior_loss_weight != 1.0:
+                    weights = torch.where(batch["is_reg"], t_cfg.prior_loss_weight, 1.0)
+                loss = diffusion_loss(pred, target, timesteps, noise_scheduler, prediction_type, t_cfg.min_snr_gamma,
+                                      weights)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)

@@ -30,14 +30,18 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
 
 
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                   prediction_type: str, min_snr_gamma: float | None = None) -> torch.Tensor:
+                   prediction_type: str, min_snr_gamma: float | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32; with min_snr_gamma, each sample weighted by
     min(SNR, gamma) / SNR (epsilon) or min(SNR, gamma) / (SNR + 1) (v-prediction), which stops
-    the easy low-noise timesteps from dominating."""
+    the easy low-noise timesteps from dominating. `sample_weights` (B,) multiply each sample's
+    loss before the mean: the prior-preservation weight of regularisation images."""
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps).float()
         clipped = torch.clamp(snr, max=min_snr_gamma)
         weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr.clamp_min(1e-8)
         loss = loss * weights
+    if sample_weights is not None:
+        loss = loss * sample_weights.to(loss.device, loss.dtype)
     return loss.mean()
