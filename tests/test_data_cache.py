@@ -153,6 +153,22 @@ def test_memory_cache_keeps_nothing_on_disk(tmp_path, vae):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("kinds", [("memory", "memory"), ("memory", "disk"), ("disk", "disk")])
+def test_one_folder_in_two_datasets_has_latents_in_both(tmp_path, vae, kinds):
+    """The same images listed twice (say, once with a caption prefix): each dataset's store gets
+    them, and memory datasets encode each image once."""
+    _images(tmp_path / "d", n=2)
+    configs = [_cfg(tmp_path / "d", tmp_path / "cache", cache_latents=kinds[0]),
+               _cfg(tmp_path / "d", tmp_path / "cache", cache_latents=kinds[1], caption_prefix="zqv, ")]
+    ds = build_dataset(configs, batch_size=2, report=None)
+    enc = CountingEncoder(VaeLatentEncoder(vae))
+    stats = ds.cache_latents(enc, enc.inner.identity)
+    assert stats.encoded == (2 if kinds == ("memory", "memory") else 4)
+    assert len(ds.samples) == 4
+    for i in range(len(ds.samples)):
+        assert ds[i]["latents"].shape[0] == 4
+
+
 def test_cache_files_are_safetensors_with_no_leftovers(tmp_path, vae):
     _images(tmp_path / "d", n=2)
     enc = VaeLatentEncoder(vae)

@@ -217,14 +217,17 @@ class ImageCaptionDataset(Dataset):
         """
         if not self.uses_latent_cache:
             return CacheStats(0, 0)
+        memory = TensorStore(None, "latents")  # one for all "memory" datasets: keys name the content
         for ci, cfg in enumerate(self.configs):
             if cfg.cache_latents == "disk":
                 self._latent_stores[ci] = TensorStore(self._disk_cache_dir(cfg), "latents")
             else:
-                self._latent_stores[ci] = TensorStore(None, "latents")
-        todo: dict[str, tuple[int, bool]] = {}
+                self._latent_stores[ci] = memory
+        # per store: the same image in two datasets (say, listed twice with other captions) must
+        # reach each store its datasets read from
+        todo: dict[tuple[int, str], tuple[int, bool]] = {}
         hits = 0
-        seen: set[str] = set()
+        seen: set[tuple[int, str]] = set()
         for ri, rec in enumerate(self.records):
             plan = self.center_plan(rec)
             cfg = self.configs[rec.config_index]
@@ -233,19 +236,19 @@ class ImageCaptionDataset(Dataset):
                                        crop_top_left=(plan.top, plan.left), flip=flip,
                                        background=cfg.alpha_background, vae_id=vae_id)
                 self._latent_keys[(ri, flip)] = key
-                if key in seen:
-                    continue
-                seen.add(key)
                 store = self._latent_stores[rec.config_index]
                 assert store is not None
+                if (id(store), key) in seen:
+                    continue
+                seen.add((id(store), key))
                 if store.has(key):
                     hits += 1
                 else:
-                    todo[key] = (ri, flip)
+                    todo[(id(store), key)] = (ri, flip)
         if report is not None:
             report(f"latent cache: {hits} cached, {len(todo)} to encode")
         by_bucket: dict[Size, list[tuple[str, int, bool]]] = {}
-        for key, (ri, flip) in todo.items():
+        for (_, key), (ri, flip) in todo.items():
             by_bucket.setdefault(self.records[ri].bucket, []).append((key, ri, flip))
         for bucket, jobs in sorted(by_bucket.items()):
             for start in range(0, len(jobs), batch_size):
