@@ -1,5 +1,6 @@
 """lokr-diffusion: LoKr (and LoHa/LoRA) adapters for Stable Diffusion, in the LyCORIS layout."""
 from .algos import ALGORITHMS, ModuleSettings
+from .embeddings import TriggerEmbedding, load_embedding, unload_embedding
 from .errors import AdapterFileError, ConfigError, DatasetError, LokrDiffusionError, ModelError, OutputError
 from .fileformat import read_safetensors, write_safetensors
 from .kron import factorization, kron
@@ -15,5 +16,5 @@ __all__ = [
     "DatasetError", "LoadReport", "OutputError", "LokrDiffusionError", "ModelError", "ModuleSettings", "create_network",
     "detect_family", "factorization", "kron", "load_network", "network_from_tensors", "read_safetensors",
     "write_safetensors", "fuse_adapter", "list_adapters", "load_adapter", "set_adapter_scale", "unfuse_adapter",
-    "unload_adapter",
+    "unload_adapter", "TriggerEmbedding", "load_embedding", "unload_embedding",
 ]

@@ -55,9 +55,12 @@ def test_quickstart_fine_tune_runs_end_to_end(toy_pipe, tmp_path, capsys):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert adapter.is_file() and adapter.name == "quickstart_lokr.safetensors"
-    assert "prediction v_prediction, zero terminal SNR," in capsys.readouterr().out
+    assert (adapter.parent / "quickstart_lokr_emb.safetensors").is_file()
+    log = capsys.readouterr().out
+    assert "prediction v_prediction, zero terminal SNR," in log and "trigger embedding 'sks'" in log
     code = cli_main(["toy", "score", "--adapter", str(adapter), "-n", "2", "--grids", str(tmp_path / "grids"),
                      "--json", str(tmp_path / "scores.json")])
+    assert "trigger embedding:" in capsys.readouterr().out
     assert code in (0, 1)  # 3 steps teach nothing; the command must still run and report
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert set(scores["passed"]) == {"concept_with_trigger", "concept_without_trigger", "preservation"}

@@ -132,32 +132,43 @@ def test_sdxl_end_to_end_with_text_encoder(tiny_sdxl_path, tmp_path):
 
 @pytest.mark.slow
 def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
-    """Stop after 2 of 4 steps, resume; the adapter equals a 4-step run's (fp32, CPU)."""
-    common = dict(network={"rank_dropout": 0.1}, train={"max_steps": 4, "lr_scheduler": "constant"},
-                  output={"save_every_steps": 2})
+    """Stop after 2 of 4 steps, resume; the adapter and the trigger embedding equal a 4-step
+    run's (fp32, CPU)."""
+    common = dict(network={"rank_dropout": 0.1, "embedding_trigger": "zqv"},
+                  data={"datasets": [{"dir": str(DATASET), "caption_prefix": "zqv, "}]},
+                  train={"max_steps": 4, "lr_scheduler": "constant"}, output={"save_every_steps": 2})
     (tmp_path / "a").mkdir()
     full = write_config(tmp_path / "a", tiny_sd15_path, **common)
     _ok(launch(full))
     (tmp_path / "b").mkdir()
     part = write_config(tmp_path / "b", tiny_sd15_path, **common)
     _ok(launch(part, "--set", "train.max_steps=2"))
+    at_step_2 = load_file(tmp_path / "b" / "out" / "t_emb.safetensors")["emb_params"]
     log = _ok(launch(part, "--set", "train.resume=latest"))
     assert "resumed from" in log and "step-000002" in log
-    a = load_file(tmp_path / "a" / "out" / "t.safetensors")
-    b = load_file(tmp_path / "b" / "out" / "t.safetensors")
-    assert a.keys() == b.keys()
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff <= 1e-6, diff
+    for name in ("t.safetensors", "t_emb.safetensors"):
+        a = load_file(tmp_path / "a" / "out" / name)
+        b = load_file(tmp_path / "b" / "out" / name)
+        assert a.keys() == b.keys()
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert diff <= 1e-6, (name, diff)
+    assert (a["emb_params"] - at_step_2).abs().max() > 0  # the vectors kept training after the resume
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_sd2_v_prediction(tiny_sd2_path, tmp_path):
     """Data-parallel over gloo, on the v-prediction SD2 model with a zero-terminal-SNR schedule,
-    gradient accumulation and an EMA of the adapter."""
+    gradient accumulation, an EMA of the adapter and a trigger embedding (half the captions have
+    the word: a batch without it must still give the vectors a gradient for DDP to reduce)."""
     cfg = write_config(tmp_path, tiny_sd2_path, train={"max_steps": 2, "gradient_accumulation_steps": 2,
                                                        "zero_terminal_snr": True, "ema_decay": 0.9,
-                                                       "min_snr_gamma": 5.0})
+                                                       "min_snr_gamma": 5.0},
+                       network={"embedding_trigger": "zqv"},
+                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "caption_prefix": "zqv, "}]})
     log = _ok(launch(cfg, processes=2))
+    assert "trigger embedding 'zqv'" in log
+    emb = load_file(tmp_path / "out" / "t_emb.safetensors")["emb_params"]
+    assert torch.isfinite(emb).all()
     assert "adapter identical on all 2 process(es)" in log
     assert "family sd2-v, prediction v_prediction" in log and "2 process(es)" in log
     sd = load_file(tmp_path / "out" / "t.safetensors")

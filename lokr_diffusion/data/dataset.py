@@ -101,6 +101,8 @@ class ImageCaptionDataset(Dataset):
         self.records = list(records)
         self.seed = seed
         self.tokenizers = list(tokenizers) if tokenizers is not None else None
+        # caption -> text for the tokenizers (a trained trigger word becomes its vector tokens)
+        self.caption_expander: Callable[[str], str] | None = None
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
@@ -178,7 +180,8 @@ class ImageCaptionDataset(Dataset):
         item["index"] = index
         item["data_position"] = (epoch, position)
         if self.tokenizers is not None:
-            item["input_ids"] = [_tokenize(tok, caption) for tok in self.tokenizers]
+            text = self.caption_expander(caption) if self.caption_expander else caption
+            item["input_ids"] = [_tokenize(tok, text) for tok in self.tokenizers]
         if self._text_store is not None:
             assert self._text_encoder_id is not None
             item["text_embeds"] = self._text_store.get(text_cache_key(caption=caption,

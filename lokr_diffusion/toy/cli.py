@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace, torch) -> int:
+    from ..embeddings import embedding_path
     from ..errors import ConfigError
     from ..models import load_pipeline
     from .evaluate import evaluate_adapter, save_json, write_grids
@@ -108,6 +109,8 @@ def _score(args: argparse.Namespace, torch) -> int:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if embedding_path(adapter).exists():
+        print(f"trigger embedding: {embedding_path(adapter)} (loaded with the adapter)")
     evaluation, samples = evaluate_adapter(pipe, adapter, n=args.n, seed=args.seed, scale=args.scale)
     print(evaluation.report())
     grids = Path(args.grids) if args.grids else adapter.parent / "toy_score"

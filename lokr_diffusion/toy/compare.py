@@ -398,7 +398,10 @@ def render_markdown(rows: list[Row], base: Evaluation, sweep: list[dict[str, Any
         f"`train_configs/quickstart.toml`: {t.get('max_steps')} steps, batch {t.get('batch_size')}, "
         f"{t.get('optimizer', 'adamw')} at learning rate {t.get('learning_rate')} ({t.get('lr_scheduler', 'constant')}), "
         f"seed {t.get('seed')}, preset `{cfg['network'].get('preset', 'attn-mlp')}` "
-        f"({'UNet and text encoder' if eff.network.train_text_encoder else 'UNet only'}).{changed}",
+        f"({'UNet and text encoder' if eff.network.train_text_encoder else 'UNet only'}).{changed}"
+        + (f" Every adapter trains the trigger embedding for `{eff.network.embedding_trigger}` with it "
+           f"(`embedding_trigger`, learning rate {eff.train.embedding_lr or eff.train.text_encoder_lr or t['learning_rate']}); "
+           "the full fine-tune reference does not." if eff.network.embedding_trigger else ""),
         "",
         f"Scores ({n} samples each, {SAMPLE_STEPS} DPM-Solver++ steps, guidance {GUIDANCE}; the scorer and the",
         "metrics are described in the README's quickstart section and in `lokr_diffusion/toy/evaluate.py`):",

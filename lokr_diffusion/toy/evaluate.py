@@ -157,14 +157,20 @@ class Samples:
 
 @contextlib.contextmanager
 def adapter_applied(pipe, adapter: str | Path, scale: float = 1.0) -> Iterator[None]:
-    """The pipeline with an adapter file loaded, and exactly as before afterwards."""
+    """The pipeline with an adapter file loaded, and its trigger embedding if the trainer wrote
+    one beside it (`<stem>_emb.safetensors`); exactly as before afterwards."""
+    from ..embeddings import embedding_path, load_embedding, unload_embedding
     from ..pipelines import load_adapter, unload_adapter
 
+    emb = embedding_path(adapter)
+    word = load_embedding(pipe, emb) if emb.exists() else None
     load_adapter(pipe, str(adapter), scale=scale, adapter_name="toy_eval")
     try:
         yield
     finally:
         unload_adapter(pipe, "toy_eval")
+        if word is not None:
+            unload_embedding(pipe, word)
 
 
 @contextlib.contextmanager

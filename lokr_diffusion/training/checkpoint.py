@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..embeddings import embedding_path
 from ..errors import ConfigError, OutputError
 from ..fileformat import check_free_space
 
@@ -96,3 +97,4 @@ def prune(output_dir: Path, name: str, keep_last: int | None) -> None:
     steps = sorted((int(m[1]), p) for p in output_dir.glob(f"{name}-step*.safetensors") if (m := pattern.fullmatch(p.name)))
     for _, path in steps[:-keep_last]:
         path.unlink(missing_ok=True)
+        embedding_path(path).unlink(missing_ok=True)  # its trigger embedding, if one was trained

@@ -43,6 +43,8 @@ class NetworkSection(AdapterConfig):
 
     train_unet: bool = True
     train_text_encoder: bool = False
+    embedding_trigger: str | None = None  # train input vectors for this trigger word (pivotal tuning)
+    embedding_vectors: int | None = None  # default: as many as the word's current pieces
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)})
@@ -50,6 +52,11 @@ class NetworkSection(AdapterConfig):
     def check(self) -> None:  # the AdapterConfig fields were checked in __post_init__
         if not (self.train_unet or self.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false; nothing to train")
+        if self.embedding_trigger is not None and (not self.embedding_trigger.strip()
+                                                   or len(self.embedding_trigger.split()) != 1):
+            raise ConfigError(f"network.embedding_trigger: expected one word, got {self.embedding_trigger!r}")
+        if self.embedding_vectors is not None and self.embedding_vectors < 1:
+            raise ConfigError(f"network.embedding_vectors: must be at least 1, got {self.embedding_vectors}")
 
 
 @dataclass
@@ -61,6 +68,7 @@ class TrainSection:
     learning_rate: float = 1e-4
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
+    embedding_lr: float | None = None
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     optimizer: str = "adamw"
@@ -88,7 +96,7 @@ class TrainSection:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"train.{name}: must be at least 1, got {v}")
-        for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        for name in ("learning_rate", "unet_lr", "text_encoder_lr", "embedding_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"train.{name}: must be positive, got {v}")

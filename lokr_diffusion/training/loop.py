@@ -76,6 +76,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, module_identity, sdxl_add_time_ids
+    from ..embeddings import TriggerEmbedding, embedding_path
     from ..fileformat import atomic_write_bytes
     from ..models import load_pipeline, pipeline_family
     from ..network import create_network
@@ -152,7 +153,12 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
 
-    # 3. caches, now that the tokenizers and VAE exist
+    # 3. caches, now that the tokenizers and VAE exist (and the trigger word's new tokens)
+    embedding = None
+    if cfg.network.embedding_trigger:
+        embedding = TriggerEmbedding(cfg.network.embedding_trigger, tokenizers, text_encoders,
+                                     cfg.network.embedding_vectors).to(accelerator.device)
+        dataset.caption_expander = embedding.expand
     dataset.tokenizers = tokenizers
     encoder = VaeLatentEncoder(vae)
     if dataset.uses_latent_cache:
@@ -163,8 +169,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     network = create_network(cfg.network.adapter_config(), unet=unet if cfg.network.train_unet else None,
                              text_encoders=text_encoders if cfg.network.train_text_encoder else (), family=family)
     network.to(accelerator.device, dtype=torch.float32)
-    model = model_for_text = TrainingModel(network, unet, text_encoders, sdxl, cfg.network.train_text_encoder)
-    if not cfg.network.train_text_encoder and all(c.static_captions for c in dataset.configs):
+    model = model_for_text = TrainingModel(network, unet, text_encoders, sdxl, cfg.network.train_text_encoder,
+                                           embedding)
+    if not model.train_text_encoder and all(c.static_captions for c in dataset.configs):
         def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
             with torch.no_grad(), accelerator.autocast():
                 embeds = model_for_text.encode_text(tokenize(tokenizers, captions))
@@ -178,6 +185,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate})
     if te_params:
         groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate})
+    if embedding is not None:  # no weight decay: it would pull the vectors to zero, not to the word's start
+        groups.append({"params": list(embedding.parameters()), "weight_decay": 0.0,
+                       "lr": t_cfg.embedding_lr or t_cfg.text_encoder_lr or t_cfg.learning_rate})
     optimizer = build_optimizer(t_cfg.optimizer, groups, t_cfg.learning_rate, t_cfg.weight_decay)
 
     loader = dataset.dataloader(num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -210,6 +220,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     elif t_cfg.resume == "latest" and main:
         print("resume = 'latest': no checkpoint yet, starting fresh")
 
+    trigger_note = ""
+    if embedding is not None:
+        trigger_note = f" + trigger embedding {embedding.word!r} ({embedding.num_vectors} vectors per text encoder)"
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         resolved = json.dumps(cfg.to_dict(), indent=2, default=str)
@@ -217,7 +230,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         print(f"config:\n{resolved}")
         print(f"family {family}, prediction {prediction_type}{', zero terminal SNR' if zero_snr else ''}, "
               f"{len(network.module_keys())} modules, "
-              f"{network.num_parameters():,} trainable parameters, {max_steps} steps "
+              f"{network.num_parameters():,} trainable parameters{trigger_note}, {max_steps} steps "
               f"({steps_per_epoch} per epoch, {accelerator.num_processes} process(es))")
     if cfg.logging.tensorboard:
         accelerator.init_trackers("lokr-diffusion", config={k: v for k, v in _flat(cfg.to_dict()).items()})
@@ -242,6 +255,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
             ema.store(network.parameters())
             ema.copy_to(network.parameters())
         try:
+            if embedding is not None:
+                embedding.save(embedding_path(path))
             return network.save(path, dtype=save_dtype, metadata=network.metadata(title=out_cfg.name, extra=facts))
         finally:
             if ema is not None:

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..embeddings import TriggerEmbedding
 from ..network import AdapterNetwork
 
 
@@ -22,12 +23,13 @@ def tokenize(tokenizers: Sequence[Any], captions: Sequence[str]) -> list[torch.T
 
 class TrainingModel(nn.Module):
     def __init__(self, network: AdapterNetwork, unet: nn.Module, text_encoders: Sequence[nn.Module],
-                 sdxl: bool, train_text_encoder: bool) -> None:
+                 sdxl: bool, train_text_encoder: bool, embedding: TriggerEmbedding | None = None) -> None:
         super().__init__()
         self.network = network
+        self.embedding = embedding  # trigger-word vectors, trained with the adapter (or None)
         self.frozen = {"unet": unet, "text_encoders": list(text_encoders)}  # plain dict: not registered
         self.sdxl = sdxl
-        self.train_text_encoder = train_text_encoder
+        self.train_text_encoder = train_text_encoder or embedding is not None  # gradients through the encoder
 
     def encode_text(self, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Prompt embeddings the way the Diffusers pipelines make them (SDXL: penultimate hidden
