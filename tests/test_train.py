@@ -224,6 +224,20 @@ def test_prior_loss_weight_scales_each_regularisation_sample():
     assert weighted > plain
 
 
+def test_prune_removes_old_step_adapters_with_their_embeddings(tmp_path):
+    from lokr_diffusion.embeddings import embedding_path
+    from lokr_diffusion.training import checkpoint
+
+    for step in (1, 2, 3, None):
+        adapter = checkpoint.adapter_path(tmp_path, "t", step)
+        adapter.write_bytes(b"adapter")
+        embedding_path(adapter).write_bytes(b"embedding")
+    checkpoint.prune(tmp_path, "t", keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "t-step000002.safetensors", "t-step000002_emb.safetensors", "t-step000003.safetensors",
+        "t-step000003_emb.safetensors", "t.safetensors", "t_emb.safetensors"]
+
+
 def test_overrides_and_cli_errors(tmp_path, capsys):
     assert parse_override("train.max_steps=7") == (["train", "max_steps"], 7)
     assert parse_override("model.family=sdxl") == (["model", "family"], "sdxl")
