@@ -72,6 +72,20 @@ def test_text_output(capsys, files):
     assert "no warnings" in out
 
 
+@pytest.mark.parametrize("tensors,shown", [
+    ({"emb_params": torch.zeros(2, 32)}, "emb_params 2 x 32"),
+    ({"clip_l": torch.zeros(3, 32), "clip_g": torch.zeros(3, 64)}, "clip_g 3 x 64, clip_l 3 x 32"),
+])
+def test_trigger_embedding_files_are_described(capsys, tmp_path, tensors, shown):
+    path = tmp_path / "run_emb.safetensors"
+    save_file(tensors, str(path), {"trigger": "zqv"})
+    code, out, _ = run_cli(capsys, "inspect", str(path))
+    assert code == 0
+    assert "trigger embedding" in out and "trigger:     zqv" in out and f"vectors:     {shown}" in out
+    r = run_json(capsys, "inspect", str(path))
+    assert r["layout"] == "embedding" and r["trigger"] == "zqv"
+
+
 def _first(tensors, suffix):
     return next(k.rsplit(".", 1)[0] for k in tensors if k.endswith(suffix))
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..algos import lokr
-from ..fileformat import read_safetensors
+from ..fileformat import read_header, read_safetensors
 from . import peft
 from .adapterfile import (
     FileModule,
@@ -144,9 +144,25 @@ def _read(path: Path) -> tuple[dict[str, FileModule], dict[str, str], str, dict,
     return group_modules(tensors), metadata, "lycoris", {}, path
 
 
+def _embedding_facts(path: Path) -> dict[str, Any] | None:
+    """A trigger / textual-inversion embedding file (what `embedding_trigger` writes), or None."""
+    if path.is_dir() or peft.looks_like_peft(path):
+        return None
+    header, metadata = read_header(path)  # the header only: adapters are read once, by _read
+    if set(header) not in ({"emb_params"}, {"clip_l", "clip_g"}):
+        return None
+    return {"file": str(path), "file_size": path.stat().st_size, "layout": "embedding",
+            "trigger": metadata.get("trigger"), "vectors": {k: list(header[k]["shape"]) for k in sorted(header)},
+            "metadata": metadata}
+
+
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """The facts of an adapter file (LyCORIS/kohya or PEFT) and its compatibility warnings."""
+    """The facts of an adapter file (LyCORIS/kohya or PEFT) and its compatibility warnings; for a
+    trigger embedding file, its word and vector shapes."""
     path = Path(path)
+    embedding = _embedding_facts(path)
+    if embedding is not None:
+        return embedding
     modules, metadata, layout, peft_config, weights = _read(path)
     family, family_source = detect_family(modules, metadata)
     args = network_args(metadata)
@@ -193,6 +209,13 @@ def _block_order(block: str) -> tuple[int, int]:
 
 
 def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
+    if r["layout"] == "embedding":
+        shapes = ", ".join(f"{k} {v[0]} x {v[1]}" for k, v in r["vectors"].items())
+        return "\n".join([f"file:        {r['file']} ({human_bytes(r['file_size'])}, trigger embedding)",
+                          f"trigger:     {r['trigger'] or '(not stored; the file name is the word in UIs)'}",
+                          f"vectors:     {shapes}",
+                          "load with:   lokr_diffusion.load_embedding(pipe, file) in Diffusers; "
+                          "models/embeddings/ in ComfyUI, embeddings/ in AUTOMATIC1111"])
     comps = ", ".join(f"{_COMPONENT_NAMES.get(c, c)} {n}" for c, n in r["components"].items())
     params = ", ".join(f"{_COMPONENT_NAMES.get(c, c)} {n:,}" for c, n in r["parameters_per_component"].items())
     layout = "PEFT" if r["layout"] == "peft" else "LyCORIS/kohya"
