@@ -84,7 +84,9 @@ def _ok(result):
 
 @pytest.mark.slow
 def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
-    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0},
+    """With the same folder as regularisation images too, weighted 2 (prior preservation)."""
+    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0, "prior_loss_weight": 2.0},
+                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "is_reg": True}]},
                        output={"save_every_steps": 2},
                        sample={"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1,
                                "width": 64, "height": 64})
