@@ -36,6 +36,18 @@ __all__ = ["TriggerEmbedding", "embedding_path", "expand_trigger", "load_embeddi
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
+def _file_keys(text_encoders: int) -> tuple[str, ...]:
+    """The tensor names of the textual-inversion layout: one encoder (SD 1.x/2.x) or SDXL's two."""
+    return SDXL_KEYS if text_encoders == 2 else ("emb_params",)
+
+
+def _tokenizers_and_encoders(pipe: Any) -> list[tuple[Any, nn.Module]]:
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
 def token_names(word: str, vectors: int) -> list[str]:
     return [word] + [f"{word}_{i}" for i in range(1, vectors)]
 
@@ -64,7 +76,6 @@ class TriggerEmbedding(nn.Module):
         self.word = word
         self.vectors = nn.ParameterList()
         self._first_ids: list[int] = []
-        self._hooks = []
         pieces = tokenizers[0](word, add_special_tokens=False).input_ids
         self.num_vectors = vectors or len(pieces)
         names = token_names(word, self.num_vectors)
@@ -89,7 +100,7 @@ class TriggerEmbedding(nn.Module):
             emb.weight.requires_grad_(False)
             self.vectors.append(nn.Parameter(init.clone().contiguous()))
             self._first_ids.append(ids[0])
-            self._hooks.append(emb.register_forward_hook(self._hook(len(self.vectors) - 1)))
+            emb.register_forward_hook(self._hook(len(self.vectors) - 1))
 
     def _hook(self, i: int):
         def put_vectors(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,7 @@ class TriggerEmbedding(nn.Module):
         return expand_trigger(text, self.word, self.num_vectors)
 
     def file_tensors(self, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        keys = SDXL_KEYS if len(self.vectors) == 2 else ("emb_params",)
+        keys = _file_keys(len(self.vectors))
         return {k: (v.detach().to(dtype) if dtype else v.detach()).cpu().contiguous() for k, v in zip(keys, self.vectors)}
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> Path:
@@ -113,11 +124,6 @@ class TriggerEmbedding(nn.Module):
         if not all(torch.isfinite(v).all() for v in tensors.values()):
             raise FloatingPointError(f"refusing to save {path}: the trigger embedding has non-finite values")
         return write_safetensors(path, tensors, {"trigger": self.word, "vectors": str(self.num_vectors)})
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
 
 
 def load_embedding(pipe: Any, path: str | os.PathLike, word: str | None = None) -> str:
@@ -127,10 +133,8 @@ def load_embedding(pipe: Any, path: str | os.PathLike, word: str | None = None) 
     word = word or metadata.get("trigger")
     if not word:
         raise AdapterFileError(f"{path}: no 'trigger' in the metadata; pass the word to use in prompts")
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    keys = SDXL_KEYS if len(pairs) == 2 else ("emb_params",)
+    pairs = _tokenizers_and_encoders(pipe)
+    keys = _file_keys(len(pairs))
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise AdapterFileError(f"{path}: expected tensor(s) {list(keys)} for this pipeline's {len(pairs)} text "
@@ -153,9 +157,6 @@ def load_embedding(pipe: Any, path: str | os.PathLike, word: str | None = None) 
 
 def unload_embedding(pipe: Any, word: str) -> None:
     """Take a trigger word's tokens out again (tokenizer and embedding rows)."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    for tok, te in pairs:
+    for tok, te in _tokenizers_and_encoders(pipe):
         names = [t for t in tok.get_added_vocab() if t == word or re.fullmatch(rf"{re.escape(word)}_\d+", t)]
         pipe.unload_textual_inversion(names, tokenizer=tok, text_encoder=te)

@@ -400,7 +400,7 @@ def render_markdown(rows: list[Row], base: Evaluation, sweep: list[dict[str, Any
         f"seed {t.get('seed')}, preset `{cfg['network'].get('preset', 'attn-mlp')}` "
         f"({'UNet and text encoder' if eff.network.train_text_encoder else 'UNet only'}).{changed}"
         + (f" Every adapter trains the trigger embedding for `{eff.network.embedding_trigger}` with it "
-           f"(`embedding_trigger`, learning rate {eff.train.embedding_lr or eff.train.text_encoder_lr or t['learning_rate']}); "
+           f"(`embedding_trigger`, learning rate {eff.train.embedding_learning_rate}); "
            "the full fine-tune reference does not." if eff.network.embedding_trigger else ""),
         "",
         f"Scores ({n} samples each, {SAMPLE_STEPS} DPM-Solver++ steps, guidance {GUIDANCE}; the scorer and the",

@@ -89,6 +89,10 @@ class TrainSection:
     max_nonfinite_steps: int = 10
     num_workers: int = 0
 
+    @property
+    def embedding_learning_rate(self) -> float:
+        return self.embedding_lr or self.text_encoder_lr or self.learning_rate
+
     def check(self) -> None:
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("train: set max_steps or epochs")

@@ -187,7 +187,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate})
     if embedding is not None:  # no weight decay: it would pull the vectors to zero, not to the word's start
         groups.append({"params": list(embedding.parameters()), "weight_decay": 0.0,
-                       "lr": t_cfg.embedding_lr or t_cfg.text_encoder_lr or t_cfg.learning_rate})
+                       "lr": t_cfg.embedding_learning_rate})
     optimizer = build_optimizer(t_cfg.optimizer, groups, t_cfg.learning_rate, t_cfg.weight_decay)
 
     loader = dataset.dataloader(num_replicas=accelerator.num_processes, rank=accelerator.process_index,
