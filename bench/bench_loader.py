@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lokr_diffusion import AdapterConfig, create_network, fuse_adapter, load_adapter, unfuse_adapter, unload_adapter
-from lokr_diffusion.models import build_tiny_pipeline, tiny_unet_config
+from lokr_diffusion.families import get_family
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def build_pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    build_tiny_pipeline("sd15", folder, seed=0)
+    get_family("sd15").build_tiny(folder, seed=0)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    cfg = tiny_unet_config("sd15")
+    cfg = get_family("sd15").tiny_unet_config()
     cfg.update(block_out_channels=[128, 256, 512, 512], attention_head_dim=8, norm_num_groups=32)
     torch.manual_seed(0)
     pipe.unet = UNet2DConditionModel(**cfg).eval()

@@ -63,18 +63,18 @@ class Setup:
 
 
 def cpu_setup(quick: bool = False) -> Setup:
-    from lokr_diffusion.models import real_unet_config
+    from lokr_diffusion.families import get_family
 
-    cfg = real_unet_config("sd15")
+    cfg = get_family("sd15").real_unet_config()
     cfg["block_out_channels"] = list(MID_WIDTHS)
     return Setup("cpu", torch.float32, None, cfg, batch=2, latent=32,
                  label="SD 1.5 config at widths 128/256/512/512, batch 2, 32x32 latents, fp32")
 
 
 def gpu_setup() -> Setup:
-    from lokr_diffusion.models import real_unet_config
+    from lokr_diffusion.families import get_family
 
-    cfg = real_unet_config("sdxl")
+    cfg = get_family("sdxl").real_unet_config()
     return Setup("cuda", torch.bfloat16, torch.bfloat16, cfg, batch=1, latent=128, family="sdxl",
                  label="SDXL base UNet at full width (2.6 B), batch 1, 128x128 latents (1024 px), "
                        "bf16 weights + bf16 autocast, fp32 adapter factors")
@@ -83,9 +83,9 @@ def gpu_setup() -> Setup:
 def dry_gpu_setup() -> Setup:
     """The GPU suite's code path (SDXL layout, bf16 weights, bf16 autocast) at toy size on CPU,
     to catch errors before spending accelerator time."""
-    from lokr_diffusion.models import tiny_unet_config
+    from lokr_diffusion.families import get_family
 
-    cfg = tiny_unet_config("sdxl")
+    cfg = get_family("sdxl").tiny_unet_config()
     return Setup("cpu", torch.bfloat16, torch.bfloat16, cfg, batch=1, latent=16, family="sdxl",
                  label="dry run: tiny SDXL-layout UNet on CPU, bf16")
 

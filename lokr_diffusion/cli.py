@@ -25,8 +25,10 @@ def command(name: str, setup: Callable[[argparse.ArgumentParser], None]):
 
 
 def _tiny_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", choices=["sd15", "sd2", "sdxl"], default="sd15",
-                   help="block structure and module names to reproduce (default sd15)")
+    from .families import family_names
+
+    p.add_argument("--family", choices=family_names(), default="sd15", metavar="FAMILY",
+                   help=f"block structure and module names to reproduce: {', '.join(family_names())} (default sd15)")
     p.add_argument("--out", required=True, help="folder to write the Diffusers pipeline into")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
@@ -34,9 +36,9 @@ def _tiny_model_args(p: argparse.ArgumentParser) -> None:
 @command("tiny-model", _tiny_model_args)
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     """Write a small randomly initialised Diffusers pipeline (no network needed)."""
-    from .models import build_tiny_pipeline
+    from .families import get_family
 
-    path = build_tiny_pipeline(args.family, args.out, seed=args.seed)
+    path = get_family(args.family).build_tiny(args.out, seed=args.seed)
     print(f"wrote tiny {args.family} pipeline to {path}")
     return 0
 
@@ -113,7 +115,10 @@ def _tool_adapter_config(args: argparse.Namespace, **extra):
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="MODEL_OR_FAMILY",
+    p.add_argument("--config", metavar="TOML", default=None,
+                   help="a training config: plan exactly what train.py --config builds (model, [network], "
+                        "train_unet / train_text_encoder); the flags below are then ignored")
+    p.add_argument("--model", metavar="MODEL_OR_FAMILY", default=None,
                    help="sd15 (sd1), sd2 or sdxl for the real architecture without weights, or a model path/folder")
     _tool_network_args(p)
     p.add_argument("--alpha", type=float, default=None, help="alpha of Linear layers / 1x1 convs (default: dim)")
@@ -133,6 +138,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     """
     from .tools.plan import format_plan, plan_network
 
+    from .errors import ConfigError
+    from .tools.plan import plan_config
+
+    if args.config is not None:
+        _emit(plan_config(args.config), args.json, format_plan)
+        return 0
+    if args.model is None:
+        raise ConfigError("plan: give --config TRAIN.toml, or --model with the network flags")
     config = _tool_adapter_config(args, alpha=args.alpha, conv_alpha=args.conv_alpha)
     _emit(plan_network(args.model, config), args.json, format_plan)
     return 0
@@ -160,7 +173,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     Forge load. Outputs are written atomically.
     """
     from .tools.merge import format_merge, merge_adapters, parse_adapter_arg
-    from .tools.outputs import parse_dtype
+    from .dtypes import parse_dtype
 
     result = merge_adapters(args.base, [parse_adapter_arg(a) for a in args.adapter], args.out,
                             dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
@@ -195,7 +208,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     difference is reported.
     """
     from .tools.convert import convert_adapter, format_convert
-    from .tools.outputs import parse_dtype
+    from .dtypes import parse_dtype
 
     report = convert_adapter(args.input, args.output, to=args.to, dtype=parse_dtype(args.dtype), family=args.family,
                              component=args.component, overwrite=args.overwrite)
@@ -225,7 +238,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     changed weights no adapter module covers. Unchanged modules are skipped.
     """
     from .tools.extract import extract_adapter, format_extract
-    from .tools.outputs import parse_dtype
+    from .dtypes import parse_dtype
 
     result = extract_adapter(args.base, args.tuned, args.out, _tool_adapter_config(args), dtype=parse_dtype(args.dtype),
                              device=args.device, overwrite=args.overwrite)

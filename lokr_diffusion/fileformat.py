@@ -13,13 +13,16 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from .errors import AdapterFileError, OutputError
+
+if TYPE_CHECKING:
+    from .families import Family
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real adapter headers are well under 1 MB
 MAX_METADATA_VALUE = 16 * 1024 * 1024
@@ -29,13 +32,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
-# family -> (ss_base_model_version, modelspec.architecture)
-FAMILY_METADATA = {
-    "sd1": ("sd_v1", "stable-diffusion-v1/lora"),
-    "sd2": ("sd_v2", "stable-diffusion-v2-512/lora"),
-    "sd2-v": ("sd_v2_v", "stable-diffusion-v2-768-v/lora"),
-    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
-}
 
 
 def check_free_space(folder: str | os.PathLike, needed: int) -> None:
@@ -172,10 +168,14 @@ def read_safetensors(path: str | os.PathLike, allow_pickle: bool = False) -> tup
     return tensors, metadata
 
 
-def training_metadata(family: str | None, network_args: Mapping[str, object], dim: int, alpha: float,
-                      title: str = "adapter", resolution: str | None = None,
-                      prediction_type: str | None = None, extra: Mapping[str, object] | None = None) -> dict[str, str]:
-    """The ss_* and modelspec.* keys sd-scripts writes and the UIs read, all as strings."""
+def training_metadata(family: Family | None, network_args: Mapping[str, object], dim: int, alpha: float,
+                      title: str = "adapter", prediction_type: str | None = None,
+                      extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The ss_* and modelspec.* keys sd-scripts writes and the UIs read, all as strings.
+
+    ``family`` (and the base model's ``prediction_type``, e.g. ``"v_prediction"``) add the keys
+    that say which base model the file is for; without a family none are guessed.
+    """
     meta = {
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(dim),
@@ -183,27 +183,12 @@ def training_metadata(family: str | None, network_args: Mapping[str, object], di
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.implementation": getattr(family, "implementation", "diffusers"),
         "modelspec.title": title,
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if family in FAMILY_METADATA:
-        version, arch = FAMILY_METADATA[family]
-        meta["ss_base_model_version"] = version
-        meta["ss_v2"] = str(family in ("sd2", "sd2-v"))
-        meta["modelspec.architecture"] = arch
-        meta["modelspec.resolution"] = resolution or {"sdxl": "1024x1024", "sd2-v": "768x768"}.get(family, "512x512")
-        meta["modelspec.prediction_type"] = prediction_type or ("v" if family == "sd2-v" else "epsilon")
+    if family is not None:
+        meta.update(family.file_metadata(prediction_type))
     for k, v in (extra or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
     return meta
-
-
-def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    version = metadata.get("ss_base_model_version", "")
-    for family, (v, _) in FAMILY_METADATA.items():
-        if version == v:
-            return family
-    if version.startswith("sdxl"):
-        return "sdxl"
-    return None

@@ -19,9 +19,10 @@ from torch import nn
 
 from .algos import detect_algorithm
 from .errors import AdapterFileError
-from .fileformat import family_from_metadata, read_safetensors
+from .families import Family, family_of_adapter_keys
+from .fileformat import read_safetensors
 from .layers import AdapterModule
-from .network import AdapterNetwork, _component_models, detect_family
+from .network import AdapterNetwork, component_models, family_of
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -91,22 +92,12 @@ def _is_peft(keys: Sequence[str]) -> bool:
     return any(k.startswith("base_model.model.") for k in keys)
 
 
-def detect_file_family(module_keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> str | None:
-    """'sdxl' or 'sd' (SD1/SD2) from the keys, else the metadata's; None when unknown."""
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in module_keys) and any(k.startswith("lora_te2_") for k in module_keys):
-        return "sdxl"
-    meta_family = family_from_metadata(metadata or {})
-    if meta_family:
-        return "sdxl" if meta_family == "sdxl" else "sd"
-    if any(k.startswith("lora_te_") for k in module_keys):
-        return "sd"
-    return None
-
-
-def build_alias_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> dict[str, tuple[Target, str]]:
+def build_alias_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module],
+                      family: Family | None = None) -> dict[str, tuple[Target, str]]:
     """Every accepted key -> (target module, the key we write for it)."""
     table: dict[str, tuple[Target, str]] = {}
-    for component, model, key_of, aliases_of in _component_models(unet, text_encoders):
+    family = family or family_of(unet, text_encoders)
+    for component, model, key_of, aliases_of in component_models(family, unet, text_encoders):
         for path, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 target = Target(component, path, module)
@@ -160,13 +151,12 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
     for key, t in tensors.items():
         module, tensor = _split_key(key)
         groups.setdefault(module, {})[tensor] = t
-    family = detect_family(unet, text_encoders)
-    report = LoadReport(source=source, family=detect_file_family(list(groups), metadata))
-    model_is_sdxl = family == "sdxl"
-    if report.family is not None and (report.family == "sdxl") != model_is_sdxl:
-        raise AdapterFileError(f"{source}: the file is for {'SDXL' if report.family == 'sdxl' else 'SD 1.x/2.x'}, "
-                               f"but the model is {'SDXL' if model_is_sdxl else 'SD 1.x/2.x'}")
-    table = build_alias_table(unet, text_encoders)
+    family = family_of(unet, text_encoders)
+    file_family = family_of_adapter_keys(list(groups), metadata)
+    report = LoadReport(source=source, family=file_family.title if file_family.candidates else None)
+    if not file_family.allows(family):
+        raise AdapterFileError(f"{source}: the file is for {file_family.title}, but the model is {family.title}")
+    table = build_alias_table(unet, text_encoders, family)
     network = AdapterNetwork(family)
     pending: list[tuple[Target, AdapterModule]] = []
     seen: dict[int, str] = {}

@@ -16,6 +16,7 @@ from torch import nn
 from . import naming
 from .algos import ALGORITHMS, ModuleSettings, get_algorithm
 from .errors import ConfigError
+from .families import Family, family_of_models, family_of_text_encoders, get_family
 from .fileformat import training_metadata, write_safetensors
 from .layers import AdapterModule
 from .targets import PRESETS, Target, select_targets
@@ -82,20 +83,6 @@ class AdapterConfig:
         return args
 
 
-def detect_family(unet: nn.Module | None, text_encoders: Sequence[nn.Module] = ()) -> str:
-    """'sdxl', 'sd2' or 'sd1' from the model structure (see lokr_diffusion.models.detect_family);
-    without a UNet, from the text encoders alone."""
-    from .models import detect_family as detect_from_unet
-
-    if unet is not None:
-        return detect_from_unet(unet, list(text_encoders))
-    if len(text_encoders) >= 2:
-        return "sdxl"
-    if text_encoders and getattr(text_encoders[0].config, "hidden_size", 768) == 1024:
-        return "sd2"
-    return "sd1"
-
-
 @dataclass
 class ModuleInfo:
     key: str
@@ -108,9 +95,11 @@ class ModuleInfo:
 class AdapterNetwork(nn.Module):
     """The adapters of one model, keyed by their file keys."""
 
-    def __init__(self, family: str, config: AdapterConfig | None = None) -> None:
+    def __init__(self, family: Family, config: AdapterConfig | None = None,
+                 prediction_type: str | None = None) -> None:
         super().__init__()
         self.family = family
+        self.prediction_type = prediction_type  # what the file's metadata says about the base model
         self.config = config
         self.components: dict[str, str] = {}  # key -> component
         self.paths: dict[str, str] = {}  # key -> module path inside the component
@@ -187,7 +176,8 @@ class AdapterNetwork(nn.Module):
     def metadata(self, title: str = "adapter", extra: dict | None = None) -> dict[str, str]:
         cfg = self.config or AdapterConfig()
         alpha = cfg.alpha if cfg.alpha is not None else cfg.dim
-        return training_metadata(self.family, cfg.network_args(), cfg.dim, alpha, title=title, extra=extra)
+        return training_metadata(self.family, cfg.network_args(), cfg.dim, alpha, title=title, extra=extra,
+                                 prediction_type=self.prediction_type)
 
     def save(self, path: str | Path, dtype: torch.dtype | None = torch.float16,
              metadata: dict[str, str] | None = None) -> Path:
@@ -202,15 +192,16 @@ class AdapterNetwork(nn.Module):
         return write_safetensors(path, tensors, meta)
 
 
-def _component_models(unet: nn.Module | None, text_encoders: Sequence[nn.Module]):
-    """(component name, model, key function, alias function) for each given model."""
+def component_models(family: Family, unet: nn.Module | None, text_encoders: Sequence[nn.Module]):
+    """(component name, model, key function, alias function) for each given model.
+
+    Components are ``unet`` and ``te`` (one text encoder) or ``te1``, ``te2``...; the key
+    functions are the family's naming, so the writer and every reader share them.
+    """
     out = []
-    family = detect_family(unet, text_encoders)
     if unet is not None:
-        layout = naming.unet_layout(unet)
-        ldm = family == "sdxl"
-        out.append(("unet", unet, lambda p, l=layout, x=ldm: naming.unet_key(p, x, l),
-                    lambda p, l=layout: naming.unet_key_aliases(p, l)))
+        out.append(("unet", unet, lambda p, u=unet: family.denoiser_key(p, u),
+                    lambda p, u=unet: family.denoiser_key_aliases(p, u)))
     prefixes = naming.text_encoder_prefixes(len(text_encoders)) if text_encoders else []
     n = len(text_encoders)
     for i, (te, prefix) in enumerate(zip(text_encoders, prefixes)):
@@ -219,8 +210,15 @@ def _component_models(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     return out
 
 
+def family_of(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> Family:
+    """The family of the models an adapter goes into; without a UNet, from the text encoders."""
+    if unet is not None:
+        return family_of_models(unet, text_encoders)
+    return family_of_text_encoders(text_encoders)
+
+
 def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_encoders: Sequence[nn.Module] = (),
-                   family: str | None = None) -> AdapterNetwork:
+                   family: Family | str | None = None, prediction_type: str | None = None) -> AdapterNetwork:
     """Inject fresh adapters into `unet` and `text_encoders` (SDXL: both, in order).
 
     The update starts at exactly zero, so the model's outputs do not change until training.
@@ -229,13 +227,13 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
     if unet is None and not text_encoders:
         raise ConfigError("create_network: give a unet, text encoders, or both")
     text_encoders = tuple(text_encoders)
-    family = family or detect_family(unet, text_encoders)
+    family = get_family(family) if family is not None else family_of(unet, text_encoders)
     algo = get_algorithm(config.algo)
-    network = AdapterNetwork(family, config)
+    network = AdapterNetwork(family, config, prediction_type)
     skipped_convs = 0
-    for component, model, key_of, _ in _component_models(unet, text_encoders):
+    for component, model, key_of, _ in component_models(family, unet, text_encoders):
         targets = select_targets(component if component == "unet" else "te", model, config.preset, key_of,
-                                 config.include, config.exclude, sdxl=family == "sdxl")
+                                 config.include, config.exclude, family=family)
         for target in targets:
             if target.is_kxk_conv and config.conv_dim is None:
                 skipped_convs += 1
@@ -254,4 +252,4 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
     return network
 
 
-__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "create_network", "detect_family"]
+__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "component_models", "create_network", "family_of"]

@@ -20,9 +20,9 @@ def _seed():
 # Tiny random pipelines with the real module names (lokr_diffusion.models), built once per
 # session: every test that needs a base model loads one of these folders.
 def _build_tiny(tmp_path_factory, family):
-    from lokr_diffusion.models import build_tiny_pipeline
+    from lokr_diffusion.families import get_family
 
-    return build_tiny_pipeline(family, tmp_path_factory.mktemp(f"tiny_{family}"), seed=0)
+    return get_family(family).build_tiny(tmp_path_factory.mktemp(f"tiny_{family}"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -243,10 +243,10 @@ def test_path_choice_is_a_function_of_shapes_only():
 def test_sd_layer_choices_are_stable():
     """Every attn-mlp layer of the real SD 1.5 UNet at 64x64 latents gets a path, the same twice."""
     from lokr_diffusion.kron import factorization
-    from lokr_diffusion.models import build_meta_models
+    from lokr_diffusion.families import get_family
     from lokr_diffusion.targets import select_targets
 
-    unet, _ = build_meta_models("sd15")
+    unet, _ = get_family("sd15").build_meta()
     keys = []
     for t in select_targets("unet", unet, "attn-mlp", lambda p: p):
         w = t.module.weight

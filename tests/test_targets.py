@@ -2,7 +2,7 @@
 import pytest
 
 from lokr_diffusion import AdapterConfig, create_network
-from lokr_diffusion.models import build_meta_models
+from lokr_diffusion.families import get_family
 from lokr_diffusion.naming import diffusers_to_ldm
 
 # spec: module counts per preset, (unet, text encoders...)
@@ -15,7 +15,7 @@ COUNTS = {
 
 @pytest.fixture(scope="module", params=sorted(COUNTS))
 def meta_models(request):
-    return request.param, build_meta_models(request.param)
+    return request.param, get_family(request.param).build_meta()
 
 
 def _count(network, component):
@@ -58,7 +58,7 @@ def test_keys_follow_the_spec(meta_models):
 
 
 def test_kxk_convs_need_conv_dim():
-    unet, tes = build_meta_models("sd15")
+    unet, tes = get_family("sd15").build_meta()
     net = create_network(AdapterConfig(preset="full"), unet=unet, text_encoders=tes)
     assert not any(k.endswith(("_conv1", "_conv2", "_conv_in")) for k in net.module_keys())
     assert "lora_unet_down_blocks_1_resnets_0_conv_shortcut" in net.module_keys()  # 1x1: linear settings
@@ -66,7 +66,7 @@ def test_kxk_convs_need_conv_dim():
 
 
 def test_include_exclude_patterns():
-    unet, tes = build_meta_models("sd15")
+    unet, tes = get_family("sd15").build_meta()
     net = create_network(AdapterConfig(preset="attn-only", exclude=("*attn1*",), include=("lora_unet_conv_out",),
                                        conv_dim=2), unet=unet, text_encoders=())
     keys = net.module_keys()
@@ -88,7 +88,7 @@ def test_sdxl_block_mapping_table():
 
 
 def test_parameter_counts_match_the_math():
-    unet, tes = build_meta_models("sd15")
+    unet, tes = get_family("sd15").build_meta()
     net = create_network(AdapterConfig(preset="attn-only", factor=8, dim=10000), unet=unet, text_encoders=())
     per = net.num_parameters(per_module=True)
     # to_q of block 0: 320x320, factor 8 -> w1 (8, 8), w2 (40, 40) full

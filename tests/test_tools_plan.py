@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lokr_diffusion import AdapterConfig, create_network
-from lokr_diffusion.models import build_meta_models
+from lokr_diffusion.families import get_family
 
 from .helpers import load_components
 from .test_tools_helpers import run_cli, run_json
@@ -25,7 +25,7 @@ def test_family_name_uses_the_real_architecture(capsys):
     r = run_json(capsys, "plan", "--model", "sd15", "--algo", "lokr", "--preset", "full", "--factor", "8",
                  "--dim", "4", "--conv-dim", "2", "--alpha", "2")
     cfg = AdapterConfig(algo="lokr", preset="full", factor=8, dim=4, conv_dim=2, alpha=2.0)
-    unet, tes = build_meta_models("sd15")
+    unet, tes = get_family("sd15").build_meta()
     _check_against(r, create_network(cfg, unet, tes))
     assert r["modules"] == {"unet": 282, "te": 72}  # the format spec's preset table
     assert r["family"] == "sd1"

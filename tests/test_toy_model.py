@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from lokr_diffusion.models import load_pipeline, pipeline_family
+from lokr_diffusion.families import family_of_pipeline
+from lokr_diffusion.models import load_pipeline
 from lokr_diffusion.toy import MODEL_DIR
 from lokr_diffusion.toy import evaluate as ev
 from lokr_diffusion.toy import scorer
@@ -24,7 +25,7 @@ def toy_pipe():
 def test_toy_model_is_a_small_sd1_pipeline(toy_pipe):
     size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 10 * 2**20
-    assert pipeline_family(toy_pipe) == "sd1"
+    assert family_of_pipeline(toy_pipe).name == "sd1"
     assert toy_pipe.vae_scale_factor == 4 and toy_pipe.unet.config.sample_size == 16
     record = json.loads((MODEL_DIR / "toy_pretrain.json").read_text())
     assert record["images"] == 840

@@ -17,14 +17,12 @@ from types import ModuleType
 import torch
 
 from ..algos import detect_algorithm
-from ..fileformat import family_from_metadata
+from ..families import family_of_adapter
 
 # file-key prefix -> component, longest first so `lora_te1_` is not read as `lora_te_`
 COMPONENT_PREFIXES = (("lora_unet_", "unet"), ("lycoris_", "unet"), ("lora_te1_", "te1"),
                       ("lora_te2_", "te2"), ("lora_te_", "te"))
 _UNET_BLOCK = re.compile(r"(down_blocks_\d+|up_blocks_\d+|mid_block|input_blocks_\d+|middle_block|output_blocks_\d+)")
-_CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # in-features of attn2.to_k, the real models
-_TE_WIDTH = {1024: "sd2", 1280: "sdxl"}  # CLIP-L (768) is SD1's encoder and SDXL's TE1
 
 
 @dataclass
@@ -156,34 +154,12 @@ def lokr_factor_shapes(t: Mapping[str, torch.Tensor]) -> tuple[tuple[int, int], 
 
 
 def detect_family(modules: Mapping[str, FileModule], metadata: Mapping[str, str]) -> tuple[str | None, str]:
-    """(family, how it was decided): 'sd1', 'sd2', 'sdxl', 'sd' (SD1 or SD2) or None.
-
-    Widths of the real models decide first (cross-attention and CLIP widths differ per family),
-    then the metadata sd-scripts writes, then the key structure (two text encoders, block counts).
-    """
-    for m in modules.values():
-        if m.algo is None:
-            continue
-        if m.component == "unet" and m.key.endswith("attn2_to_k") and m.flat_shape()[1] in _CROSS_ATTN_WIDTH:
-            return _CROSS_ATTN_WIDTH[m.flat_shape()[1]], "keys (cross-attention width)"
-        if m.component.startswith("te") and m.key.endswith("self_attn_q_proj"):
-            width = m.flat_shape()[0]
-            family = "sd1" if width == 768 and m.component == "te" else _TE_WIDTH.get(width)
-            if family:
-                return family, "keys (text-encoder width)"
-    meta = family_from_metadata(metadata)
-    if meta:
-        return ("sd2" if meta == "sd2-v" else meta), "metadata (ss_base_model_version)"
-    components = {m.component for m in modules.values()}
-    if components & {"te1", "te2"}:
-        return "sdxl", "keys (two text encoders)"
-    te_layers = [int(x) for k in modules for x in re.findall(r"encoder_layers_(\d+)_", k)]
-    if te_layers and max(te_layers) >= 12:
-        return "sd2", "keys (more than 12 text-encoder layers)"
-    rests = [strip_prefix(k) for k, m in modules.items() if m.component == "unet"]
-    if any(r.startswith("down_blocks_3") or re.match(r"(input|output)_blocks_1[01]_", r) for r in rests):
-        return "sd", "keys (four UNet levels: SD 1.x or 2.x)"
-    return None, "unknown"
+    """(family name, how it was decided): 'sd1', 'sd2', 'sdxl', 'sd' (SD1 or SD2) or None."""
+    found = family_of_adapter([(m.component, m.key, m.flat_shape() if m.algo is not None else ())
+                               for m in modules.values()], metadata)
+    if found.family is not None:
+        return found.family.name, found.how
+    return ("sd" if found.candidates else None), found.how
 
 
 def network_args(metadata: Mapping[str, str]) -> dict:

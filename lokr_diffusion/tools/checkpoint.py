@@ -5,7 +5,8 @@ the UNet through `naming.diffusers_to_ldm` (the block table the adapter keys use
 and the text encoders by the fixed tables below. Prefixes: `model.diffusion_model.` (UNet),
 `first_stage_model.` (VAE), `cond_stage_model.transformer.` (SD1 CLIP),
 `cond_stage_model.model.` (SD2 OpenCLIP), `conditioner.embedders.0.transformer.` and
-`conditioner.embedders.1.model.` (SDXL). OpenCLIP fuses q, k, v into one in_proj and stores
+`conditioner.embedders.1.model.` (SDXL; each family lists its own in ``checkpoint_text_prefixes``
+and calls these converters from ``Family.to_original``). OpenCLIP fuses q, k, v into one in_proj and stores
 its text projection transposed.
 """
 from __future__ import annotations
@@ -21,8 +22,6 @@ from ..naming import diffusers_to_ldm, text_encoder_path, unet_layout
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-_CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
-_OPENCLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
 
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -115,21 +114,4 @@ def openclip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str) ->
         out[f"{prefix}{block}.{rest}"] = t
     for key, parts in fused.items():
         out[prefix + key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
-
-def pipeline_to_original(pipe: Any, family: str) -> dict[str, torch.Tensor]:
-    """All weights of an SD1/SD2/SDXL pipeline under the original single-file keys."""
-    fam = "sd2" if family.startswith("sd2") else family
-    out = unet_to_original(pipe.unet.state_dict(), pipe.unet)
-    out.update(vae_to_original(pipe.vae.state_dict(), pipe.vae))
-    if fam == "sd1":
-        out.update(clip_to_original(pipe.text_encoder.state_dict(), _CLIP_PREFIX["sd1"]))
-    elif fam == "sd2":
-        out.update(openclip_to_original(pipe.text_encoder.state_dict(), _OPENCLIP_PREFIX["sd2"]))
-    elif fam == "sdxl":
-        out.update(clip_to_original(pipe.text_encoder.state_dict(), _CLIP_PREFIX["sdxl"]))
-        out.update(openclip_to_original(pipe.text_encoder_2.state_dict(), _OPENCLIP_PREFIX["sdxl"]))
-    else:
-        raise ModelError(f"cannot write a single-file checkpoint for model family {family!r}")
     return out

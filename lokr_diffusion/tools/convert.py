@@ -19,8 +19,8 @@ import torch
 
 from ..algos import lokr
 from ..errors import AdapterFileError, ConfigError
+from ..families import known_family
 from ..fileformat import (
-    FAMILY_METADATA,
     read_safetensors,
     training_metadata,
     write_safetensors,
@@ -208,7 +208,7 @@ def convert_adapter(src: str | Path, dst: str | Path, to: str | None = None, dty
 def _peft_metadata(config: Mapping, family: str | None) -> dict[str, str]:
     """The sd-scripts metadata a PEFT adapter would have had: its global r and alpha, its factor."""
     args = {"algo": "lokr", "factor": config.get("decompose_factor", -1)}
-    return training_metadata(family if family in FAMILY_METADATA else None, args, int(config.get("r", 8)),
+    return training_metadata(known_family(family), args, int(config.get("r", 8)),
                              float(config.get("alpha", 8)))
 
 
@@ -218,7 +218,7 @@ def _metadata(metadata: Mapping[str, str], family: str, plain: Mapping[str, File
 
     With the family known only as "SD 1.x or 2.x" no base-model version is guessed.
     """
-    fam = family if family in FAMILY_METADATA else None
+    fam = known_family(family)
     if metadata:
         meta = dict(metadata)
         if fam and "ss_base_model_version" not in meta:

@@ -21,7 +21,8 @@ import torch
 
 from ..errors import ConfigError, ModelError
 from ..fileformat import training_metadata, write_safetensors
-from ..models import load_pipeline, pipeline_family
+from ..families import family_of_pipeline, prediction_type_of
+from ..models import load_pipeline
 from ..network import AdapterConfig, create_network
 from ..pipelines import _components as pipeline_components
 from .adapterfile import max_abs_and_relative
@@ -108,9 +109,10 @@ def extract_adapter(base: str, tuned: str, out: str | Path, config: AdapterConfi
     out = check_output(out, overwrite)
     base_pipe = load_pipeline(base, torch_dtype=torch.float32)
     tuned_pipe = load_pipeline(tuned, torch_dtype=torch.float32)
-    family = pipeline_family(base_pipe)
-    if pipeline_family(tuned_pipe).split("-")[0] != family.split("-")[0]:
-        raise ModelError(f"{tuned} is an {pipeline_family(tuned_pipe)} model but {base} is an {family} model")
+    family, tuned_family = family_of_pipeline(base_pipe), family_of_pipeline(tuned_pipe)
+    prediction = prediction_type_of(base_pipe)
+    if tuned_family is not family:
+        raise ModelError(f"{tuned} is an {tuned_family.title} model but {base} is an {family.title} model")
     base_parts, tuned_parts = _parts(base_pipe), _parts(tuned_pipe)
     network = create_network(config, base_pipe.unet, [m for k, m in base_parts.items() if k != "unet"])
     network.remove()  # only its module list, keys and tensor shapes are needed
@@ -141,10 +143,11 @@ def extract_adapter(base: str, tuned: str, out: str | Path, config: AdapterConfi
         raise ModelError(f"{tuned} and {base} have identical weights in every targeted module (preset "
                          f"{config.preset}); nothing to extract")
     meta = training_metadata(family, config.network_args(), config.dim, config.dim, title=out.stem,
+                             prediction_type=prediction,
                              extra={"lokr_diffusion_extracted_from": {"base": Path(base).name,
                                                                       "tuned": Path(tuned).name}})
     write_safetensors(out, tensors, meta)
-    return _summary(out, family, config, modules, network, untargeted)
+    return _summary(out, family.variant(prediction), config, modules, network, untargeted)
 
 
 def _untargeted_changes(base_parts, tuned_parts, targeted) -> list[str]:

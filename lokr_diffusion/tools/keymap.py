@@ -11,23 +11,22 @@ import functools
 
 from ..errors import ConfigError
 from ..loading import build_alias_table
-from ..models import build_meta_models, canonical_family
+from ..families import SD2, Family, get_family
 from ..targets import Target
 
 
-def meta_family(family: str) -> str:
+def meta_family(family: str) -> Family:
     """The real architecture whose names cover `family`: 'sd' (SD1 or SD2) uses SD2, whose
     23-layer text encoder names include SD1's 12 and whose UNet names are the same."""
-    if family == "sd":
-        return "sd2"
-    return canonical_family(family)
+    return SD2 if family == "sd" else get_family(family)
 
 
 @functools.lru_cache(maxsize=3)
 def alias_table(family: str) -> dict[str, tuple[Target, str]]:
     """Every accepted key of `family` -> (module on the meta model, the key sd-scripts writes)."""
-    unet, encoders = build_meta_models(meta_family(family))
-    return build_alias_table(unet, encoders)
+    fam = meta_family(family)
+    unet, encoders = fam.build_meta()
+    return build_alias_table(unet, encoders, fam)
 
 
 def canonical_key(family: str, key: str) -> str | None:

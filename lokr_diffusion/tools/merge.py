@@ -16,14 +16,11 @@ import torch
 from ..errors import ConfigError
 from ..fileformat import read_header, write_safetensors
 from ..loading import load_network
-from ..models import load_pipeline, pipeline_family
+from ..families import Family, family_of_pipeline, prediction_type_of
+from ..models import load_pipeline
 from ..pipelines import _components as pipeline_components
-from .checkpoint import pipeline_to_original
 from .outputs import atomic_folder, check_output
 
-_SGM = "https://github.com/Stability-AI/generative-models"
-_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-                 "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def parse_adapter_arg(value: str) -> tuple[str, float]:
@@ -47,7 +44,8 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
     for path, _ in adapters:
         read_header(path)  # a bad adapter path fails before minutes of model loading
     pipe = load_pipeline(base, torch_dtype=torch.float32)
-    family = pipeline_family(pipe)
+    family = family_of_pipeline(pipe)
+    prediction = prediction_type_of(pipe)
     unet, encoders = pipeline_components(pipe)
     reports = []
     for path, scale in adapters:
@@ -58,10 +56,10 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
         reports.append({"file": str(path), "scale": scale, "modules": dict(report.patched),
                         "unmatched": len(report.unmatched)})
     if out.suffix == ".safetensors":
-        tensors = pipeline_to_original(pipe, family)
+        tensors = family.to_original(pipe)
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        write_safetensors(out, tensors, _checkpoint_metadata(family, out, reports))
+        write_safetensors(out, tensors, _checkpoint_metadata(family, prediction, out, reports))
         layout = "single-file (original keys)"
     else:
         if dtype is not None:
@@ -72,15 +70,15 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
         with atomic_folder(out, overwrite) as tmp:
             pipe.save_pretrained(str(tmp), safe_serialization=True)
         layout = "diffusers folder"
-    return {"base": str(base), "family": family, "output": str(out), "layout": layout,
+    return {"base": str(base), "family": family.variant(prediction), "output": str(out), "layout": layout,
             "dtype": str(dtype or torch.float32).replace("torch.", ""), "adapters": reports}
 
 
-def _checkpoint_metadata(family: str, out: Path, reports: list[dict]) -> dict[str, str]:
+def _checkpoint_metadata(family: Family, prediction: str | None, out: Path, reports: list[dict]) -> dict[str, str]:
     return {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _ARCHITECTURE.get(family, family),
-        "modelspec.implementation": _SGM if family == "sdxl" else "diffusers",
+        "modelspec.architecture": family.checkpoint_metadata_architecture(prediction),
+        "modelspec.implementation": family.implementation,
         "modelspec.title": out.stem,
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "lokr_diffusion_merged_adapters": json.dumps([{"file": Path(r["file"]).name, "scale": r["scale"]}

@@ -43,15 +43,3 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def parse_dtype(name: str | None):
-    """'fp16' / 'bf16' / 'fp32' (or None: keep) -> torch dtype."""
-    import torch
-
-    if name is None:
-        return None
-    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if name not in table:
-        raise ConfigError(f"unknown dtype {name!r}; expected fp16, bf16 or fp32")
-    return table[name]

@@ -19,13 +19,14 @@ from torch import nn
 
 from ..algos import get_algorithm
 from ..errors import ConfigError, ModelError
-from ..models import build_meta_models, canonical_family, load_pipeline
-from ..network import AdapterConfig, AdapterNetwork, create_network
+from ..dtypes import SAFETENSORS_NAMES, SHORT_NAMES
+from ..families import get_family
+from ..models import load_pipeline
+from ..network import AdapterConfig, AdapterNetwork, create_network, family_of
 from ..pipelines import _components as pipeline_components
 from .text import counts, human_bytes, shape
 
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAVE_DTYPES = {name: dtype for dtype, name in SHORT_NAMES.items()}
 _COMPARE_FACTORS = (-1, 4, 8, 16)
 FACTOR_NOTE = ("--factor sets the small Kronecker factor w1 (a x c) and --dim is a rank: a larger factor means a "
                "bigger w1, a smaller w2 and so fewer parameters while w2 is full; --dim only matters where w2 is "
@@ -53,12 +54,12 @@ def models_for(model: str) -> tuple[nn.Module, list[nn.Module], str]:
     path = Path(model).expanduser()
     if not path.exists():
         try:
-            family = canonical_family(model)
+            family = get_family(model)
         except ConfigError:
             family = None
         if family:
-            unet, encoders = build_meta_models(family)
-            return unet, encoders, f"the {family} architecture without weights"
+            unet, encoders = family.build_meta()
+            return unet, encoders, f"the {family.name} architecture without weights"
     if path.is_dir() and (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
         try:
             unet, encoders = _meta_from_folder(path)
@@ -67,6 +68,28 @@ def models_for(model: str) -> tuple[nn.Module, list[nn.Module], str]:
         return unet, encoders, f"{model} (configs only)"
     unet, encoders = pipeline_components(load_pipeline(model))
     return unet, encoders, str(model)
+
+
+def plan_config(config_path: str | Path) -> dict[str, Any]:
+    """:func:`plan_network` for a training TOML: the network `train.py --config` builds.
+
+    The model is the config's (a local path relative to the config file, as the trainer reads
+    it); a hub id that is not on disk is planned on the family's real architecture when the
+    config names the family, since planning must not download gigabytes.
+    """
+    from ..training.config import load_config
+
+    cfg = load_config(config_path)
+    model = cfg.model.pretrained_model
+    if (cfg.base_dir / model).exists():
+        model = str((cfg.base_dir / model).resolve())
+    elif cfg.model.family != "auto" and not Path(model).expanduser().exists():
+        model = get_family(cfg.model.family).name
+    result = plan_network(model, cfg.network.adapter_config(), title=cfg.output.name,
+                          train_unet=cfg.network.train_unet, train_text_encoder=cfg.network.train_text_encoder)
+    result["config_file"] = str(config_path)
+    result["save_dtype"] = cfg.output.save_dtype
+    return result
 
 
 def safetensors_size(network: AdapterNetwork, dtype: torch.dtype, metadata: dict[str, str]) -> int:
@@ -84,7 +107,7 @@ def safetensors_size(network: AdapterNetwork, dtype: torch.dtype, metadata: dict
     offset = 0
     for key, dt, dims in entries:
         size = math.prod(dims) * dt.itemsize
-        header[key] = {"dtype": _ST_DTYPE[dt], "shape": list(dims), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": SAFETENSORS_NAMES[dt], "shape": list(dims), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     return 8 + len(raw) + (-len(raw)) % 8 + offset
@@ -111,10 +134,12 @@ def _factor_comparison(network: AdapterNetwork, config: AdapterConfig) -> dict[s
     return out
 
 
-def plan_network(model: str, config: AdapterConfig, title: str = "adapter") -> dict[str, Any]:
+def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, train_unet: bool = True,
+                 train_text_encoder: bool = True) -> dict[str, Any]:
     """Everything the trainer will build for `config` on `model`, as plain data."""
     unet, encoders, source = models_for(model)
-    network = create_network(config, unet, encoders)
+    network = create_network(config, unet if train_unet else None, encoders if train_text_encoder else (),
+                             family=family_of(unet, encoders))
     per_module = network.num_parameters(per_module=True)
     modules, groups = [], {}
     for info in network.modules_info():
@@ -127,7 +152,7 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter") -> d
         groups.setdefault(sig, {**{k: v for k, v in entry.items() if k != "key"}, "count": 0})["count"] += 1
     metadata = network.metadata(title=title)
     result = {
-        "model": str(model), "source": source, "family": network.family, "config": dataclasses.asdict(config),
+        "model": str(model), "source": source, "family": network.family.name, "config": dataclasses.asdict(config),
         "modules": dict(Counter(m["component"] for m in modules)), "parameters": network.num_parameters(),
         "parameters_per_component": {c: sum(m["parameters"] for m in modules if m["component"] == c)
                                      for c in dict.fromkeys(m["component"] for m in modules)},

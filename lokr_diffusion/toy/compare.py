@@ -156,7 +156,7 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
     from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml
     from ..network import create_network
     from ..training.config import load_config
-    from ..training.loss import diffusion_loss, make_noise, sample_timesteps, target_for
+    from ..training.loss import denoising_loss
     from ..training.model import tokenize
 
     cfg = load_config(config, list(sets))
@@ -189,12 +189,9 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
             latents = batch["latents"].float()
             with torch.set_grad_enabled(bool(text_encoders)):
                 embeds = text_encoder(tokenize([pipe.tokenizer], batch["captions"])[0])[0]
-            noise = make_noise(latents, t.noise_offset)
-            ts = sample_timesteps(len(latents), t.min_timestep, t.max_timestep or 1000, latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, ts)
-            target = target_for(noise_scheduler, latents, noise, ts, prediction)
-            pred = unet(noisy, ts, encoder_hidden_states=embeds).sample
-            loss = diffusion_loss(pred, target, ts, noise_scheduler, prediction, t.min_snr_gamma)
+            loss = denoising_loss(latents, lambda noisy, ts: unet(noisy, ts, encoder_hidden_states=embeds).sample,
+                                  noise_scheduler, prediction, noise_offset=t.noise_offset,
+                                  min_timestep=t.min_timestep, max_timestep=t.max_timestep, min_snr_gamma=t.min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))

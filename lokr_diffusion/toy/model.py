@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..models import real_text_encoder_configs, real_unet_config
+from ..families import SD1
 
 __all__ = ["LATENT_SIZE", "PIXEL_SIZE", "build_scheduler", "build_text_encoder", "build_unet", "build_vae",
            "toy_text_config", "toy_unet_config", "toy_vae_config"]
@@ -26,7 +26,7 @@ TEXT_WIDTH = 64
 
 def toy_unet_config() -> dict[str, Any]:
     """SD 1.5's UNet config with the widths, depth and level count shrunk."""
-    cfg = real_unet_config("sd15")
+    cfg = SD1.real_unet_config()
     cfg.update(
         block_out_channels=[32, 64, 64],
         down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -50,7 +50,7 @@ def toy_vae_config(scaling_factor: float = 1.0) -> dict[str, Any]:
 
 def toy_text_config(vocab_size: int, bos: int, eos: int) -> dict[str, Any]:
     """The CLIP ViT-L text tower's config, two layers of width 64."""
-    (_, cfg), = real_text_encoder_configs("sd15")
+    (_, cfg), = SD1.real_text_encoder_configs()
     cfg.update(hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_attention_heads=4,
                num_hidden_layers=2, projection_dim=TEXT_WIDTH, vocab_size=vocab_size,
                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)

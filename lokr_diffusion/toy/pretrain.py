@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from ..models import _tokenizer_files, write_tiny_tokenizer
+from ..families.clip_tokenizer import tokenizer_files, write_tiny_tokenizer
 from ..tools.outputs import atomic_folder
 from . import generator as gen
 from .model import build_scheduler, build_text_encoder, build_unet, build_vae
@@ -110,7 +110,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, s: Pretrai
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from ..training.loss import diffusion_loss, make_noise, sample_timesteps, target_for
+    from ..training.loss import denoising_loss
 
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)  # keeps zero SNR and v-prediction
@@ -132,13 +132,9 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, s: Pretrai
         drop = torch.rand(s.unet_batch) < s.caption_dropout
         batch_ids = ids[torch.where(drop, torch.full_like(idx, empty), idx)]
         x0 = latents[idx]
-        noise = make_noise(x0, s.noise_offset)
-        t = sample_timesteps(len(x0), 0, noise_scheduler.config.num_train_timesteps, x0.device)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        target = target_for(noise_scheduler, x0, noise, t, prediction)
         cond = text_encoder(batch_ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = diffusion_loss(pred, target, t, noise_scheduler, prediction, s.min_snr_gamma)
+        loss = denoising_loss(x0, lambda noisy, t: unet(noisy, t, encoder_hidden_states=cond).sample,
+                              noise_scheduler, prediction, noise_offset=s.noise_offset, min_snr_gamma=s.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -173,7 +169,7 @@ def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet) -> Path:
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     # as in models.build_tiny_pipeline: keep the slow-tokenizer files next to tokenizer.json
     for fname in ("vocab.json", "merges.txt"):
-        (out_dir / "tokenizer" / fname).write_text(_tokenizer_files("<|endoftext|>")[fname], encoding="utf-8")
+        (out_dir / "tokenizer" / fname).write_text(tokenizer_files("<|endoftext|>")[fname], encoding="utf-8")
     return out_dir
 
 

@@ -75,13 +75,14 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, module_identity, sdxl_add_time_ids
+    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, module_identity
     from ..embeddings import TriggerEmbedding, embedding_path
     from ..fileformat import atomic_write_bytes
-    from ..models import load_pipeline, pipeline_family
+    from ..families import family_of_pipeline
+    from ..models import load_pipeline
     from ..network import create_network
     from . import checkpoint
-    from .loss import diffusion_loss, make_noise, sample_timesteps, target_for
+    from .loss import denoising_loss
     from .model import TrainingModel, tokenize
     from .optim import build_optimizer
     from .sampling import sample_grids
@@ -116,11 +117,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         pretrained = str((cfg.base_dir / pretrained).resolve())
     pipe = load_pipeline(pretrained, family=cfg.model.family, revision=cfg.model.revision,
                          variant=cfg.model.variant, prediction_type=cfg.model.prediction_type)
-    family = pipeline_family(pipe)
-    sdxl = family == "sdxl"
-    unet, vae = pipe.unet, pipe.vae
-    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    family = family_of_pipeline(pipe)
+    parts = family.components(pipe)
+    unet, vae, text_encoders, tokenizers = parts.denoiser, parts.vae, parts.text_encoders, parts.tokenizers
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     # a model pretrained on a zero-terminal-SNR schedule says so in its scheduler config; fine-tune it on the same
     model_zero_snr = bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
@@ -167,9 +166,10 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
 
     # 4. adapters
     network = create_network(cfg.network.adapter_config(), unet=unet if cfg.network.train_unet else None,
-                             text_encoders=text_encoders if cfg.network.train_text_encoder else (), family=family)
+                             text_encoders=text_encoders if cfg.network.train_text_encoder else (), family=family,
+                             prediction_type=prediction_type)
     network.to(accelerator.device, dtype=torch.float32)
-    model = model_for_text = TrainingModel(network, unet, text_encoders, sdxl, cfg.network.train_text_encoder,
+    model = model_for_text = TrainingModel(network, unet, text_encoders, family, cfg.network.train_text_encoder,
                                            embedding)
     if not model.train_text_encoder and all(c.static_captions for c in dataset.configs):
         def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         resolved = json.dumps(cfg.to_dict(), indent=2, default=str)
         atomic_write_bytes(output_dir / "config.json", resolved.encode())
         print(f"config:\n{resolved}")
-        print(f"family {family}, prediction {prediction_type}{', zero terminal SNR' if zero_snr else ''}, "
+        print(f"family {family.variant(prediction_type)}, prediction {prediction_type}{', zero terminal SNR' if zero_snr else ''}, "
               f"{len(network.module_keys())} modules, "
               f"{network.num_parameters():,} trainable parameters{trigger_note}, {max_steps} steps "
               f"({steps_per_epoch} per epoch, {accelerator.num_processes} process(es))")
@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
 
     save_dtype = _SAVE_DTYPES[out_cfg.save_dtype]
     state_bytes = 4 * 4 * network.num_parameters()  # weights, two optimizer moments, EMA (fp32)
-    meta_facts = {"ss_sd_model_name": cfg.model.pretrained_model, "ss_v2": str(family in ("sd2", "sd2-v")),
+    meta_facts = {"ss_sd_model_name": cfg.model.pretrained_model,
                   "ss_v_parameterization": str(prediction_type == "v_prediction"),
                   "ss_learning_rate": t_cfg.learning_rate, "ss_unet_lr": t_cfg.unet_lr or t_cfg.learning_rate,
                   "ss_text_encoder_lr": t_cfg.text_encoder_lr or t_cfg.learning_rate,
@@ -297,17 +297,13 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
                 with torch.no_grad():
                     latents = batch["latents"] if "latents" in batch else encoder(batch["pixel_values"])
                     latents = latents.to(accelerator.device, dtype=torch.float32)
-                    noise = make_noise(latents, t_cfg.noise_offset)
-                    timesteps = sample_timesteps(latents.shape[0], t_cfg.min_timestep, max_t, latents.device)
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    target = target_for(noise_scheduler, latents, noise, timesteps, prediction_type)
-                add_time_ids = sdxl_add_time_ids(batch).float() if sdxl else None
-                pred = model(noisy, timesteps, batch, add_time_ids)
                 weights = None
                 if t_cfg.prior_loss_weight != 1.0:
                     weights = torch.where(batch["is_reg"], t_cfg.prior_loss_weight, 1.0)
-                loss = diffusion_loss(pred, target, timesteps, noise_scheduler, prediction_type, t_cfg.min_snr_gamma,
-                                      weights)
+                loss = denoising_loss(latents, lambda noisy, timesteps: model(noisy, timesteps, batch),
+                                      noise_scheduler, prediction_type, noise_offset=t_cfg.noise_offset,
+                                      min_timestep=t_cfg.min_timestep, max_timestep=max_t,
+                                      min_snr_gamma=t_cfg.min_snr_gamma, sample_weights=weights)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)

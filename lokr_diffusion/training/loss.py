@@ -1,6 +1,8 @@
 """The denoising objective: noise, timesteps, targets and the (min-SNR weighted) loss."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -45,3 +47,23 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
     if sample_weights is not None:
         loss = loss * sample_weights.to(loss.device, loss.dtype)
     return loss.mean()
+
+
+def denoising_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   scheduler, prediction_type: str, *, noise_offset: float = 0.0, min_timestep: int = 0,
+                   max_timestep: int | None = None, min_snr_gamma: float | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One training step's loss: noise the latents at random timesteps, ask ``denoise(noisy,
+    timesteps)`` for its prediction, compare with the target.
+
+    The trainer, the toy model's pretraining and the method comparison all call this, so the
+    random draws (noise, then timesteps) and the objective are the same everywhere.
+    """
+    with torch.no_grad():
+        noise = make_noise(latents, noise_offset)
+        high = max_timestep or scheduler.config.num_train_timesteps
+        timesteps = sample_timesteps(latents.shape[0], min_timestep, high, latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = target_for(scheduler, latents, noise, timesteps, prediction_type)
+    pred = denoise(noisy, timesteps)
+    return diffusion_loss(pred, target, timesteps, scheduler, prediction_type, min_snr_gamma, sample_weights)

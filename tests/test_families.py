@@ -1,4 +1,4 @@
-"""Real architecture configs, tiny look-alike pipelines, family detection and loading errors.
+"""Families: real architecture configs, tiny look-alike pipelines, detection and loading errors.
 
 The tiny pipelines stand in for the real checkpoints in every other test, so the checks
 here are about them being faithful: same module tree as the published models, loadable
@@ -17,18 +17,17 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lokr_diffusion.errors import ConfigError, ModelError
-from lokr_diffusion.models import (
-    build_meta_models,
-    build_tiny_pipeline,
-    canonical_family,
-    detect_family,
-    load_pipeline,
-    pipeline_family,
-    real_text_encoder_configs,
-    real_unet_config,
-    tiny_unet_config,
-    write_tiny_tokenizer,
+from lokr_diffusion.families import (
+    FAMILIES as REGISTRY,
+    family_of_adapter_keys,
+    family_of_checkpoint_keys,
+    family_of_models,
+    family_of_pipeline,
+    get_family,
+    prediction_type_of,
 )
+from lokr_diffusion.families.clip_tokenizer import write_tiny_tokenizer
+from lokr_diffusion.models import load_pipeline
 
 FAMILIES = ["sd15", "sd2", "sdxl"]
 PIPELINE_CLASS = {"sd15": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
@@ -37,7 +36,7 @@ PIPELINE_CLASS = {"sd15": StableDiffusionPipeline, "sd2": StableDiffusionPipelin
 
 @pytest.fixture(scope="module")
 def meta_models():
-    return {f: build_meta_models(f) for f in FAMILIES}
+    return {f: get_family(f).build_meta() for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +68,32 @@ def test_meta_models_match_published_architectures(meta_models, family):
 
 
 def test_text_encoder_classes_and_aliases():
-    assert [c for c, _ in real_text_encoder_configs("sdxl")] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
-    assert real_text_encoder_configs("sd2")[0][1]["hidden_act"] == "gelu"
-    assert real_unet_config("sd21") == real_unet_config("sd2-v") == real_unet_config("sd2")
-    assert real_unet_config("sd1") == real_unet_config("sd15")
-    assert [canonical_family(a) for a in ("sd1", "SD15", "sd21", "sd2-v", "sdxl")] == \
-        ["sd15", "sd15", "sd2", "sd2", "sdxl"]
+    assert [c for c, _ in get_family("sdxl").real_text_encoder_configs()] == ["CLIPTextModel",
+                                                                                "CLIPTextModelWithProjection"]
+    assert get_family("sd2").real_text_encoder_configs()[0][1]["hidden_act"] == "gelu"
+    assert get_family("sd21") is get_family("sd2-v") is get_family("sd2")
+    assert [get_family(a).name for a in ("sd1", "SD15", "sd21", "sd2-v", "sdxl", "XL")] == \
+        ["sd1", "sd1", "sd2", "sd2", "sdxl", "sdxl"]
     with pytest.raises(ConfigError, match="sd3"):
-        real_unet_config("sd3")
+        get_family("sd3")
+
+
+def test_every_family_declares_its_own_evidence():
+    """Detection must be unambiguous: each family claims its own pipeline class, checkpoint keys
+    and metadata, and no other family claims them too."""
+    checkpoint_keys = {"sd1": ["cond_stage_model.transformer.text_model.embeddings.x"],
+                       "sd2": ["cond_stage_model.model.ln_final.weight"],
+                       "sdxl": ["conditioner.embedders.1.model.ln_final.weight"]}
+    for family in REGISTRY:
+        assert family_of_checkpoint_keys(checkpoint_keys[family.name]) is family
+        meta = family.file_metadata()
+        assert [f for f in REGISTRY if f.matches_metadata(meta)] == [family]
+    assert get_family("sd2").file_metadata("v_prediction")["ss_base_model_version"] == "sd_v2_v"
+    assert get_family("sd2").variant("v_prediction") == "sd2-v"
+    sd = family_of_adapter_keys(["lora_te_text_model_encoder_layers_0_mlp_fc1"])
+    assert [f.name for f in sd.candidates] == ["sd1", "sd2"] and sd.family is None
+    xl = family_of_adapter_keys(["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_x_y"])
+    assert xl.family is get_family("sdxl")
 
 
 def test_transformers5_text_model_levels(meta_models):
@@ -127,8 +144,8 @@ def test_tiny_pipeline_folder_is_small_and_safetensors(tiny_pipeline_paths):
 
 
 def test_tiny_build_is_deterministic(tmp_path, tiny_sd15_path):
-    again = build_tiny_pipeline("sd1", tmp_path / "a", seed=0)
-    other = build_tiny_pipeline("sd15", tmp_path / "b", seed=1)
+    again = get_family("sd1").build_tiny(tmp_path / "a", seed=0)
+    other = get_family("sd15").build_tiny(tmp_path / "b", seed=1)
     name = "unet/diffusion_pytorch_model.safetensors"
     ref, same, diff = (load_file(p / name) for p in (tiny_sd15_path, again, other))
     assert all(torch.equal(ref[k], same[k]) for k in ref)
@@ -138,15 +155,16 @@ def test_tiny_build_is_deterministic(tmp_path, tiny_sd15_path):
 @pytest.mark.parametrize("family,expected", [("sd15", "sd1"), ("sd2", "sd2"), ("sdxl", "sdxl")])
 def test_detect_family(meta_models, family, expected):
     unet, encoders = meta_models[family]
-    assert detect_family(unet, encoders) == expected
-    assert detect_family(unet.config) == expected
-    assert detect_family(tiny_unet_config(family)) == expected  # no hint beyond the structure
-    v = detect_family(unet, encoders, prediction_type="v_prediction")
+    assert family_of_models(unet, encoders).name == expected
+    assert family_of_models(unet.config).name == expected
+    # no hint beyond the structure
+    assert family_of_models(get_family(family).tiny_unet_config()).name == expected
+    v = family_of_models(unet, encoders).variant("v_prediction")
     assert v == ("sd2-v" if family == "sd2" else expected)
 
 
 def test_pipeline_family_of_tiny_pipelines(tiny_pipes):
-    assert {f: pipeline_family(p) for f, p in tiny_pipes.items()} == \
+    assert {f: family_of_pipeline(p).variant(prediction_type_of(p)) for f, p in tiny_pipes.items()} == \
         {"sd15": "sd1", "sd2": "sd2-v", "sdxl": "sdxl"}
 
 
@@ -167,10 +185,10 @@ def test_tokenizer_round_trip(tmp_path, tiny_sd15_path):
 
 def test_load_pipeline_detects_and_overrides(tiny_sd2_path, tiny_sdxl_path):
     pipe = load_pipeline(str(tiny_sdxl_path), torch_dtype="fp32")
-    assert isinstance(pipe, StableDiffusionXLPipeline) and pipeline_family(pipe) == "sdxl"
+    assert isinstance(pipe, StableDiffusionXLPipeline) and family_of_pipeline(pipe).name == "sdxl"
     pipe = load_pipeline(tiny_sd2_path, family="sd21", prediction_type="epsilon")
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
-    assert pipeline_family(pipe) == "sd2"
+    assert family_of_pipeline(pipe).variant(prediction_type_of(pipe)) == "sd2"
 
 
 def test_load_pipeline_errors(tmp_path, tiny_sd15_path):
@@ -209,4 +227,4 @@ def test_cli_tiny_model(tmp_path):
 
     assert main(["tiny-model", "--family", "sd2", "--out", str(tmp_path / "m")]) == 0
     unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "m"), subfolder="unet")
-    assert detect_family(unet) == "sd2"
+    assert family_of_models(unet).name == "sd2"

@@ -1,0 +1,181 @@
+"""The model families and how to tell which one a model, a checkpoint or an adapter file is.
+
+Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``) as a
+:class:`~lokr_diffusion.families.base.Family`; this registry is the only place that lists
+them. Detection asks each family in turn whether the evidence is its own.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, ModelError
+from .base import Components, Family
+from .sd1 import FAMILY as SD1
+from .sd2 import FAMILY as SD2
+from .sdxl import FAMILY as SDXL
+
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
+
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "Components", "Family", "family_names", "get_family", "known_family",
+           "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
+           "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
+
+
+def family_names() -> list[str]:
+    """Every spelling users may type, canonical names first."""
+    return [f.name for f in FAMILIES] + [a for f in FAMILIES for a in f.aliases]
+
+
+def get_family(name: str | Family) -> Family:
+    """The family a user's spelling names (``sd15``, ``SD1``, ``sd2-v``, ``xl``...)."""
+    if isinstance(name, Family):
+        return name
+    key = str(name).strip().lower().replace("_", "-")
+    for f in FAMILIES:
+        if key == f.name or key in f.aliases:
+            return f
+    raise ConfigError(f"unknown model family {name!r}: expected one of "
+                      + ", ".join(f"{f.name} ({', '.join(f.aliases)})" for f in FAMILIES))
+
+
+def known_family(name: str | Family | None) -> Family | None:
+    """:func:`get_family`, or None for no name or one that is no single family (e.g. ``"sd"``)."""
+    try:
+        return None if name is None else get_family(name)
+    except ConfigError:
+        return None
+
+
+def family_of_models(denoiser: Any, text_encoders: Sequence[nn.Module] = ()) -> Family:
+    """The family of a loaded denoiser (or its config dict) and its text encoders."""
+    config = denoiser if isinstance(denoiser, Mapping) else getattr(denoiser, "config", None)
+    if config is None:
+        raise ModelError(f"cannot read a config from {type(denoiser).__name__}: expected a Diffusers denoiser")
+    for f in FAMILIES:
+        if f.matches_models(config, text_encoders):
+            return f
+    raise ModelError(f"{type(denoiser).__name__} belongs to no known model family "
+                     f"({', '.join(f.title for f in FAMILIES)})")
+
+
+def family_of_text_encoders(text_encoders: Sequence[nn.Module]) -> Family:
+    """Without a denoiser, the text encoders alone: their count, then their width."""
+    for f in FAMILIES:
+        widths = [w for _, w in f.text_encoder_widths]
+        if len(widths) == len(text_encoders) and (
+                len(widths) > 1 or getattr(text_encoders[0].config, "hidden_size", 768) == widths[0]):
+            return f
+    return SD1
+
+
+def family_of_pipeline(pipe: Any) -> Family:
+    """The family of a loaded pipeline (its denoiser and however many text encoders it has)."""
+    encoders = [getattr(pipe, a) for a in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(pipe, a, None) is not None]
+    return family_of_models(pipe.unet, encoders)
+
+
+def prediction_type_of(pipe: Any) -> str | None:
+    scheduler = getattr(pipe, "scheduler", None)
+    return scheduler.config.get("prediction_type") if scheduler is not None else None
+
+
+def family_of_pipeline_class(class_name: str) -> Family | None:
+    return next((f for f in FAMILIES if f.matches_pipeline_class(class_name)), None)
+
+
+def family_of_checkpoint_keys(keys: Sequence[str]) -> Family | None:
+    """The family of an original single-file checkpoint from its key names (the text towers differ)."""
+    return next((f for f in FAMILIES if f.matches_checkpoint_keys(keys)), None)
+
+
+def family_of_metadata(metadata: Mapping[str, str]) -> Family | None:
+    return next((f for f in FAMILIES if f.matches_metadata(metadata)), None)
+
+
+@dataclass(frozen=True)
+class FileFamily:
+    """What an adapter file says about its base model: one family, several that share their
+    key names (an SD 1.x or 2.x file without width evidence), or nothing."""
+
+    candidates: tuple[Family, ...]
+    how: str
+
+    @property
+    def family(self) -> Family | None:
+        return self.candidates[0] if len(self.candidates) == 1 else None
+
+    @property
+    def title(self) -> str:
+        return " or ".join(f.title for f in self.candidates) if self.candidates else "unknown"
+
+    @property
+    def naming_family(self) -> Family | None:
+        """A family whose module names cover every candidate (the last: SD2 covers SD1's)."""
+        return self.candidates[-1] if self.candidates else None
+
+    def allows(self, family: Family) -> bool:
+        return not self.candidates or family in self.candidates
+
+
+def _sharing_names(family: Family) -> tuple[Family, ...]:
+    """The families whose files use the same key prefixes as ``family``."""
+    return tuple(f for f in FAMILIES if f.text_encoder_prefixes() == family.text_encoder_prefixes())
+
+
+def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> FileFamily:
+    """From key prefixes and metadata only: enough for a loader to refuse a file made for
+    another family's naming before it reports every key as unmatched."""
+    prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
+    for f in FAMILIES:
+        te = f.text_encoder_prefixes()
+        if len(te) > 1 and te[-1] in prefixes:
+            return FileFamily(_sharing_names(f), "keys (text-encoder prefixes)")
+    meta = family_of_metadata(metadata or {})
+    if meta is not None:
+        return FileFamily(_sharing_names(meta), "metadata (ss_base_model_version)")
+    for f in FAMILIES:
+        te = f.text_encoder_prefixes()
+        if len(te) == 1 and te[0] in prefixes:
+            return FileFamily(_sharing_names(f), "keys (text-encoder prefix)")
+    return FileFamily((), "unknown")
+
+
+def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
+                      metadata: Mapping[str, str]) -> FileFamily:
+    """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
+
+    Widths of the real models decide first (cross-attention and text-encoder widths differ per
+    family), then the metadata sd-scripts writes, then the key structure (text-encoder count,
+    text-encoder depth, UNet levels).
+    """
+    for component, key, shape in modules:
+        if len(shape) != 2:  # not a module of a known algorithm: no width evidence
+            continue
+        for f in FAMILIES:
+            if component == "unet" and key.endswith("attn2_to_k") and shape[1] == f.cross_attention_width:
+                return FileFamily((f,), "keys (cross-attention width)")
+            if key.endswith("self_attn_q_proj") and (component, shape[0]) in f.text_encoder_widths:
+                return FileFamily((f,), "keys (text-encoder width)")
+    meta = family_of_metadata(metadata)
+    if meta is not None:
+        return FileFamily((meta,), "metadata (ss_base_model_version)")
+    components = {c for c, _, _ in modules}
+    for f in FAMILIES:
+        te = [p[len("lora_"):] for p in f.text_encoder_prefixes()]
+        if len(te) > 1 and components & set(te):
+            return FileFamily((f,), "keys (two text encoders)")
+    layers = [int(x) for _, k, _ in modules for x in re.findall(r"encoder_layers_(\d+)_", k)]
+    deep = [f for f in FAMILIES if len(f.real_text) == 1 and f.real_text[0][1]["num_hidden_layers"] > 12]
+    if layers and max(layers) >= 12 and deep:
+        return FileFamily(tuple(deep), "keys (more than 12 text-encoder layers)")
+    unet_rests = [re.sub(r"^(lora_unet|lycoris)_", "", k) for c, k, _ in modules if c == "unet"]
+    if any(r.startswith("down_blocks_3") or re.match(r"(input|output)_blocks_1[01]_", r) for r in unet_rests):
+        four = tuple(f for f in FAMILIES if len(f.real_unet["block_out_channels"]) == 4)
+        return FileFamily(four, "keys (four UNet levels: " + " or ".join(f.title for f in four) + ")")
+    return FileFamily((), "unknown")
