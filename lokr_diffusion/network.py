@@ -41,7 +41,7 @@ class AdapterConfig:
                                "SD1/2 also conv_in/out and the time embedding)")
     factor: int = setting(-1, valid=lambda v: v == -1 or v >= 1,
                           problem="expected a non-zero integer: -1 (balanced) or a positive factor",
-                          default_doc="`-1`", expect="int (-1 or >= 1)",
+                          allowed_doc="-1 or >= 1",
                           help="LoKr split of each dimension: -1 balanced, or 4, 8, 16 ... (bigger: bigger w1, "
                                "smaller w2)")
     dim: int = setting(16, ge=1, problem="expected a positive integer",

@@ -20,13 +20,14 @@ run with a message that names the key instead of failing an hour later.
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import DatasetError
-from ..schema import Scope, check_fields, keys_of, read_table, setting, toml_type
+from ..schema import Scope, check_fields, check_value, keys_of, read_table, setting, spec_of, toml_type
 
 MissingCaption = Literal["class_token", "empty", "error"]
 CacheMode = Literal["memory", "disk", "off"]
@@ -129,6 +130,7 @@ class DatasetConfig:
                                               help="what an image without a caption gets")
     resolution: tuple[int, int] = setting((512, 512), parse=_parse_resolution, valid=_resolution_ok,
                                           expect="int or [w, h]", default_doc="`512`",
+                                          allowed_doc=f"multiples of 8, [8, {MAX_RESOLUTION}]",
                                           problem="must be a positive multiple of 8 (or [width, height] of them), "
                                                   f"at most {MAX_RESOLUTION}",
                                           help="training area (bucketing) or crop size (without)")
@@ -137,6 +139,7 @@ class DatasetConfig:
     max_bucket_reso: int = _bucket_reso(1024, "largest bucket side")
     bucket_step: int = setting(64, ge=8, le=MAX_RESOLUTION, valid=lambda v: v % 8 == 0,
                                problem="must be a positive multiple of 8 (the VAE's downscale)",
+                               allowed_doc=f"multiple of 8, [8, {MAX_RESOLUTION}]",
                                help="bucket sides are multiples of this")
     bucket_no_upscale: bool = setting(False, help="never enlarge small images")
     random_crop: bool = setting(False, help="random instead of centre crops (cannot combine with cached latents)")
@@ -148,6 +151,7 @@ class DatasetConfig:
     alpha_background: tuple[int, int, int] = setting(
         (255, 255, 255), parse=_parse_colour, expect="colour", default_doc='`"white"`',
         valid=lambda c: len(c) == 3 and all(0 <= v <= 255 for v in c), problem="must be three 0-255 values",
+        allowed_doc="0-255 each",
         help='colour transparent images are composited on: a name (white, black, grey), `"#rrggbb"` or `[r, g, b]`')
     name: str = field(default="", compare=False)
 
@@ -183,6 +187,8 @@ class DatasetConfig:
 
 
 _KEYS = tuple(keys_of(DatasetConfig))
+_SPECS = {f.name: spec_of(f) for f in fields(DatasetConfig) if f.name in _KEYS}
+_HINTS = typing.get_type_hints(DatasetConfig)
 _PATH_KEYS = ("dir", "metadata_file", "cache_dir")
 
 
@@ -217,8 +223,13 @@ def _check_values(cfg: DatasetConfig, where: str) -> None:
 
 def _read_entry(where: str, table: Mapping[str, Any], base_dir: Path | None,
                 ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
-    return read_table(DatasetConfig, table, Scope(where, DatasetError, dotted=False, base_dir=base_dir),
-                      ignore=ignore)
+    """One table's keys, converted and checked one by one, so a bad `[data]` default is named
+    there rather than in every entry that inherits it."""
+    scope = Scope(where, DatasetError, dotted=False, base_dir=base_dir)
+    values = read_table(DatasetConfig, table, scope, ignore=ignore)
+    for key, value in values.items():
+        check_value(value, _SPECS[key], scope, key, _HINTS[key])
+    return values
 
 
 def dataset_configs_from_toml(data_table: Mapping[str, Any], *, base_dir: str | Path | None = None,

@@ -180,9 +180,11 @@ class SampleSection:
     seed: int = setting(0, ge=0, le=2**63 - 1, help="images use seeds seed, seed+1, ... (torch generators)")
     num_images: int = setting(2, ge=1, le=64, help="images per prompt")
     width: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
-                                problem="must be a positive multiple of 8", help="sample width in pixels")
+                                problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
+                                help="sample width in pixels")
     height: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
-                                 problem="must be a positive multiple of 8", help="sample height in pixels")
+                                 problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
+                                 help="sample height in pixels")
 
 
 @dataclass

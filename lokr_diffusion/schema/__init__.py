@@ -55,7 +55,8 @@ class Spec:
     `valid` is an extra rule on the converted value; `problem` says what it wants.
     `parse(value, scope, key)` replaces the annotation-based type check for TOML input (paths,
     colours, [width, height]); `expect` describes the accepted TOML form in errors and docs.
-    `default_doc` is how the docs show the default when the literal value would mislead.
+    `default_doc` / `allowed_doc` are how the docs show the default / the accepted values when
+    the generated text would mislead (a rule in `valid` is invisible to the generator).
     """
 
     help: str
@@ -69,6 +70,7 @@ class Spec:
     parse: Callable[[Any, "Scope", str], Any] | None = None
     expect: str | None = None
     default_doc: str | None = None
+    allowed_doc: str | None = None
 
 
 def setting(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | Any = MISSING,
@@ -318,6 +320,8 @@ def _default_text(f: dataclasses.Field, spec: Spec) -> str:
 
 def allowed_text(spec: Spec) -> str:
     """The accepted values in a few characters: choices, or the range in interval notation."""
+    if spec.allowed_doc is not None:
+        return spec.allowed_doc
     if spec.choices is not None:
         return ", ".join(f"`{c}`" for c in spec.choices)
     low = f"[{_num(spec.ge)}" if spec.ge is not None else f"({_num(spec.gt)}" if spec.gt is not None else None
@@ -338,7 +342,7 @@ def _rows(cls: type) -> list[tuple[str, str, str, str, str]]:
         spec = spec_of(f)
         if spec is None:
             continue
-        kind = spec.expect or _doc_type(hints[f.name], spec)
+        kind = spec.expect if spec.parse is not None and spec.expect else _doc_type(hints[f.name], spec)
         rows.append((f.name, kind, _default_text(f, spec), allowed_text(spec), spec.help))
     return rows
 
@@ -356,7 +360,7 @@ Section = tuple[str, type, str]  # (TOML name, dataclass, intro line)
 
 
 def _sections() -> list[Section]:
-    from .training.config import REFERENCE
+    from ..training.config import REFERENCE
 
     return REFERENCE
 
@@ -413,26 +417,3 @@ def help_text(section: str | None = None, sections: Sequence[Section] | None = N
         out.append(head)
         out.append(textwrap.fill(_plain(help_), width, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m lokr_diffusion.schema",
-                                     description="Print or refresh the generated config reference.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--markdown", action="store_true", help="print the README config reference")
-    group.add_argument("--write", metavar="README", type=Path, help="rewrite the reference between the markers")
-    group.add_argument("--text", nargs="?", const="", metavar="SECTION", help="print the --help-config text")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        print(markdown_reference())
-    elif args.write:
-        print(f"{args.write}: {'updated' if update_readme(args.write) else 'already up to date'}")
-    else:
-        print(help_text(args.text or None))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
