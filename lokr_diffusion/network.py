@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .families import Family, family_of_models, family_of_text_encoders, get_family
 from .fileformat import training_metadata, write_safetensors
 from .layers import AdapterModule
+from .schema import Scope, check_fields, setting
 from .targets import PRESETS, Target, select_targets
 
 logger = logging.getLogger(__name__)
@@ -31,38 +32,39 @@ class AdapterConfig:
     `dim`/`alpha` apply to Linear layers and 1x1 convs; k x k convs train only when
     `conv_dim` is given (the kohya convention). alpha defaults to the rank (scale 1). For LoKr
     a larger `factor` means a bigger w1 and a smaller w2, hence fewer parameters when w2 is full.
+    Each field's rules live in its `setting(...)` (see lokr_diffusion.schema); Python callers
+    get the same checks as the TOML config.
     """
 
-    algo: str = "lokr"
-    preset: str = "attn-mlp"
-    factor: int = -1
-    dim: int = 16
-    alpha: float | None = None
-    conv_dim: int | None = None
-    conv_alpha: float | None = None
-    full_matrix: bool = False
-    decompose_both: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    algo: str = setting("lokr", choices=tuple(ALGORITHMS), help="adapter algorithm")
+    preset: str = setting("attn-mlp", choices=PRESETS,
+                          help="which layers get adapters: `full` adds ResNet and down/upsampler convs (on "
+                               "SD1/2 also conv_in/out and the time embedding)")
+    factor: int = setting(-1, valid=lambda v: v == -1 or v >= 1,
+                          problem="expected a non-zero integer: -1 (balanced) or a positive factor",
+                          allowed_doc="-1 or >= 1",
+                          help="LoKr split of each dimension: -1 balanced, or 4, 8, 16 ... (bigger: bigger w1, "
+                               "smaller w2)")
+    dim: int = setting(16, ge=1, problem="expected a positive integer",
+                       help="rank of Linear layers and 1x1 convs")
+    alpha: float | None = setting(None, gt=0, default_doc="= dim",
+                                  help="alpha of Linear layers and 1x1 convs; scale = alpha / dim")
+    conv_dim: int | None = setting(None, ge=1, problem="expected a positive integer",
+                                   help="rank of k x k convs, which train only when this is set")
+    conv_alpha: float | None = setting(None, gt=0, default_doc="= conv_dim", help="alpha of k x k convs")
+    full_matrix: bool = setting(False, help="LoKr: never decompose w2")
+    decompose_both: bool = setting(False, help="LoKr: also decompose w1 when the rank is small enough")
+    include: tuple[str, ...] = setting((), help="shell globs on module paths or file keys to adapt, e.g. "
+                                                "`\"*attn2*\"`, `\"lora_unet_mid_block_*\"`")
+    exclude: tuple[str, ...] = setting((), help="shell globs of modules to leave out (same forms as `include`)")
+    rank_dropout: float = setting(0.0, ge=0, lt=1, problem="expected a probability in [0, 1)",
+                                  help="training-time dropout of output channels")
+    module_dropout: float = setting(0.0, ge=0, lt=1, problem="expected a probability in [0, 1)",
+                                    help="training-time dropout of whole modules")
 
     def __post_init__(self) -> None:
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
-        if self.algo not in ALGORITHMS:
-            raise ConfigError(f"network.algo: {self.algo!r} is not one of {', '.join(ALGORITHMS)}")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"network.preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
-        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor == 0:
-            raise ConfigError(f"network.factor: expected a non-zero integer (-1 for balanced), got {self.factor!r}")
-        for name in ("dim", "conv_dim"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"network.{name}: expected a positive integer, got {v!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            v = getattr(self, name)
-            if not 0.0 <= float(v) < 1.0:
-                raise ConfigError(f"network.{name}: expected a probability in [0, 1), got {v!r}")
+        check_fields(self, Scope("network", ConfigError))
 
     def settings(self, kxk_conv: bool) -> ModuleSettings:
         dim = self.conv_dim if kxk_conv else self.dim

@@ -36,6 +36,15 @@ def test_config_reference_lists_every_key():
             assert f.name in documented, f"[data] {f.name} is missing from the README reference"
 
 
+def test_config_reference_is_the_generated_one():
+    """The README tables are made from the fields' help texts; refresh them with
+    `python -m lokr_diffusion.schema --write README.md`."""
+    from lokr_diffusion.schema import markdown_reference, readme_block
+
+    assert readme_block(README) == markdown_reference(), \
+        "README config reference is stale: run python -m lokr_diffusion.schema --write README.md"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)

@@ -20,14 +20,14 @@ run with a message that names the key instead of failing an hour later.
 """
 from __future__ import annotations
 
-import difflib
-import math
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import DatasetError
+from ..schema import Scope, check_fields, check_value, keys_of, read_table, setting, spec_of, toml_type
 
 MissingCaption = Literal["class_token", "empty", "error"]
 CacheMode = Literal["memory", "disk", "off"]
@@ -42,40 +42,117 @@ _NAMED_COLOURS = {
 }
 
 
+MAX_REPEATS = 10_000  # times per epoch; more is a typo (use more epochs instead)
+MAX_RESOLUTION = 8192  # pixels per side: beyond any Stable Diffusion model's training size
+
+
+def _parse_path(value: Any, scope: Scope, key: str) -> Path:
+    """A non-empty string, resolved against the config file's folder when relative."""
+    if not isinstance(value, str) or not value:
+        raise scope.fail(key, f"must be a path (non-empty string), got {value!r} ({toml_type(value)})")
+    path = Path(value).expanduser()
+    if scope.base_dir is not None and not path.is_absolute():
+        path = scope.base_dir / path
+    return path
+
+
+def _parse_resolution(value: Any, scope: Scope, key: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return (value[0], value[1])
+    raise scope.fail(key, f"must be an integer or [width, height], got {value!r} ({toml_type(value)})")
+
+
+def _parse_colour(value: Any, scope: Scope, key: str) -> tuple[int, int, int]:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _NAMED_COLOURS:
+            return _NAMED_COLOURS[lowered]
+        if len(lowered) == 7 and lowered.startswith("#"):
+            try:
+                return tuple(int(lowered[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+            except ValueError:
+                pass
+        raise scope.fail(key, f"must be one of {', '.join(_NAMED_COLOURS)} or \"#rrggbb\", got {value!r}")
+    if (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)  # type: ignore[return-value]
+    raise scope.fail(key, f"must be a colour name, \"#rrggbb\" or [r, g, b], got {value!r} ({toml_type(value)})")
+
+
+def _parse_class_token(value: Any, scope: Scope, key: str) -> str | None:
+    if not isinstance(value, str):
+        raise scope.fail(key, f"must be a string, got {value!r} ({toml_type(value)})")
+    return value or None
+
+
+def _resolution_ok(value: tuple[int, ...]) -> bool:
+    return len(value) == 2 and all(8 <= v <= MAX_RESOLUTION and v % 8 == 0 for v in value)
+
+
+def _bucket_reso(default: int, help: str) -> Any:
+    return setting(default, ge=8, le=MAX_RESOLUTION, help=help + " (a multiple of `bucket_step`)")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """One dataset of a run: where its images are and how they become training samples.
 
     Defaults are the values used when neither the dataset entry nor `[data]` sets a key.
     `resolution` is (width, height); an int `n` in TOML means (n, n). With bucketing it is the
-    target *area*; without, the exact size every image is cropped to.
+    target *area*; without, the exact size every image is cropped to. Each field's rules and help
+    text are in its `setting(...)` (see lokr_diffusion.schema); the README table is made from them.
     """
 
-    dir: Path | None = None
-    metadata_file: Path | None = None
-    recursive: bool = False
-    repeats: int = 1
-    is_reg: bool = False
-    class_token: str | None = None
-    caption_extension: str = ".txt"
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0
-    tag_dropout: float = 0.0
-    missing_caption: MissingCaption = "class_token"
-    resolution: tuple[int, int] = (512, 512)
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_step: int = 64
-    bucket_no_upscale: bool = False
-    random_crop: bool = False
-    flip: bool = False
-    cache_latents: CacheMode = "off"
-    cache_dir: Path | None = None
-    alpha_background: tuple[int, int, int] = (255, 255, 255)
+    dir: Path | None = setting(None, parse=_parse_path, expect="path", default_doc="(this or `metadata_file`)",
+                               help="image folder, relative to the config file")
+    metadata_file: Path | None = setting(None, parse=_parse_path, expect="path",
+                                         help="a `metadata.jsonl` (`file_name` + `text`) instead of caption files")
+    recursive: bool = setting(False, help="search subfolders")
+    repeats: int = setting(1, ge=1, le=MAX_REPEATS,
+                           help="times each image is seen per epoch (multiplies kohya `N_name` folders)")
+    is_reg: bool = setting(False, help="regularisation images, balanced to the training images as kohya does")
+    class_token: str | None = setting(None, parse=_parse_class_token, expect="string", default_doc="folder name",
+                                      help="used for missing captions with `missing_caption = \"class_token\"`")
+    caption_extension: str = setting(".txt", help="caption file extension; `.caption` files are also read")
+    caption_prefix: str = setting("", help="added before every caption as written (e.g. a trigger word and `\", \"`)")
+    caption_suffix: str = setting("", help="added after every caption as written")
+    shuffle_caption: bool = setting(False, help="shuffle comma-separated tags")
+    keep_tokens: int = setting(0, ge=0, le=1000, problem="must be 0 or more",
+                               help="with `shuffle_caption`, keep the first N tags in place")
+    caption_dropout: float = setting(0.0, ge=0, le=1, problem="must be a probability between 0 and 1",
+                                     expect="a number between 0 and 1", help="drop the whole caption with this probability")
+    tag_dropout: float = setting(0.0, ge=0, le=1, problem="must be a probability between 0 and 1",
+                                 expect="a number between 0 and 1", help="drop single tags with this probability")
+    missing_caption: MissingCaption = setting("class_token", choices=_MISSING_CAPTION_CHOICES,
+                                              help="what an image without a caption gets")
+    resolution: tuple[int, int] = setting((512, 512), parse=_parse_resolution, valid=_resolution_ok,
+                                          expect="int or [w, h]", default_doc="`512`",
+                                          allowed_doc=f"multiples of 8, [8, {MAX_RESOLUTION}]",
+                                          problem="must be a positive multiple of 8 (or [width, height] of them), "
+                                                  f"at most {MAX_RESOLUTION}",
+                                          help="training area (bucketing) or crop size (without)")
+    enable_bucket: bool = setting(True, help="aspect-ratio buckets")
+    min_bucket_reso: int = _bucket_reso(256, "smallest bucket side")
+    max_bucket_reso: int = _bucket_reso(1024, "largest bucket side")
+    bucket_step: int = setting(64, ge=8, le=MAX_RESOLUTION, valid=lambda v: v % 8 == 0,
+                               problem="must be a positive multiple of 8 (the VAE's downscale)",
+                               allowed_doc=f"multiple of 8, [8, {MAX_RESOLUTION}]",
+                               help="bucket sides are multiples of this")
+    bucket_no_upscale: bool = setting(False, help="never enlarge small images")
+    random_crop: bool = setting(False, help="random instead of centre crops (cannot combine with cached latents)")
+    flip: bool = setting(False, help="random horizontal flips")
+    cache_latents: CacheMode = setting("off", choices=_CACHE_CHOICES,
+                                       help="`disk` caches survive runs and re-encode only changed images")
+    cache_dir: Path | None = setting(None, parse=_parse_path, expect="path", default_doc="`<output>/cache`",
+                                     help="where disk caches go")
+    alpha_background: tuple[int, int, int] = setting(
+        (255, 255, 255), parse=_parse_colour, expect="colour", default_doc='`"white"`',
+        valid=lambda c: len(c) == 3 and all(0 <= v <= 255 for v in c), problem="must be three 0-255 values",
+        allowed_doc="0-255 each",
+        help='colour transparent images are composited on: a name (white, black, grey), `"#rrggbb"` or `[r, g, b]`')
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -109,36 +186,23 @@ class DatasetConfig:
         return not self.shuffle_caption and self.tag_dropout == 0.0
 
 
-_KEYS = tuple(f.name for f in fields(DatasetConfig) if f.name != "name")
+_KEYS = tuple(keys_of(DatasetConfig))
+_SPECS = {f.name: spec_of(f) for f in fields(DatasetConfig) if f.name in _KEYS}
+_HINTS = typing.get_type_hints(DatasetConfig)
 _PATH_KEYS = ("dir", "metadata_file", "cache_dir")
 
 
 def _check_values(cfg: DatasetConfig, where: str) -> None:
+    """The per-field rules (from the settings), then the rules that involve several keys."""
+    scope = Scope(where, DatasetError, dotted=False)
+    check_fields(cfg, scope)
+
     def fail(key: str, msg: str) -> None:
         raise DatasetError(f"{where}: {key} {msg}")
 
     if cfg.dir is None and cfg.metadata_file is None:
         fail("dir", "is not set: each dataset needs `dir` (a folder of images) or `metadata_file` "
                     "(a metadata.jsonl)")
-    if cfg.repeats < 1:
-        fail("repeats", f"must be at least 1, got {cfg.repeats}")
-    if cfg.keep_tokens < 0:
-        fail("keep_tokens", f"must be 0 or more, got {cfg.keep_tokens}")
-    for key in ("caption_dropout", "tag_dropout"):
-        value = getattr(cfg, key)
-        if not (0.0 <= value <= 1.0) or math.isnan(value):
-            fail(key, f"must be a probability between 0 and 1, got {value}")
-    if cfg.missing_caption not in _MISSING_CAPTION_CHOICES:
-        fail("missing_caption", f"must be one of {', '.join(map(repr, _MISSING_CAPTION_CHOICES))}, "
-                                f"got {cfg.missing_caption!r}")
-    if cfg.cache_latents not in _CACHE_CHOICES:
-        fail("cache_latents", f"must be one of {', '.join(map(repr, _CACHE_CHOICES))}, "
-                              f"got {cfg.cache_latents!r}")
-    if len(cfg.resolution) != 2 or min(cfg.resolution) < 8 or any(v % 8 for v in cfg.resolution):
-        fail("resolution", f"must be a positive multiple of 8 (or [width, height] of them), "
-                           f"got {list(cfg.resolution)}")
-    if cfg.bucket_step < 8 or cfg.bucket_step % 8:
-        fail("bucket_step", f"must be a positive multiple of 8 (the VAE's downscale), got {cfg.bucket_step}")
     for key in ("min_bucket_reso", "max_bucket_reso"):
         value = getattr(cfg, key)
         if value < cfg.bucket_step or value % cfg.bucket_step:
@@ -151,98 +215,20 @@ def _check_values(cfg: DatasetConfig, where: str) -> None:
     if cfg.random_crop and cfg.caches_latents:
         fail("random_crop", "cannot be combined with cache_latents: the crop is baked into the cached "
                             "latents; set random_crop = false or cache_latents = \"off\"")
-    if len(cfg.alpha_background) != 3 or any(not 0 <= c <= 255 for c in cfg.alpha_background):
-        fail("alpha_background", f"must be three 0-255 values, got {list(cfg.alpha_background)}")
 
 
 # --------------------------------------------------------------------------------------------
 # TOML reading
 
 
-def _type_name(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-            dict: "table"}.get(type(value), type(value).__name__)
-
-
-def _expect(where: str, key: str, value: Any, expected: str) -> DatasetError:
-    return DatasetError(f"{where}: {key} must be {expected}, got {value!r} ({_type_name(value)})")
-
-
-def _convert(where: str, key: str, value: Any, base_dir: Path | None) -> Any:
-    """Check one TOML value's type strictly (true is not 1, "10" is not 10) and convert it."""
-    if key in ("recursive", "is_reg", "shuffle_caption", "enable_bucket", "bucket_no_upscale",
-               "random_crop", "flip"):
-        if not isinstance(value, bool):
-            raise _expect(where, key, value, "true or false")
-        return value
-    if key in ("repeats", "keep_tokens", "min_bucket_reso", "max_bucket_reso", "bucket_step"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _expect(where, key, value, "an integer")
-        return value
-    if key in ("caption_dropout", "tag_dropout"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _expect(where, key, value, "a number between 0 and 1")
-        return float(value)
-    if key in _PATH_KEYS:
-        if not isinstance(value, str) or not value:
-            raise _expect(where, key, value, "a path (non-empty string)")
-        path = Path(value).expanduser()
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
-        return path
-    if key == "resolution":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return (value, value)
-        if (isinstance(value, list) and len(value) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            return (value[0], value[1])
-        raise _expect(where, key, value, "an integer or [width, height]")
-    if key == "alpha_background":
-        if isinstance(value, str):
-            return _parse_colour(where, value)
-        if (isinstance(value, list) and len(value) == 3
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            return tuple(value)
-        raise _expect(where, key, value, "a colour name, \"#rrggbb\" or [r, g, b]")
-    if key == "class_token":
-        if not isinstance(value, str):
-            raise _expect(where, key, value, "a string")
-        return value or None
-    # the remaining keys are plain strings
-    if not isinstance(value, str):
-        raise _expect(where, key, value, "a string")
-    return value
-
-
-def _parse_colour(where: str, text: str) -> tuple[int, int, int]:
-    lowered = text.strip().lower()
-    if lowered in _NAMED_COLOURS:
-        return _NAMED_COLOURS[lowered]
-    if len(lowered) == 7 and lowered.startswith("#"):
-        try:
-            return tuple(int(lowered[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-        except ValueError:
-            pass
-    raise DatasetError(f"{where}: alpha_background must be one of {', '.join(_NAMED_COLOURS)} "
-                       f"or \"#rrggbb\", got {text!r}")
-
-
-def _unknown_key_error(where: str, key: str, allowed: Iterable[str]) -> DatasetError:
-    allowed = sorted(allowed)
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return DatasetError(f"{where}: unknown key {key!r}.{hint} Known keys: {', '.join(allowed)}")
-
-
 def _read_entry(where: str, table: Mapping[str, Any], base_dir: Path | None,
                 ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key in ignore:
-            continue
-        if key not in _KEYS:
-            raise _unknown_key_error(where, key, [*_KEYS, *ignore])
-        values[key] = _convert(where, key, value, base_dir)
+    """One table's keys, converted and checked one by one, so a bad `[data]` default is named
+    there rather than in every entry that inherits it."""
+    scope = Scope(where, DatasetError, dotted=False, base_dir=base_dir)
+    values = read_table(DatasetConfig, table, scope, ignore=ignore)
+    for key, value in values.items():
+        check_value(value, _SPECS[key], scope, key, _HINTS[key])
     return values
 
 
@@ -257,7 +243,7 @@ def dataset_configs_from_toml(data_table: Mapping[str, Any], *, base_dir: str | 
     Raises DatasetError naming the key for unknown keys (with a suggestion) and wrong types.
     """
     if not isinstance(data_table, Mapping):
-        raise DatasetError(f"[data] must be a table, got {_type_name(data_table)}")
+        raise DatasetError(f"[data] must be a table, got {toml_type(data_table)}")
     base = Path(base_dir) if base_dir is not None else None
     extra = frozenset(extra_keys)
     defaults = _read_entry("[data]", data_table, base, ignore=extra | {"datasets"})
@@ -269,7 +255,7 @@ def dataset_configs_from_toml(data_table: Mapping[str, Any], *, base_dir: str | 
         entries = [{}]
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
         raise DatasetError(f"[data]: datasets must be an array of tables ([[data.datasets]]), "
-                           f"got {_type_name(entries)}")
+                           f"got {toml_type(entries)}")
     if not entries:
         raise DatasetError("[data]: datasets is empty: add at least one [[data.datasets]] table")
     configs = []

@@ -1,93 +1,134 @@
 """The training config: TOML in, a typed and validated `TrainConfig` out, before any model loads.
 
-Each section is a dataclass; its fields are the TOML keys. Unknown keys are errors with a
-did-you-mean suggestion, wrong types and impossible values are errors naming the key, so a
-typo costs a second, not a model load.
+Each section is a dataclass; its fields are the TOML keys, declared with `schema.setting` (default,
+rules and help text in one place; see lokr_diffusion.schema). Unknown keys are errors with a
+did-you-mean suggestion, wrong types, non-finite numbers and impossible values are errors naming
+the key, so a typo costs a second, not a model load. The `[data]` datasets are checked here too.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
-import tomllib
-import typing
-from dataclasses import dataclass, field
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..data.config import DatasetConfig, dataset_configs_from_toml
 from ..errors import ConfigError
 from ..network import AdapterConfig
+from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                 "piecewise_constant")
+# Every name here is one diffusers.optimization.get_scheduler builds from the arguments the trainer
+# passes (warmup and total steps); piecewise_constant needs step rules the config cannot give.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "sgd")
+# optimizer -> (module it imports, what to tell the user when it is missing)
+OPTIONAL_OPTIMIZERS = {
+    "adamw8bit": ("bitsandbytes", "pip install bitsandbytes"),
+    "prodigy": ("prodigyopt", "pip install prodigyopt (and set learning_rate = 1.0, as Prodigy finds the step "
+                              "size itself)"),
+}
+FAMILIES = ("auto", "sd1", "sd2", "sd2-v", "sdxl")
+MAX_SEED = 2**31 - 1  # each process adds its index before NumPy's seed(), which stops at 2**32 - 1
+MAX_STEPS = 10**9  # far beyond any run; a larger number is a typo
+# diffusers' polynomial schedule decays to lr_end = 1e-7 and refuses a peak rate not above it
+POLYNOMIAL_LR_END = 1e-7
 
 
 @dataclass
 class ModelSection:
-    pretrained_model: str = ""
-    family: str = "auto"  # auto, sd1, sd2, sd2-v, sdxl
-    prediction_type: str = "auto"  # auto, epsilon, v_prediction
-    revision: str | None = None
-    variant: str | None = None
+    pretrained_model: str = setting("", default_doc="(required)",
+                                    help="hub id, Diffusers folder or single-file `.safetensors` checkpoint; "
+                                         "a relative path is relative to the config file")
+    family: str = setting("auto", choices=FAMILIES,
+                          help="model family; decides file naming and conditioning (`auto`: from the model)")
+    prediction_type: str = setting("auto", choices=("auto", "epsilon", "v_prediction"),
+                                   help="what the UNet predicts (`auto`: from the model's scheduler config)")
+    revision: str | None = setting(None, help="hub revision (branch, tag or commit)")
+    variant: str | None = setting(None, help="hub weight variant, e.g. `fp16`")
 
     def check(self) -> None:
         if not self.pretrained_model:
             raise ConfigError("model.pretrained_model: required (a hub id, a Diffusers folder or a .safetensors file)")
-        _choice("model.family", self.family, ("auto", "sd1", "sd2", "sd2-v", "sdxl"))
-        _choice("model.prediction_type", self.prediction_type, ("auto", "epsilon", "v_prediction"))
 
 
 @dataclass
 class NetworkSection(AdapterConfig):
     """The AdapterConfig fields plus which parts of the model get adapters."""
 
-    train_unet: bool = True
-    train_text_encoder: bool = False
-    embedding_trigger: str | None = None  # train input vectors for this trigger word (pivotal tuning)
-    embedding_vectors: int | None = None  # default: as many as the word's current pieces
+    train_unet: bool = setting(True, help="put adapters on the UNet")
+    train_text_encoder: bool = setting(False, help="put adapters on the text encoder(s): all four attention "
+                                                   "projections together")
+    embedding_trigger: str | None = setting(
+        None, help="also train the text-encoder input vectors of this made-up trigger word (pivotal tuning), "
+                   "saved beside the adapter as `<name>_emb.safetensors`; see "
+                   "[Trigger embeddings](#trigger-embeddings)")
+    embedding_vectors: int | None = setting(
+        None, ge=1, le=75, default_doc="the word's pieces",
+        help="vectors per text encoder (CLIP reads at most 75 tokens); the default starts exactly where the base "
+             "model reads the word")
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)})
 
-    def check(self) -> None:  # the AdapterConfig fields were checked in __post_init__
+    def check(self) -> None:  # the per-field rules were checked in __post_init__
         if not (self.train_unet or self.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false; nothing to train")
         if self.embedding_trigger is not None and (not self.embedding_trigger.strip()
                                                    or len(self.embedding_trigger.split()) != 1):
             raise ConfigError(f"network.embedding_trigger: expected one word, got {self.embedding_trigger!r}")
-        if self.embedding_vectors is not None and self.embedding_vectors < 1:
-            raise ConfigError(f"network.embedding_vectors: must be at least 1, got {self.embedding_vectors}")
+
+
+def _lr(default: float | None, help: str, **extra: Any) -> Any:
+    return setting(default, gt=0, help=help, **extra)
 
 
 @dataclass
 class TrainSection:
-    max_steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    unet_lr: float | None = None
-    text_encoder_lr: float | None = None
-    embedding_lr: float | None = None
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no, fp16, bf16
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    zero_terminal_snr: bool = False
-    min_timestep: int = 0
-    max_timestep: int | None = None
-    ema_decay: float | None = None
-    prior_loss_weight: float = 1.0  # loss weight of regularisation (is_reg) images
-    xformers: bool = False
-    resume: str | None = None  # "latest" or a checkpoint folder
-    max_nonfinite_steps: int = 10
-    num_workers: int = 0
+    max_steps: int | None = setting(None, ge=1, le=MAX_STEPS, default_doc="(this or `epochs`)",
+                                    help="optimizer steps to train")
+    epochs: int | None = setting(None, ge=1, le=MAX_STEPS, default_doc="(this or `max_steps`)",
+                                 help="whole epochs to train (with `max_steps` too: whichever ends first)")
+    batch_size: int = setting(1, ge=1, le=4096, help="images per step and process")
+    gradient_accumulation_steps: int = setting(1, ge=1, le=4096, help="batches per optimizer step")
+    learning_rate: float = _lr(1e-4, "learning rate of the adapters")
+    unet_lr: float | None = _lr(None, "learning rate of the UNet adapters", default_doc="`learning_rate`")
+    text_encoder_lr: float | None = _lr(None, "learning rate of the text-encoder adapters",
+                                        default_doc="`learning_rate`")
+    embedding_lr: float | None = _lr(None, "learning rate of the trigger embedding (no weight decay)",
+                                     default_doc="`text_encoder_lr`, else `learning_rate`")
+    lr_scheduler: str = setting("constant", choices=LR_SCHEDULERS, help="learning-rate schedule (diffusers)")
+    lr_warmup_steps: int = setting(0, ge=0, le=MAX_STEPS, help="linear warmup steps (not used by `constant`)")
+    optimizer: str = setting("adamw", choices=OPTIMIZERS,
+                             help="`adamw8bit` needs bitsandbytes, `prodigy` needs prodigyopt (use learning_rate "
+                                  "= 1.0 with it)")
+    weight_decay: float = setting(0.01, ge=0, help="decoupled weight decay of the adapters")
+    max_grad_norm: float = setting(1.0, ge=0, help="gradient clipping (0 turns it off)")
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"),
+                                   help="`fp16` needs a GPU (with a gradient scaler); adapter weights stay fp32")
+    gradient_checkpointing: bool = setting(False, help="trade compute for memory")
+    seed: int = setting(42, ge=0, le=MAX_SEED, help="seeds data order, augmentation, noise and initial weights")
+    min_snr_gamma: float | None = setting(None, gt=0, help="min-SNR loss weighting (5.0 is common)")
+    noise_offset: float = setting(0.0, ge=0, le=1, help="offset noise (0.03-0.1 helps very dark / bright images)")
+    zero_terminal_snr: bool = setting(False, help="rescale the noise schedule to zero terminal SNR (v-prediction "
+                                                  "only); on automatically for a model whose scheduler config has "
+                                                  "`rescale_betas_zero_snr`")
+    min_timestep: int = setting(0, ge=0, lt=1000, help="lowest training timestep")
+    max_timestep: int | None = setting(None, ge=1, le=1000, default_doc="the scheduler's (1000)",
+                                       help="timesteps are drawn from [min_timestep, max_timestep)")
+    ema_decay: float | None = setting(None, gt=0, lt=1, help="keep an EMA of the adapter weights and save it")
+    prior_loss_weight: float = setting(1.0, gt=0, le=1000,
+                                       help="loss weight of regularisation images (`is_reg = true`) against the "
+                                            "training images")
+    xformers: bool = setting(False, help="xformers attention on CUDA when installed; otherwise a warning")
+    resume: str | None = setting(None, help="`\"latest\"` (newest checkpoint in the output folder) or a checkpoint "
+                                            "folder, relative to the config file")
+    max_nonfinite_steps: int = setting(10, ge=1, le=MAX_STEPS,
+                                       help="skip steps with a non-finite loss or gradient; stop after this many "
+                                            "in a row")
+    num_workers: int = setting(0, ge=0, le=256, help="data loader worker processes")
 
     @property
     def embedding_learning_rate(self) -> float:
@@ -96,82 +137,60 @@ class TrainSection:
     def check(self) -> None:
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("train: set max_steps or epochs")
-        for name in ("max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "max_nonfinite_steps"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"train.{name}: must be at least 1, got {v}")
-        for name in ("learning_rate", "unet_lr", "text_encoder_lr", "embedding_lr"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"train.{name}: must be positive, got {v}")
-        for name in ("lr_warmup_steps", "min_timestep", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}: must not be negative, got {getattr(self, name)}")
         if self.max_timestep is not None and not self.min_timestep < self.max_timestep <= 1000:
             raise ConfigError(f"train.max_timestep: must be in ({self.min_timestep}, 1000], got {self.max_timestep}")
-        if not self.prior_loss_weight > 0:
-            raise ConfigError(f"train.prior_loss_weight: must be positive, got {self.prior_loss_weight}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ConfigError(f"train.min_snr_gamma: must be positive, got {self.min_snr_gamma}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
-        if self.max_grad_norm < 0 or self.noise_offset < 0 or self.weight_decay < 0:
-            raise ConfigError("train: max_grad_norm, noise_offset and weight_decay must not be negative")
-        _choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        _choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        if self.lr_scheduler == "polynomial" and not self.learning_rate > POLYNOMIAL_LR_END:
+            raise ConfigError(f"train.lr_scheduler: 'polynomial' decays to {POLYNOMIAL_LR_END} and needs a larger "
+                              f"train.learning_rate, got {self.learning_rate}")
+        if self.optimizer in OPTIONAL_OPTIMIZERS:
+            module, install = OPTIONAL_OPTIMIZERS[self.optimizer]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"train.optimizer = {self.optimizer!r} needs {module}: {install}")
 
 
 @dataclass
 class OutputSection:
-    dir: str = "output"
-    name: str = "lokr"
-    save_every_steps: int | None = None
-    save_every_epochs: int | None = None
-    keep_last: int | None = 3
-    save_dtype: str = "fp16"  # fp32, fp16, bf16
+    dir: str = setting("output", help="folder of the adapter, checkpoints and samples, relative to the config file")
+    name: str = setting("lokr", help="file name of the adapter (`<name>.safetensors`)")
+    save_every_steps: int | None = setting(None, ge=1, le=MAX_STEPS,
+                                           help="save an adapter and resumable state every N steps")
+    save_every_epochs: int | None = setting(None, ge=1, le=MAX_STEPS, help="the same every N epochs")
+    keep_last: int | None = setting(3, ge=1, help="checkpoints and step adapters kept")
+    save_dtype: str = setting("fp16", choices=("fp32", "fp16", "bf16"),
+                              help="dtype of the saved adapter (alpha is always float32)")
 
     def check(self) -> None:
-        for name in ("save_every_steps", "save_every_epochs", "keep_last"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"output.{name}: must be at least 1, got {v}")
-        _choice("output.save_dtype", self.save_dtype, ("fp32", "fp16", "bf16"))
         if not self.name or "/" in self.name or "\\" in self.name:
             raise ConfigError(f"output.name: must be a plain file name, got {self.name!r}")
 
 
+def _multiple_of_8(v: int) -> bool:
+    return v % 8 == 0
+
+
 @dataclass
 class SampleSection:
-    prompts: list[str] = field(default_factory=list)
-    negative_prompt: str = ""
-    every_steps: int | None = None
-    steps: int = 20
-    guidance_scale: float = 7.0
-    seed: int = 0
-    num_images: int = 2
-    width: int | None = None
-    height: int | None = None
-
-    def check(self) -> None:
-        for name in ("every_steps", "steps", "num_images"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"sample.{name}: must be at least 1, got {v}")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (v < 8 or v % 8):
-                raise ConfigError(f"sample.{name}: must be a positive multiple of 8, got {v}")
+    prompts: list[str] = setting(default_factory=list,
+                                 help="one PNG grid per prompt: `samples/stepNNNNNN-II-<prompt>.png`, also in "
+                                      "TensorBoard")
+    negative_prompt: str = setting("", help="negative prompt of every sample")
+    every_steps: int | None = setting(None, ge=1, le=MAX_STEPS, help="sample every N steps (and always at the end)")
+    steps: int = setting(20, ge=1, le=1000, help="denoising steps per image")
+    guidance_scale: float = setting(7.0, ge=0, le=100, help="classifier-free guidance scale")
+    seed: int = setting(0, ge=0, le=2**63 - 1, help="images use seeds seed, seed+1, ... (torch generators)")
+    num_images: int = setting(2, ge=1, le=64, help="images per prompt")
+    width: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
+                                problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
+                                help="sample width in pixels")
+    height: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
+                                 problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
+                                 help="sample height in pixels")
 
 
 @dataclass
 class LoggingSection:
-    tensorboard: bool = True
-    log_every_steps: int = 1
-
-    def check(self) -> None:
-        if self.log_every_steps < 1:
-            raise ConfigError(f"logging.log_every_steps: must be at least 1, got {self.log_every_steps}")
+    tensorboard: bool = setting(True, help="log loss, learning rate, gradient norm and sample grids")
+    log_every_steps: int = setting(1, ge=1, le=MAX_STEPS, help="log every N steps")
 
 
 SECTIONS = {"model": ModelSection, "network": NetworkSection, "train": TrainSection, "output": OutputSection,
@@ -200,51 +219,8 @@ class TrainConfig:
         return p if p.is_absolute() else self.base_dir / p
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}"
-                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether a TOML value fits a field's annotation (ints are accepted for floats)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple):  # TOML arrays; tuple[str, ...] fields take them too
-        item = typing.get_args(hint)[0]
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def _section(name: str, cls: type, table: Any) -> Any:
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"[{name}] must be a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in table.items():
-        if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
-            raise ConfigError(f"{name}.{key}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else
-                                                               f"; known keys: {', '.join(names)}"))
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
-        values[key] = float(value) if hints[key] in (float, float | None) and isinstance(value, int) else value
-    section = cls(**values)
-    section.check()
-    return section
+    return build(cls, table, Scope(name, ConfigError))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -272,15 +248,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _resolve_resume(resume: str | None, base_dir: Path) -> str | None:
+    """A relative checkpoint folder is relative to the config file, like every other path;
+    "latest" is a keyword, not a folder."""
+    if resume is None or resume == "latest":
+        return resume
+    if not resume.strip():
+        raise ConfigError("train.resume: expected \"latest\" or a checkpoint folder, got ''")
+    path = Path(resume).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
+
+
 def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> TrainConfig:
+    """Check a parsed config (all sections and the datasets) and build the `TrainConfig`.
+
+    `base_dir` is the config file's folder: relative paths (datasets, output, resume) are
+    resolved against it so a config works from any working directory.
+    """
     unknown = set(raw) - set(SECTIONS) - {"data"}
     for key in sorted(unknown):
         hint = difflib.get_close_matches(key, list(SECTIONS) + ["data"], n=1)
         raise ConfigError(f"[{key}]: unknown section" + (f" (did you mean [{hint[0]}]?)" if hint else ""))
     sections = {name: _section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
+    sections["train"].resume = _resolve_resume(sections["train"].resume, base_dir)
+    if not isinstance(raw.get("data", {}), Mapping):
+        raise ConfigError(f"[data] must be a table, got {type(raw['data']).__name__}")
     data = dict(raw.get("data", {}))
     if not data:
         raise ConfigError("[data]: required: add [[data.datasets]] tables with a `dir`")
+    dataset_configs_from_toml(data, base_dir=base_dir)  # refuse bad datasets before anything runs
     cfg = TrainConfig(**sections, data=data, base_dir=base_dir)
     if cfg.sample.every_steps and not cfg.sample.prompts:
         raise ConfigError("sample.every_steps is set but sample.prompts is empty")
@@ -288,16 +284,53 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Trai
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read, override and validate a TOML config file. Relative paths are relative to the file."""
+    """Read, override and validate a TOML config file. Relative paths are relative to the file.
+
+    A UTF-8 byte-order mark is accepted; a syntax error names the file and the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    raw = parse_toml(text, str(path), ConfigError)
     raw = apply_overrides(raw, list(overrides))
     try:
         return config_from_dict(raw, base_dir=path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# -- documentation: the README reference and --help-config come from the fields' help texts -------
+
+REFERENCE: list[tuple[str, type, str]] = [
+    ("model", ModelSection, ""),
+    ("network", NetworkSection, ""),
+    ("data", DatasetConfig, "keys are defaults for every `[[data.datasets]]` entry, which may override them:"),
+    ("train", TrainSection, ""),
+    ("output", OutputSection, ""),
+    ("sample", SampleSection, ""),
+    ("logging", LoggingSection, ""),
+]
+
+
+class _HelpConfig(argparse.Action):
+    """`--help-config [SECTION]`: print the config keys (like --help, it exits at once)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            text = help_text(values or None)
+        except KeyError as exc:
+            parser.error(f"--help-config: {exc.args[0]}")
+        print(text)
+        parser.exit(0)
+
+
+def add_help_config_argument(parser: argparse.ArgumentParser) -> None:
+    """Add `--help-config [SECTION]` to a trainer command line."""
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION", action=_HelpConfig,
+                        help="list the config keys by section, or one section's keys with defaults, allowed "
+                             "values and meanings, then exit")

@@ -468,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_train_arguments(parser) -> None:
+    from .config import add_help_config_argument
+
     parser.add_argument("--config", required=True, help="TOML config file (see train_configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (read as TOML; a bare word is a string); repeatable")
+    add_help_config_argument(parser)
