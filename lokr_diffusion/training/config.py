@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..data.config import DatasetConfig, dataset_configs_from_toml
+from ..families import family_names
 from ..errors import ConfigError
 from ..network import AdapterConfig
 from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
@@ -30,7 +31,7 @@ OPTIONAL_OPTIMIZERS = {
     "prodigy": ("prodigyopt", "pip install prodigyopt (and set learning_rate = 1.0, as Prodigy finds the step "
                               "size itself)"),
 }
-FAMILIES = ("auto", "sd1", "sd2", "sd2-v", "sdxl")
+FAMILIES = ("auto", *family_names())  # every spelling the family registry accepts
 MAX_SEED = 2**31 - 1  # each process adds its index before NumPy's seed(), which stops at 2**32 - 1
 MAX_STEPS = 10**9  # far beyond any run; a larger number is a typo
 # diffusers' polynomial schedule decays to lr_end = 1e-7 and refuses a peak rate not above it
