@@ -505,6 +505,14 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
         if isinstance(info, BadImageError):
             _skip(summary, src.path, str(info))
             continue
+        size = (info.width, info.height)
+        bucket = spec.assign(size, buckets)
+        share = crop_share(size, bucket)
+        if share < MIN_CROP_SHARE:
+            _skip(summary, src.path, f"aspect ratio too extreme: {size[0]}x{size[1]} in its nearest allowed "
+                                     f"bucket {bucket[0]}x{bucket[1]} would keep {share:.1%} of the image "
+                                     f"(less than {MIN_CROP_SHARE:.2%}); crop it or widen min/max_bucket_reso")
+            continue
         caption = src.caption
         if caption is None:
             if cfg.missing_caption == "class_token" and src.class_token:
@@ -514,14 +522,6 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
             else:
                 no_caption.append(src.path)
                 continue
-        size = (info.width, info.height)
-        bucket = spec.assign(size, buckets)
-        share = crop_share(size, bucket)
-        if share < MIN_CROP_SHARE:
-            _skip(summary, src.path, f"aspect ratio too extreme: {size[0]}x{size[1]} in its nearest allowed "
-                                     f"bucket {bucket[0]}x{bucket[1]} would keep {share:.1%} of the image "
-                                     f"(less than {MIN_CROP_SHARE:.2%}); crop it or widen min/max_bucket_reso")
-            continue
         records.append(ImageRecord(src.path, caption, ci, src.repeats, cfg.is_reg, size, bucket, info.sha256))
     if no_caption:
         examples = ", ".join(str(p) for p in no_caption[:3]) + (" ..." if len(no_caption) > 3 else "")
