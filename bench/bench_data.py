@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lokr_diffusion.data import DatasetConfig, VaeLatentEncoder, build_dataset
+from lokr_diffusion.data import DatasetConfig, VaeLatentEncoder, build_dataset, make_loader
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "example_dataset"
 
@@ -32,7 +32,7 @@ def tiny_vae() -> torch.nn.Module:
 
 
 def run_epochs(dataset, epochs: int, batch_size: int, workers: int, per_batch=None) -> tuple[int, float]:
-    loader = dataset.dataloader(batch_size, num_workers=workers)
+    loader = make_loader(dataset, batch_size, num_workers=workers)
     images = 0
     start = time.perf_counter()
     for epoch in range(epochs):

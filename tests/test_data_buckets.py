@@ -15,6 +15,7 @@ from lokr_diffusion.data import (
     build_dataset,
     cover_size,
     make_buckets,
+    make_loader,
     nearest_bucket,
     plan_crop,
 )
@@ -83,8 +84,11 @@ def test_center_and_random_crop_geometry():
 
 
 def test_no_upscale_gives_small_images_their_own_bucket():
-    spec = BucketSpec((512, 512), no_upscale=True)
+    spec = BucketSpec((512, 512), min_reso=128, no_upscale=True)
     assert spec.assign((300, 200)) == (256, 192)  # floor to the step, never enlarged
+    # but never below min_reso or above max_reso: the short side is enlarged to min_reso
+    assert BucketSpec((512, 512), no_upscale=True).assign((300, 200)) == (256, 256)
+    assert BucketSpec((64, 64), min_reso=64, max_reso=128, no_upscale=True).assign((20000, 20)) == (128, 64)
     assert spec.assign((2000, 2000)) == (512, 512)  # large images use the normal buckets
     assert BucketSpec((512, 512)).assign((300, 200)) == (640, 384)
 
@@ -111,7 +115,7 @@ def test_dataset_batches_come_from_one_bucket_and_pixels_are_cropped(tmp_path):
     ds = build_dataset([_cfg(tmp_path)], batch_size=2, report=None)
     assert ds.buckets == [(32, 128), (64, 64)]
     seen = 0
-    for batch in ds.dataloader():
+    for batch in make_loader(ds):
         h, w = batch["pixel_values"].shape[-2:]
         assert {tuple(t) for t in batch["target_size"].tolist()} == {(h, w)}
         for cap in batch["captions"]:
@@ -139,5 +143,16 @@ def test_bucket_table_and_small_bucket_warning(tmp_path, caplog):
     assert "bucket 128x32 has 1 image (3 samples per epoch), fewer than batch size 4" in caplog.text
     assert "none are dropped" in caplog.text
     # the small bucket's samples are really yielded
-    sizes = sorted(len(b["captions"]) for b in ds.dataloader())
+    sizes = sorted(len(b["captions"]) for b in make_loader(ds))
     assert sizes == [3, 4, 4, 4]
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=st.integers(1, 40000), h=st.integers(1, 40000), lo=st.sampled_from([32, 64, 128]),
+       hi=st.sampled_from([128, 256, 512]), step=st.sampled_from([32, 64]))
+def test_no_upscale_buckets_stay_within_min_and_max_reso(w, h, lo, hi, step):
+    if lo % step or hi % step:
+        return
+    spec = BucketSpec((128, 128), min_reso=lo, max_reso=hi, step=step, no_upscale=True)
+    bw, bh = spec.assign((w, h))
+    assert lo <= bw <= hi and lo <= bh <= hi and bw % step == 0 and bh % step == 0

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors import safe_open
 
-from lokr_diffusion.data import DatasetConfig, VaeLatentEncoder, build_dataset, save_tensors_atomic
+from lokr_diffusion.data import DatasetConfig, VaeLatentEncoder, build_dataset, make_loader, save_tensors_atomic
 from lokr_diffusion.errors import DatasetError
 
 
@@ -69,7 +69,7 @@ def test_second_run_does_not_call_the_encoder(tmp_path, vae):
     assert (stats.hits, stats.encoded) == (4, 0) and enc2.calls == 0
     for i, lat in enumerate(first):
         assert torch.equal(ds2[i]["latents"], lat)
-    batch = next(iter(ds2.dataloader()))
+    batch = next(iter(make_loader(ds2)))
     assert "latents" in batch and "pixel_values" not in batch
     assert batch["latents"].shape[1] == 4
 
@@ -245,7 +245,7 @@ def test_text_embeddings_cache(tmp_path):
     calls = []
     stats = ds.cache_text_embeddings(fake_text_encoder(calls), "clip-test", to_disk=True)
     assert stats.encoded == 4 and sorted(calls[0]) == ["", "sks, image 0", "sks, image 1", "sks, image 2"]
-    batch = next(iter(ds.dataloader(batch_size=2)))
+    batch = next(iter(make_loader(ds, batch_size=2)))
     ref = fake_text_encoder([])(batch["captions"])
     torch.testing.assert_close(batch["text_embeds"]["prompt_embeds"], ref["prompt_embeds"])
     torch.testing.assert_close(batch["text_embeds"]["pooled"], ref["pooled"])

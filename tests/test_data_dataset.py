@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lokr_diffusion.data import DatasetConfig, build_dataset, dataset_configs_from_toml, sdxl_add_time_ids
+from lokr_diffusion.data import (DatasetConfig, build_dataset, dataset_configs_from_toml, make_loader,
+                                 sdxl_add_time_ids)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "example_dataset"
 
@@ -20,7 +21,7 @@ def test_toml_to_batches_on_the_example_dataset(capsys):
     ds = build_dataset(configs, batch_size=4, seed=0)
     out = capsys.readouterr().out
     assert "20 images, 20 samples per epoch" in out and "128x128" in out and "skipped 0 files" in out
-    batches = list(ds.dataloader())
+    batches = list(make_loader(ds))
     assert sum(len(b["captions"]) for b in batches) == 20
     b = batches[0]
     assert set(b) == {"pixel_values", "captions", "original_size", "crop_top_left", "target_size", "flipped",
@@ -49,7 +50,7 @@ def test_sdxl_conditioning_values(tmp_path):
         assert left == 0 and 0 <= top <= 16
         crops.add(top)
     assert len(crops) > 3
-    batch = next(iter(ds.dataloader(batch_size=4)))
+    batch = next(iter(make_loader(ds, batch_size=4)))
     ids = sdxl_add_time_ids(batch)
     assert ids.shape == (4, 6) and ids[0, :2].tolist() == [100, 200] and ids[0, 4:].tolist() == [32, 96]
 
@@ -80,11 +81,13 @@ class WordTokenizer:
 
     def __call__(self, text, padding, truncation, max_length, return_tensors):
         assert padding == "max_length" and truncation and return_tensors == "pt"
-        ids = [1] + [len(w) for w in text.split()][: max_length - 2] + [2]
-        ids += [0] * (max_length - len(ids))
+        rows = []
+        for t in ([text] if isinstance(text, str) else text):
+            ids = [1] + [len(w) for w in t.split()][: max_length - 2] + [2]
+            rows.append(ids + [0] * (max_length - len(ids)))
 
         class Out:
-            input_ids = torch.tensor([ids])
+            input_ids = torch.tensor(rows)
         return Out()
 
 
@@ -92,7 +95,7 @@ def test_tokenizers_add_input_ids_per_tokenizer():
     ds = build_dataset([DatasetConfig(dir=ASSETS, resolution=64, min_bucket_reso=32, max_bucket_reso=128,
                                       bucket_step=32)], tokenizers=[WordTokenizer(8), WordTokenizer(12)],
                        report=None)
-    batch = next(iter(ds.dataloader(batch_size=2)))
+    batch = next(iter(make_loader(ds, batch_size=2)))
     a, b = batch["input_ids"]
     assert a.shape == (len(batch["captions"]), 8) and b.shape == (len(batch["captions"]), 12)
     assert a[0, 1].item() == len(batch["captions"][0].split()[0])
@@ -107,9 +110,54 @@ def test_real_clip_tokenizer(tmp_path):
                         model_max_length=16)
     ds = build_dataset([DatasetConfig(dir=ASSETS, resolution=64, min_bucket_reso=32, max_bucket_reso=128,
                                       bucket_step=32)], tokenizers=[tok], report=None)
-    batch = next(iter(ds.dataloader(batch_size=3)))
+    batch = next(iter(make_loader(ds, batch_size=3)))
     assert batch["input_ids"][0].shape == (len(batch["captions"]), 16)
     assert batch["input_ids"][0].dtype == torch.long
+
+
+def test_set_text_after_build_tokenises_expanded_captions_like_the_trainer(tmp_path):
+    """The trainer scans data before the model exists, then hands over its tokenizers and the
+    trigger word's caption expansion in one call; items must hold exactly the ids that
+    `lokr_diffusion.text.tokenize` (the trainer's text encoding) gives the expanded caption, and
+    the same ids a single-caption tokenizer call gives (what the dataset did before)."""
+    from transformers import CLIPTokenizer
+
+    from lokr_diffusion.models import write_tiny_tokenizer
+    from lokr_diffusion.text import tokenize
+
+    tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tmp_path / "tok")))
+    ds = build_dataset([DatasetConfig(dir=ASSETS, resolution=64, min_bucket_reso=32, max_bucket_reso=128,
+                                      bucket_step=32, shuffle_caption=True)], report=None)
+    assert ds.tokenizers is None and "input_ids" not in ds[0]
+
+    def expand(text):
+        return text.replace("a ", "a red ")
+
+    ds.set_text([tok, tok], expand)
+    for i in range(3):
+        item = ds[(1, i)]
+        text = expand(item["caption"])
+        single = tok(text, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                     return_tensors="pt").input_ids[0]
+        assert all(torch.equal(ids, single) for ids in item["input_ids"])
+        assert all(torch.equal(ids, ref[0]) for ids, ref in zip(item["input_ids"], tokenize([tok, tok], [text])))
+    batch = next(iter(make_loader(ds, batch_size=2)))
+    assert torch.equal(batch["input_ids"][0], tokenize([tok], [expand(c) for c in batch["captions"]])[0])
+    ds.set_text(None)
+    assert "input_ids" not in ds[0]
+    with pytest.raises(ValueError, match="expand_caption needs tokenizers"):
+        ds.set_text(None, expand)
+
+
+def test_dataset_module_does_not_import_the_loader():
+    import ast
+    import inspect
+
+    import lokr_diffusion.data.dataset as dataset_module
+    tree = ast.parse(inspect.getsource(dataset_module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "loader" not in imported and not any(m and m.endswith(".loader") for m in imported)
+    assert not hasattr(dataset_module.ImageCaptionDataset, "dataloader")
 
 
 def test_regularisation_flag_reaches_the_batch(tmp_path):
@@ -120,7 +168,7 @@ def test_regularisation_flag_reaches_the_batch(tmp_path):
                                       max_bucket_reso=64),
                         DatasetConfig(dir=tmp_path / "reg", class_token="dog", is_reg=True, resolution=64,
                                       min_bucket_reso=64, max_bucket_reso=64)], batch_size=2, report=None)
-    batch = next(iter(ds.dataloader()))
+    batch = next(iter(make_loader(ds)))
     assert sorted(zip(batch["captions"], batch["is_reg"].tolist())) == [("dog", True), ("sks dog", False)]
 
 

@@ -162,21 +162,6 @@ def test_permission_denied_is_skipped(tmp_path, caplog):
     assert len(ds) == 1 and "locked.png: cannot read: permission denied" in caplog.text
 
 
-def test_permission_error_message(tmp_path, caplog, monkeypatch):
-    good(tmp_path / "ok.png")
-    locked = good(tmp_path / "locked.png")
-    real = Path.read_bytes
-
-    def read_bytes(self):
-        if self == locked:
-            raise PermissionError(13, "Permission denied")
-        return real(self)
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    with caplog.at_level(logging.WARNING, logger="lokr_diffusion.data"):
-        ds = build_dataset([cfg(tmp_path)], report=None)
-    assert len(ds) == 1 and f"skipped {locked}: cannot read: permission denied" in caplog.text
-
-
 def test_undecodable_caption_skips_its_image(tmp_path, caplog):
     good(tmp_path / "ok.png")
     (tmp_path / "ok.txt").write_text("fine", encoding="utf-8")

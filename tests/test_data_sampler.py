@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lokr_diffusion.data import BucketBatchSampler, DatasetConfig, build_dataset
+from lokr_diffusion.data import BucketBatchSampler, DatasetConfig, build_dataset, make_batch_sampler, make_loader
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "example_dataset"
 
@@ -33,7 +33,7 @@ def _same(a, b):
 
 
 def test_two_runs_with_the_same_seed_are_identical():
-    a, b = _dataset().dataloader(), _dataset().dataloader()
+    a, b = make_loader(_dataset()), make_loader(_dataset())
     for epoch in range(2):
         a.set_epoch(epoch)
         b.set_epoch(epoch)
@@ -41,11 +41,11 @@ def test_two_runs_with_the_same_seed_are_identical():
 
 
 def test_seed_and_epoch_change_order_and_augmentation():
-    loader = _dataset().dataloader()
+    loader = make_loader(_dataset())
     e0 = _epoch(loader)
     loader.set_epoch(1)
     e1 = _epoch(loader)
-    other = _epoch(_dataset(seed=8).dataloader())
+    other = _epoch(make_loader(_dataset(seed=8)))
     assert [x[0] for x in e0] != [x[0] for x in e1]
     assert [x[0] for x in e0] != [x[0] for x in other]
 
@@ -61,17 +61,17 @@ def test_augmentation_does_not_depend_on_global_rng_or_workers():
     for x, y in zip(first, second):
         assert x["caption"] == y["caption"] and x["crop_top_left"] == y["crop_top_left"]
         assert torch.equal(x["pixel_values"], y["pixel_values"])
-    loader = ds.dataloader(num_workers=2)
+    loader = make_loader(ds, num_workers=2)
     loader.set_epoch(3)
     with_workers = _epoch(loader)
-    loader0 = ds.dataloader()
+    loader0 = make_loader(ds)
     loader0.set_epoch(3)
     _same(with_workers, _epoch(loader0))
 
 
 def test_every_sample_once_per_epoch_and_batches_share_a_bucket():
     ds = _dataset(repeats=3)
-    sampler = ds.batch_sampler(4)
+    sampler = make_batch_sampler(ds, 4)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -95,11 +95,11 @@ def test_sharding_splits_batches_evenly(replicas):
 
 
 def test_resume_in_the_middle_of_an_epoch_is_exact():
-    loader = _dataset().dataloader()
+    loader = make_loader(_dataset())
     loader.set_epoch(1)
     reference = _epoch(loader)
     # interrupted run: 3 batches of epoch 1, then a checkpoint
-    run = _dataset().dataloader()
+    run = make_loader(_dataset())
     run.set_epoch(1)
     it = iter(run)
     for _ in range(3):
@@ -107,7 +107,7 @@ def test_resume_in_the_middle_of_an_epoch_is_exact():
     state = run.state_dict()
     assert (state["epoch"], state["batches_done"]) == (1, 3)
     # new process: restore, then the usual epoch loop
-    resumed = _dataset().dataloader()
+    resumed = make_loader(_dataset())
     resumed.load_state_dict(state)
     resumed.set_epoch(1)
     _same(_epoch(resumed), reference[3:])
@@ -117,34 +117,34 @@ def test_resume_in_the_middle_of_an_epoch_is_exact():
 
 
 def test_resume_position_is_exact_with_prefetching_workers():
-    run = _dataset().dataloader(num_workers=2)
+    run = make_loader(_dataset(), num_workers=2)
     it = iter(run)
     got = [next(it)["indices"].tolist() for _ in range(2)]
     state = run.state_dict()  # workers have prefetched more than 2 batches by now
     assert state["batches_done"] == 2 and run.sampler.position > 2
     del it
-    ref = _dataset().dataloader()
+    ref = make_loader(_dataset())
     full = [b["indices"].tolist() for b in ref]
-    resumed = _dataset().dataloader()
+    resumed = make_loader(_dataset())
     resumed.load_state_dict(state)
     assert got + [b["indices"].tolist() for b in resumed] == full
 
 
 def test_resume_after_a_finished_epoch_starts_the_next():
-    loader = _dataset().dataloader()
+    loader = make_loader(_dataset())
     list(loader)
     state = loader.state_dict()
     assert state["batches_done"] == len(loader)
-    resumed = _dataset().dataloader()
+    resumed = make_loader(_dataset())
     resumed.load_state_dict(state)
     nxt = [b["indices"].tolist() for b in resumed]  # no set_epoch: moves on to epoch 1
-    ref = _dataset().dataloader()
+    ref = make_loader(_dataset())
     ref.set_epoch(1)
     assert nxt == [b["indices"].tolist() for b in ref] and resumed.epoch == 1
 
 
 def test_iterating_again_without_set_epoch_moves_on_but_set_epoch_repeats():
-    sampler = _dataset().batch_sampler()
+    sampler = make_batch_sampler(_dataset())
     e0, e1 = list(sampler), list(sampler)
     assert e0 != e1 and {k.epoch for b in e1 for k in b} == {1}
     sampler.set_epoch(0)

@@ -69,13 +69,32 @@ class BucketSpec:
         """The bucket for an image of `size` (w, h, after EXIF orientation).
 
         With `no_upscale` (bucketing only), an image that the nearest bucket would have to enlarge
-        gets its own step-aligned bucket instead (see `no_upscale_bucket`).
+        gets its own step-aligned bucket instead (see `no_upscale_bucket`), with each side clamped
+        to [min_reso, max_reso]: buckets respect the configured limits whatever the image, so a
+        20000x20 strip gets at most max_reso wide (and is cropped) and a side shorter than
+        min_reso is enlarged to it (the least enlarging the limits allow). Strips so extreme that
+        the crop would keep almost nothing are skipped by the scan (`MIN_CROP_SHARE`).
         """
         buckets = buckets if buckets is not None else self.buckets()
         bucket = nearest_bucket(size, buckets)
         if self.enable_bucket and self.no_upscale and max(bucket[0] / size[0], bucket[1] / size[1]) > 1.0:
-            bucket = no_upscale_bucket(size, self.step)
+            own = no_upscale_bucket(size, self.step)
+            bucket = (min(max(own[0], self.min_reso), self.max_reso), min(max(own[1], self.min_reso), self.max_reso))
         return bucket
+
+
+#: An image is skipped when the crop to its bucket would keep less than this share of it (after
+#: resizing to cover the bucket). Only extreme aspect ratios get there (a 1000:1 strip in a
+#: 2:1 bucket); besides teaching almost nothing, resizing such a strip to cover the bucket makes
+#: an image hundreds of times the bucket's size, which can exhaust memory in a DataLoader worker.
+MIN_CROP_SHARE = 1 / 16
+
+
+def crop_share(size: Size, bucket: Size) -> float:
+    """The share of an image of `size` (w, h) that its crop to `bucket` keeps (1.0: nothing is
+    cut away), measured after the resize that covers the bucket."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return min(1.0, (bucket[0] / (size[0] * scale)) * (bucket[1] / (size[1] * scale)))
 
 
 @dataclass(frozen=True)

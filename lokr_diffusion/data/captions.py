@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import UnreadableFileError, read_regular_file
+
 CAPTION_EXTENSIONS = (".txt", ".caption")
+
+#: Caption files larger than this are refused (the image is skipped with a warning); real
+#: captions, even long tag lists, are a few KiB.
+MAX_CAPTION_BYTES = 64 << 10
 
 
 class CaptionReadError(Exception):
@@ -48,11 +54,19 @@ def decode_caption_bytes(data: bytes) -> str:
     return ""
 
 
-def read_caption_file(path: Path) -> str:
+def read_caption_file(path: Path, max_bytes: int = MAX_CAPTION_BYTES) -> str:
+    """The caption in `path` (see `decode_caption_bytes`), or CaptionReadError.
+
+    Only a regular file of at most `max_bytes` is read: a caption that is a named pipe would
+    block the scan forever, and a huge one is not a caption (only its first line is used anyway).
+    """
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CaptionReadError(f"caption file cannot be read ({exc.strerror or exc})") from None
+        data = read_regular_file(path, max_bytes=max_bytes)
+    except UnreadableFileError as exc:
+        reason = str(exc)
+        if reason.startswith("cannot read: "):
+            raise CaptionReadError(f"caption file cannot be read ({reason[len('cannot read: '):]})") from None
+        raise CaptionReadError(f"caption file {reason}") from None
     return decode_caption_bytes(data)
 
 

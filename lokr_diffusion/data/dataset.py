@@ -19,18 +19,29 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from .buckets import BucketSpec, CropPlan, Size, plan_crop
+from ..text import CaptionExpander, tokenize
+from .buckets import MIN_CROP_SHARE, BucketSpec, CropPlan, Size, crop_share, plan_crop
 from .cache import CacheStats, LatentEncodeFn, TensorStore, TextEncodeFn, latent_cache_key, text_cache_key
 from .captions import CaptionOptions, augment_caption, static_caption_variants
 from .config import DatasetConfig
 from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb, probe_image, resize_and_crop, to_tensor
-from .loader import BucketDataLoader
-from .sampler import STREAM_CAPTION, STREAM_CROP, STREAM_FLIP, BucketBatchSampler, SampleKey, sample_rng
+from .sampler import STREAM_CAPTION, STREAM_CROP, STREAM_FLIP, SampleKey, sample_rng
 from .sources import SkippedFile, SourceImage, find_images
 
 logger = logging.getLogger("lokr_diffusion.data")
 
 Report = Callable[[str], None]
+
+#: Most samples (image repeats, regularisation included) one epoch may hold. Samples are
+#: expanded into index lists (about 50 bytes per sample across the dataset and the sampler), so
+#: this caps that memory near 1 GiB; per-image repeats are capped separately (sources.MAX_REPEATS).
+MAX_SAMPLES_PER_EPOCH = 20_000_000
+
+
+def _check_epoch_size(samples: int, what: str) -> None:
+    if samples > MAX_SAMPLES_PER_EPOCH:
+        raise DatasetError(f"{what} add up to {samples} samples per epoch, more than the limit of "
+                           f"{MAX_SAMPLES_PER_EPOCH}: lower repeats (folder <N>_ prefixes or `repeats`)")
 
 
 @dataclass(frozen=True)
@@ -89,20 +100,31 @@ class ImageCaptionDataset(Dataset):
     style, so each repeat gets its own augmentation).
 
     Items are dicts; see `collate_samples` for the batch layout. Index with a `SampleKey`
-    (what `BucketBatchSampler` yields) or a plain int (epoch 0).
+    (what `BucketBatchSampler` yields) or a plain int (epoch 0). Batches come from
+    `make_loader(dataset, ...)` (module `loader`): the dataset knows nothing about loading, so
+    either can change without the other.
+
+    Text handling is given, not looked up: `set_text(tokenizers, expand_caption)` once the
+    tokenizers exist (they come with the model, which loads after the data is scanned). Without
+    it, items carry captions but no `input_ids`.
     """
 
     def __init__(self, configs: Sequence[DatasetConfig], records: Sequence[ImageRecord], *,
                  seed: int = 0, tokenizers: Sequence[Any] | None = None,
+                 expand_caption: CaptionExpander | None = None,
                  cache_dir: Path | None = None, batch_size: int = 1,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  summary: ScanSummary | None = None) -> None:
+        _check_epoch_size(sum(rec.repeats for rec in records), "the datasets' images")
         self.configs = list(configs)
         self.records = list(records)
         self.seed = seed
-        self.tokenizers = list(tokenizers) if tokenizers is not None else None
-        # caption -> text for the tokenizers (a trained trigger word becomes its vector tokens)
-        self.caption_expander: Callable[[str], str] | None = None
+        self._tokenizers: list[Any] | None = None
+        self._expand_caption: CaptionExpander | None = None
+        if tokenizers is not None:
+            self.set_text(tokenizers, expand_caption)
+        elif expand_caption is not None:
+            raise ValueError("expand_caption needs tokenizers: it only changes the text that is tokenised")
         self.cache_dir = cache_dir
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
@@ -124,6 +146,27 @@ class ImageCaptionDataset(Dataset):
         # text cache state, filled by cache_text_embeddings
         self._text_store: TensorStore | None = None
         self._text_encoder_id: str | None = None
+
+    # ---- text
+
+    def set_text(self, tokenizers: Sequence[Any] | None, expand_caption: CaptionExpander | None = None) -> None:
+        """Give items `input_ids`: each caption, after this epoch's augmentation and then
+        `expand_caption` (e.g. `TriggerEmbedding.expand`, which turns a trained trigger word into
+        its per-vector tokens), tokenised by each of `tokenizers` with `lokr_diffusion.text.tokenize`,
+        the same function the trainer encodes caption lists with. `None` removes the text handling.
+
+        One call instead of attributes the trainer assigns: the dataset is built before the
+        model loads, and the tokenizers and trigger word only exist after it.
+        """
+        if tokenizers is None and expand_caption is not None:
+            raise ValueError("expand_caption needs tokenizers: it only changes the text that is tokenised")
+        self._tokenizers = list(tokenizers) if tokenizers is not None else None
+        self._expand_caption = expand_caption
+
+    @property
+    def tokenizers(self) -> list[Any] | None:
+        """The tokenizers items are tokenised with (set with `set_text`), or None."""
+        return self._tokenizers
 
     # ---- size and layout
 
@@ -179,9 +222,9 @@ class ImageCaptionDataset(Dataset):
         item["path"] = str(rec.path)
         item["index"] = index
         item["data_position"] = (epoch, position)
-        if self.tokenizers is not None:
-            text = self.caption_expander(caption) if self.caption_expander else caption
-            item["input_ids"] = [_tokenize(tok, text) for tok in self.tokenizers]
+        if self._tokenizers is not None:
+            text = self._expand_caption(caption) if self._expand_caption else caption
+            item["input_ids"] = [ids[0] for ids in tokenize(self._tokenizers, [text])]
         if self._text_store is not None:
             assert self._text_encoder_id is not None
             item["text_embeds"] = self._text_store.get(text_cache_key(caption=caption,
@@ -322,21 +365,6 @@ class ImageCaptionDataset(Dataset):
             report(f"text-encoder cache: {stats}")
         return stats
 
-    # ---- batching
-
-    def batch_sampler(self, batch_size: int | None = None, *, num_replicas: int = 1, rank: int = 0,
-                      shuffle: bool = True, drop_last: bool = False) -> BucketBatchSampler:
-        return BucketBatchSampler(self.bucket_samples, batch_size or self.batch_size, seed=self.seed,
-                                  num_replicas=num_replicas, rank=rank, shuffle=shuffle, drop_last=drop_last)
-
-    def dataloader(self, batch_size: int | None = None, *, num_replicas: int = 1, rank: int = 0,
-                   num_workers: int = 0, pin_memory: bool = False, shuffle: bool = True,
-                   drop_last: bool = False) -> BucketDataLoader:
-        """The training loop's data: see `BucketDataLoader`. Call the cache methods first."""
-        sampler = self.batch_sampler(batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
-                                     drop_last=drop_last)
-        return BucketDataLoader(self, sampler, num_workers=num_workers, pin_memory=pin_memory)
-
     # ---- reporting
 
     def bucket_table(self, batch_size: int | None = None) -> str:
@@ -379,24 +407,22 @@ class ImageCaptionDataset(Dataset):
         return "\n".join(out)
 
 
-def _tokenize(tokenizer: Any, caption: str) -> torch.Tensor:
-    return tokenizer(caption, padding="max_length", truncation=True,
-                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
-
-
 # --------------------------------------------------------------------------------------------
 # building
 
 
 def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed: int = 0,
-                  tokenizers: Sequence[Any] | None = None, cache_dir: str | Path | None = None,
+                  tokenizers: Sequence[Any] | None = None, expand_caption: CaptionExpander | None = None,
+                  cache_dir: str | Path | None = None,
                   report: Report | None = print, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   verify_images: bool = True, scan_workers: int | None = None) -> ImageCaptionDataset:
     """Scan, validate and bucket every dataset; call before loading any model.
 
     `cache_dir` is where "disk" latent caches go for datasets without their own `cache_dir`
     (the trainer passes e.g. `<output>/cache`). `report` receives the start-of-run summary and
-    bucket table (pass None on non-main processes). Unusable files are skipped with one logged
+    bucket table (pass None on non-main processes). `tokenizers` and `expand_caption`, when the
+    caller already has them, are the same as calling `set_text` on the result (the trainer
+    calls `set_text` later, once the model is loaded). Unusable files are skipped with one logged
     warning each; a missing folder, an empty dataset, a caption rule that cannot be satisfied or
     inconsistent cache settings raise DatasetError.
     """
@@ -413,6 +439,8 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
         records.extend(_scan_config(ci, cfg, summary, max_image_pixels, verify_images, workers))
 
     train_samples = sum(r.repeats for r in records if not r.is_reg)
+    # before balancing: it walks the regularisation images until they match this count
+    _check_epoch_size(train_samples, "the training images")
     if train_samples == 0:
         raise DatasetError("only regularisation datasets (is_reg = true) were found: add at least one "
                            "training dataset")
@@ -424,7 +452,7 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
         records = [r for r in records if r.repeats > 0]
 
     dataset = ImageCaptionDataset(configs, records, seed=seed, tokenizers=tokenizers,
-                                  cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                                  expand_caption=expand_caption, cache_dir=Path(cache_dir) if cache_dir is not None else None,
                                   batch_size=batch_size, max_image_pixels=max_image_pixels, summary=summary)
     if report is not None:
         report(dataset.describe())
@@ -477,6 +505,14 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
         if isinstance(info, BadImageError):
             _skip(summary, src.path, str(info))
             continue
+        size = (info.width, info.height)
+        bucket = spec.assign(size, buckets)
+        share = crop_share(size, bucket)
+        if share < MIN_CROP_SHARE:
+            _skip(summary, src.path, f"aspect ratio too extreme: {size[0]}x{size[1]} in its nearest allowed "
+                                     f"bucket {bucket[0]}x{bucket[1]} would keep {share:.1%} of the image "
+                                     f"(less than {MIN_CROP_SHARE:.2%}); crop it or widen min/max_bucket_reso")
+            continue
         caption = src.caption
         if caption is None:
             if cfg.missing_caption == "class_token" and src.class_token:
@@ -486,9 +522,7 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
             else:
                 no_caption.append(src.path)
                 continue
-        size = (info.width, info.height)
-        records.append(ImageRecord(src.path, caption, ci, src.repeats, cfg.is_reg, size,
-                                   spec.assign(size, buckets), info.sha256))
+        records.append(ImageRecord(src.path, caption, ci, src.repeats, cfg.is_reg, size, bucket, info.sha256))
     if no_caption:
         examples = ", ".join(str(p) for p in no_caption[:3]) + (" ..." if len(no_caption) > 3 else "")
         if cfg.missing_caption == "error":

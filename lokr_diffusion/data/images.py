@@ -18,10 +18,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .files import UnreadableFileError, read_regular_file
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 #: Images with more pixels than this are treated as decompression bombs (PIL's own default).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+#: Image files larger than this are skipped before being read: the largest legitimate image under
+#: the pixel cap (an uncompressed 32-bit BMP of DEFAULT_MAX_IMAGE_PIXELS) is about 342 MiB.
+DEFAULT_MAX_IMAGE_BYTES = 512 << 20
 
 # EXIF orientations 5-8 rotate by 90 degrees, swapping width and height.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -46,18 +52,16 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's bytes, or BadImageError; one place so every read error reads the same."""
+def read_bytes(path: Path, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The file's bytes, or BadImageError; one place so every read error reads the same.
+
+    Only regular files are read (a FIFO or a link to /dev/zero named `x.png` would block or never
+    end), and at most `max_bytes` of them, so one odd file cannot hang or exhaust the scan.
+    """
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise BadImageError("cannot read: file not found (broken link?)") from None
-    except PermissionError:
-        raise BadImageError("cannot read: permission denied") from None
-    except IsADirectoryError:
-        raise BadImageError("cannot read: is a directory") from None
-    except OSError as exc:
-        raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
+        return read_regular_file(path, max_bytes=max_bytes)
+    except UnreadableFileError as exc:
+        raise BadImageError(str(exc)) from None
 
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:

@@ -1,17 +1,51 @@
 """Batches for the training loop: collation, SDXL time ids, and a DataLoader that knows the
-exact data position for resume."""
+exact data position for resume.
+
+The loader takes any dataset with buckets (`BucketedDataset`); it does not import the dataset
+module, and the dataset does not import this one, so the two change independently.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
-from .sampler import BucketBatchSampler
+from .sampler import BucketBatchSampler, SampleKey
 
-if TYPE_CHECKING:
-    from .dataset import ImageCaptionDataset
+
+class BucketedDataset(Protocol):
+    """What batching needs from a dataset (`ImageCaptionDataset` is one): samples grouped by
+    bucket, the seed the order derives from, a default batch size, and items by `SampleKey`."""
+
+    seed: int
+    batch_size: int
+    bucket_samples: Mapping[Any, Sequence[int]]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]: ...
+
+
+def make_batch_sampler(dataset: BucketedDataset, batch_size: int | None = None, *, num_replicas: int = 1,
+                       rank: int = 0, shuffle: bool = True, drop_last: bool = False) -> BucketBatchSampler:
+    """The per-epoch batch order of `dataset` for process `rank` of `num_replicas` (see
+    `BucketBatchSampler`); `batch_size` defaults to the dataset's."""
+    return BucketBatchSampler(dataset.bucket_samples, batch_size or dataset.batch_size, seed=dataset.seed,
+                              num_replicas=num_replicas, rank=rank, shuffle=shuffle, drop_last=drop_last)
+
+
+def make_loader(dataset: BucketedDataset, batch_size: int | None = None, *, num_replicas: int = 1,
+                rank: int = 0, num_workers: int = 0, pin_memory: bool = False, shuffle: bool = True,
+                drop_last: bool = False) -> BucketDataLoader:
+    """The training loop's data: a `BucketDataLoader` over `dataset`, already sharded for
+    process `rank` of `num_replicas` (do not pass it through `accelerator.prepare`).
+    `batch_size` defaults to the dataset's. Fill the dataset's caches and call its `set_text`
+    first: workers get their own copy of the dataset when iteration starts."""
+    sampler = make_batch_sampler(dataset, batch_size, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                                 drop_last=drop_last)
+    return BucketDataLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def collate_samples(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -20,8 +54,8 @@ def collate_samples(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Keys: `pixel_values` (B, 3, H, W) in [-1, 1] or `latents` (B, C, h, w); `captions` list[str];
     `original_size`, `crop_top_left`, `target_size` long (B, 2) as (height, width) / (top, left);
     `flipped`, `is_reg` bool (B,); `paths` list[str]; `indices` long (B,); `data_position`
-    {"epoch", "batches_done"} after this batch; with tokenizers `input_ids` list of long (B, L),
-    one per tokenizer; with the text cache `text_embeds` dict of (B, ...) tensors.
+    {"epoch", "batches_done"} after this batch; after the dataset's `set_text`, `input_ids`
+    list of long (B, L), one per tokenizer; with the text cache `text_embeds` dict of (B, ...) tensors.
     """
     first = items[0]
     batch: dict[str, Any] = {}
@@ -58,14 +92,14 @@ class BucketDataLoader:
     from how far workers have prefetched, so `state_dict()` saved after step N resumes at
     batch N + 1. Typical use::
 
-        loader = dataset.dataloader(batch_size, num_replicas=acc.num_processes, rank=acc.process_index)
+        loader = make_loader(dataset, batch_size, num_replicas=acc.num_processes, rank=acc.process_index)
         loader.load_state_dict(checkpoint["data"])          # when resuming
         for epoch in range(first_epoch, epochs):
             loader.set_epoch(epoch)
             for batch in loader: ...; checkpoint["data"] = loader.state_dict()
     """
 
-    def __init__(self, dataset: ImageCaptionDataset, sampler: BucketBatchSampler, *,
+    def __init__(self, dataset: BucketedDataset, sampler: BucketBatchSampler, *,
                  num_workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = dataset
         self.sampler = sampler

@@ -25,10 +25,20 @@ from pathlib import Path
 from ..errors import DatasetError
 from .captions import CaptionReadError, caption_candidates, read_caption_file
 from .config import DatasetConfig
+from .files import UnreadableFileError, read_regular_file
 from .images import IMAGE_EXTENSIONS, is_image_file
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 METADATA_NAME = "metadata.jsonl"
+
+#: Most samples one image may contribute per epoch (folder repeats x the dataset's `repeats`).
+#: Repeats are expanded into one sample each, so a folder named `100000000_x` would otherwise
+#: allocate lists of that size per image; kohya's own examples use 1-100.
+MAX_REPEATS = 10_000
+
+#: metadata.jsonl files larger than this are refused: they are read whole, and 64 MiB already
+#: holds several hundred thousand entries.
+MAX_METADATA_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,25 @@ def parse_repeat_folder(name: str) -> tuple[int, str] | None:
     match = REPEAT_FOLDER.match(name)
     if not match:
         return None
-    return int(match.group(1)), match.group(2).strip()
+    digits = match.group(1).lstrip("0") or "0"
+    # int() of thousands of digits raises (and is slow); anything this long is over MAX_REPEATS
+    repeats = int(digits) if len(digits) <= 18 else 10**18
+    return repeats, match.group(2).strip()
+
+
+def check_repeats(cfg: DatasetConfig, folder: Path | None = None, folder_repeats: int = 1) -> None:
+    """DatasetError unless folder repeats x the dataset's `repeats` is at most MAX_REPEATS."""
+    total = folder_repeats * cfg.repeats
+    if total <= MAX_REPEATS:
+        return
+    if folder is not None and folder_repeats > MAX_REPEATS:
+        raise DatasetError(f"{cfg.name}: repeat folder {folder} asks for {folder_repeats} repeats, more than "
+                           f"the limit of {MAX_REPEATS}: rename it with a smaller <N>_ prefix")
+    if folder is not None:
+        raise DatasetError(f"{cfg.name}: repeat folder {folder} ({folder_repeats} repeats) times repeats = "
+                           f"{cfg.repeats} gives {total} repeats per image, more than the limit of "
+                           f"{MAX_REPEATS}: lower one of them")
+    raise DatasetError(f"{cfg.name}: repeats = {cfg.repeats} is more than the limit of {MAX_REPEATS}")
 
 
 def _extensions_text() -> str:
@@ -73,9 +101,14 @@ def find_images(cfg: DatasetConfig) -> SourceScan:
     Raises DatasetError when the folder or metadata file is missing; files that exist but cannot
     be used are returned in `skipped` so the caller can warn once per file and keep going.
     """
+    check_repeats(cfg)
     metadata = cfg.metadata_file
-    if metadata is None and cfg.dir is not None and (cfg.dir / METADATA_NAME).is_file():
-        metadata = cfg.dir / METADATA_NAME
+    if metadata is None and cfg.dir is not None:
+        candidate = cfg.dir / METADATA_NAME
+        # any non-directory counts (a FIFO too, to be refused with a clear error, not silently
+        # ignored in favour of the folder layout); os.stat does not block on a FIFO
+        if candidate.exists() and not candidate.is_dir():
+            metadata = candidate
     if metadata is not None:
         return _from_metadata(cfg, metadata)
     return _from_folder(cfg)
@@ -125,6 +158,7 @@ def _from_folder(cfg: DatasetConfig) -> SourceScan:
             continue
         parsed = parse_repeat_folder(entry.name)
         if parsed is not None:
+            check_repeats(cfg, entry, parsed[0])
             groups.append((entry, parsed[0], parsed[1], cfg.recursive))
         elif not cfg.recursive:
             notes.append(f"subfolder {entry.name!r} was not searched: not a <N>_<name> repeat folder "
@@ -150,7 +184,7 @@ def _from_folder(cfg: DatasetConfig) -> SourceScan:
 
 def _from_metadata(cfg: DatasetConfig, metadata: Path) -> SourceScan:
     looked_for = f"entries with file_name and text in {metadata.resolve()}"
-    if not metadata.is_file():
+    if not metadata.exists():
         raise DatasetError(f"{cfg.name}: metadata file {metadata.resolve()} does not exist "
                            f"(expected a JSON-lines file with file_name and text on each line)")
     root = cfg.dir if cfg.dir is not None else metadata.parent
@@ -158,11 +192,11 @@ def _from_metadata(cfg: DatasetConfig, metadata: Path) -> SourceScan:
         raise DatasetError(f"{cfg.name}: folder {root.resolve()} does not exist (file_name entries of "
                            f"{metadata} are relative to it)")
     try:
-        lines = metadata.read_text(encoding="utf-8-sig").splitlines()
+        lines = read_regular_file(metadata, max_bytes=MAX_METADATA_BYTES).decode("utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise DatasetError(f"{cfg.name}: {metadata} is not valid UTF-8") from None
-    except OSError as exc:
-        raise DatasetError(f"{cfg.name}: {metadata} cannot be read ({exc.strerror or exc})") from None
+    except UnreadableFileError as exc:
+        raise DatasetError(f"{cfg.name}: metadata file {metadata}: {exc}") from None
 
     images: list[SourceImage] = []
     skipped: list[SkippedFile] = []

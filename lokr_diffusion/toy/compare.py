@@ -153,7 +153,7 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml
+    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, make_loader
     from ..network import create_network
     from ..training.config import load_config
     from ..training.loss import denoising_loss
@@ -178,7 +178,7 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
     sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
-    loader = dataset.dataloader()
+    loader = make_loader(dataset)
     step, epoch = 0, 0
     torch.manual_seed(t.seed)
     unet.train()

@@ -75,7 +75,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, module_identity
+    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, make_loader, module_identity
     from ..embeddings import TriggerEmbedding, embedding_path
     from ..fileformat import atomic_write_bytes
     from ..families import family_of_pipeline
@@ -157,8 +157,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     if cfg.network.embedding_trigger:
         embedding = TriggerEmbedding(cfg.network.embedding_trigger, tokenizers, text_encoders,
                                      cfg.network.embedding_vectors).to(accelerator.device)
-        dataset.caption_expander = embedding.expand
-    dataset.tokenizers = tokenizers
+    dataset.set_text(tokenizers, embedding.expand if embedding is not None else None)
     encoder = VaeLatentEncoder(vae)
     if dataset.uses_latent_cache:
         with accelerator.main_process_first():  # the main process encodes, the others read its cache
@@ -190,8 +189,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
                        "lr": t_cfg.embedding_learning_rate})
     optimizer = build_optimizer(t_cfg.optimizer, groups, t_cfg.learning_rate, t_cfg.weight_decay)
 
-    loader = dataset.dataloader(num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                                num_workers=t_cfg.num_workers)
+    loader = make_loader(dataset, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                         num_workers=t_cfg.num_workers)
     steps_per_epoch = max(1, math.ceil(len(loader) / t_cfg.gradient_accumulation_steps))
     max_steps = t_cfg.max_steps or t_cfg.epochs * steps_per_epoch
     num_epochs = t_cfg.epochs or sys.maxsize  # with max_steps alone, epochs run until the steps are done

@@ -14,12 +14,7 @@ from torch import nn
 from ..embeddings import TriggerEmbedding
 from ..families import Family
 from ..network import AdapterNetwork
-
-
-def tokenize(tokenizers: Sequence[Any], captions: Sequence[str]) -> list[torch.Tensor]:
-    """Token ids per tokenizer, padded to its model_max_length, as the pipelines do."""
-    return [tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok in tokenizers]
+from ..text import tokenize  # noqa: F401  (moved; the dataset shares it)
 
 
 class TrainingModel(nn.Module):
