@@ -157,7 +157,7 @@ def full_finetune(pipe, config: Path, lr: float, log: Callable[[str], None] = pr
     from ..network import create_network
     from ..training.config import load_config
     from ..training.loss import denoising_loss
-    from ..training.model import tokenize
+    from ..text import tokenize
 
     cfg = load_config(config, list(sets))
     t = cfg.train

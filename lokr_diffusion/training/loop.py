@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     from ..network import create_network
     from . import checkpoint
     from .loss import denoising_loss
-    from .model import TrainingModel, tokenize
+    from ..text import tokenize
+    from .model import TrainingModel
     from .optim import build_optimizer
     from .sampling import sample_grids
 

@@ -14,7 +14,6 @@ from torch import nn
 from ..embeddings import TriggerEmbedding
 from ..families import Family
 from ..network import AdapterNetwork
-from ..text import tokenize  # noqa: F401  (moved; the dataset shares it)
 
 
 class TrainingModel(nn.Module):
