@@ -305,22 +305,16 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def _vm_hwm_mb() -> float:
-    """Peak resident set size of this process image (VmHWM), in MB.
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MB (NaN where no source exists).
 
-    Not getrusage's ru_maxrss: that high-water mark survives exec, so a child started from a
-    large parent would report the parent's size.
+    lokr_diffusion.memory prefers Linux's VmHWM to getrusage's ru_maxrss: that high-water mark
+    survives exec, so a child started from a large parent would report the parent's size.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+    from lokr_diffusion.memory import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    value, _ = peak_rss_bytes()
+    return math.nan if value is None else value / 2**20
 
 
 def peak_memory_child(setup_name: str, scen_key: str, impl: str, threads: int) -> dict:
@@ -336,11 +330,11 @@ def peak_memory_child(setup_name: str, scen_key: str, impl: str, threads: int) -
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    rss_before = _vm_hwm_mb()
+    rss_before = _peak_rss_mb()
     for _ in range(2):
         train_step(setup, att, inputs)
     res = {"impl": impl, "scenario": scen_key, "modules": att.count, "adapter_params": att.n_params(),
-           "peak_rss_mb": _vm_hwm_mb(), "rss_before_steps_mb": rss_before}
+           "peak_rss_mb": _peak_rss_mb(), "rss_before_steps_mb": rss_before}
     if setup.device == "cuda":
         res["peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
         res["resident_mb"] = before / 2**20

@@ -10,8 +10,8 @@ is a single BLAS call on strided views (``bmm`` with strided operands or outputs
 ``mm`` with a short inner dimension) and at most one transposing copy is made per direction.
 The backward passes save only the input (which every adapter must keep to compute its factor
 gradients; order "in" keeps it regrouped, shared by layers that read the same tensor) and
-recompute the cheap intermediates instead of storing them (``KEEP_INTERMEDIATES`` trades that
-back for memory).
+recompute the cheap intermediates instead of storing them (one small product more per layer
+and step, for about one input-sized tensor less per layer).
 
 Orders (all give the same result; ``lokr.plan`` picks one per layer from the shapes):
 
@@ -93,28 +93,27 @@ class _KronLinear(torch.autograd.Function):
     """y = (w1 (x) w2) x for a 2-D x (N, c*d).
 
     Order "in" keeps the regrouped input (c, N, d) instead of x (same size; x itself is then
-    usually freed) and, with `keep`, the mixed input z; order "out" keeps x and, with `keep`,
-    t = x w2^T. Without `keep` those intermediates are recomputed in backward (one extra
-    small product) instead of stored.
+    usually freed); orders "out" and "tok" keep x. The intermediates (the mixed input z, or
+    t = x w2^T) are recomputed in backward (one extra small product) instead of stored.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w2, order, keep):
-        ctx.order, ctx.keep = order, keep
+    def forward(ctx, x, w1, w2, order):
+        ctx.order = order
         if order == "in":
-            y, xc, z = _linear_fwd_in(x, w1, w2)
-            ctx.save_for_backward(xc, w1, w2, z if keep else None)
+            y, xc, _ = _linear_fwd_in(x, w1, w2)
+            ctx.save_for_backward(xc, w1, w2)
         elif order == "tok":
-            y, z = _linear_fwd_tok(x, w1, w2)
-            ctx.save_for_backward(x, w1, w2, z if keep else None)
+            y, _ = _linear_fwd_tok(x, w1, w2)
+            ctx.save_for_backward(x, w1, w2)
         else:
-            y, t = _linear_fwd_out(x, w1, w2)
-            ctx.save_for_backward(x, w1, w2, t if keep else None)
+            y, _ = _linear_fwd_out(x, w1, w2)
+            ctx.save_for_backward(x, w1, w2)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        saved, w1, w2, mid = ctx.saved_tensors
+        saved, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         a, c = w1.shape
         b, d = w2.shape
@@ -125,7 +124,7 @@ class _KronLinear(torch.autograd.Function):
             n = xc.shape[1]
             gt = g.view(n, a, b).transpose(0, 1)  # (a, N, b) strided view
             if need_w2:
-                z = mid if mid is not None else torch.mm(w1, xc.view(c, n * d)).view(a, n, d)
+                z = torch.mm(w1, xc.view(c, n * d)).view(a, n, d)
                 gw2 = torch.bmm(gt.transpose(1, 2), z).sum(0)
             if need_w1 or need_x:
                 gz = torch.bmm(gt, w2.expand(a, b, d)).view(a, n * d)  # (a, N, d)
@@ -139,7 +138,7 @@ class _KronLinear(torch.autograd.Function):
             x3 = x.view(n, c, d)
             g2 = g.view(n * a, b)
             if need_w2:
-                z = mid if mid is not None else torch.bmm(w1.expand(n, a, c), x3)
+                z = torch.bmm(w1.expand(n, a, c), x3)
                 gw2 = torch.mm(g2.t(), z.view(n * a, d))
             if need_w1 or need_x:
                 gz = torch.mm(g2, w2).view(n, a, d)
@@ -153,7 +152,7 @@ class _KronLinear(torch.autograd.Function):
             xt = x.view(n, c, d).transpose(0, 1)  # (c, N, d) strided view
             gc = g.view(n, a, b).transpose(0, 1).contiguous().view(a, n * b)  # (a, N, b)
             if need_w1:
-                t = mid if mid is not None else torch.bmm(xt, w2.t().expand(c, d, b))
+                t = torch.bmm(xt, w2.t().expand(c, d, b))
                 gw1 = torch.mm(gc, t.view(c, n * b).t())
             if need_x or need_w2:
                 gtt = torch.mm(w1.t(), gc).view(c, n, b)
@@ -162,12 +161,7 @@ class _KronLinear(torch.autograd.Function):
                 if need_x:
                     gx = torch.empty(n, c * d, dtype=x.dtype, device=x.device)
                     torch.bmm(gtt, w2.expand(c, b, d), out=gx.view(n, c, d).transpose(0, 1))
-        return gx, gw1, gw2, None, None
-
-
-# Keep the small intermediates for backward instead of recomputing them: one product less per
-# layer and step, for about one input-sized tensor more per layer.
-KEEP_INTERMEDIATES = False
+        return gx, gw1, gw2, None
 
 
 def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str = "in") -> torch.Tensor:
@@ -180,7 +174,7 @@ def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str 
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if torch.is_grad_enabled() and (x2.requires_grad or w1.requires_grad or w2.requires_grad):
-        y = _KronLinear.apply(x2, w1, w2, order, KEEP_INTERMEDIATES)
+        y = _KronLinear.apply(x2, w1, w2, order)
     else:
         fwd = {"in": _linear_fwd_in, "out": _linear_fwd_out, "tok": _linear_fwd_tok}[order]
         y = fwd(x2, w1, w2)[0]

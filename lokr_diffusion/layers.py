@@ -17,13 +17,11 @@ forward is put back, so a fused model runs exactly the base's code.
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algos.common import apply_weight
+from .algos.common import Algorithm, apply_weight
 
 
 class _Holder(nn.Module):
@@ -94,7 +92,7 @@ class _Dispatch:
 class AdapterModule(nn.Module):
     """The trainable (or loaded) tensors of one layer plus the rules to apply them."""
 
-    def __init__(self, key: str, base: nn.Module, algo: ModuleType, tensors: dict[str, torch.Tensor],
+    def __init__(self, key: str, base: nn.Module, algo: Algorithm, tensors: dict[str, torch.Tensor],
                  alpha: float, multiplier: float = 1.0, rank_dropout: float = 0.0,
                  module_dropout: float = 0.0) -> None:
         super().__init__()
@@ -175,11 +173,7 @@ class AdapterModule(nn.Module):
         r = self.algo.rank(t)
         alpha = float(self.alpha) if self.alpha.device.type == "cpu" else self.alpha  # no device sync
         s = self.multiplier if r is None else alpha * (self.multiplier / r)
-        if getattr(self.algo, "FORWARD_TAKES_SCALE", False):
-            y = self.algo.forward(x, t, self.base, scale=s)  # scale folded into a small factor
-        else:
-            y = self.algo.forward(x, t, self.base)
-            y = None if y is None else y * s
+        y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
             y = apply_weight(x, w.to(x.dtype) * s, self.base)

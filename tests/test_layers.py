@@ -1,5 +1,8 @@
-"""AdapterModule behaviour: zero start, merge/unmerge, gradients, switches, the README example."""
+"""AdapterModule behaviour: zero start, merge/unmerge, gradients, switches, the README example;
+every registered algorithm provides the whole `Algorithm` protocol."""
+import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -7,7 +10,7 @@ import torch
 from torch import nn
 
 from lokr_diffusion import AdapterModule, ModuleSettings
-from lokr_diffusion.algos import ALGORITHMS
+from lokr_diffusion.algos import ALGORITHMS, Algorithm, get_algorithm, lokr
 
 BASES = [lambda: nn.Linear(64, 32), lambda: nn.Conv2d(16, 32, 3, padding=1), lambda: nn.Conv2d(16, 32, 1)]
 
@@ -21,6 +24,56 @@ def _adapter(algo, base, dim=4, alpha=2.0, factor=-1, **kw):
     a = AdapterModule("m", base, algo, t, alpha if algo.rank(t) is not None else dim, **kw)
     a.attach()
     return a
+
+
+def _protocol_members() -> tuple[dict[str, object], dict[str, typing.Callable]]:
+    """(constants with their types, methods) that `Algorithm` declares."""
+    constants = typing.get_type_hints(Algorithm)
+    methods = {n: f for n, f in vars(Algorithm).items() if not n.startswith("_") and inspect.isfunction(f)}
+    return constants, methods
+
+
+def test_protocol_lists_the_members_callers_use():
+    constants, methods = _protocol_members()
+    assert set(constants) == {"NAME", "TENSOR_NAMES"}
+    assert set(methods) == {"detect", "init_tensors", "delta_weight", "rank", "forward"}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_algorithm_provides_the_whole_protocol(name):
+    """Every member exists, constants have the declared types, and every function has the
+    protocol's parameters (names, kinds, defaults, annotations) and return type."""
+    algo = get_algorithm(name)
+    assert isinstance(algo, Algorithm)  # names only; the signatures are checked below
+    assert algo.NAME == name
+    constants, methods = _protocol_members()
+    assert isinstance(algo.NAME, str)
+    assert isinstance(algo.TENSOR_NAMES, tuple) and all(isinstance(n, str) for n in algo.TENSOR_NAMES)
+    assert set(constants) <= set(vars(algo))
+    for member, proto_fn in methods.items():
+        fn = vars(algo).get(member)  # defined by the module itself, not found by some other route
+        assert inspect.isfunction(fn), f"{name}.{member} is missing or not a function"
+        want = list(inspect.signature(proto_fn).parameters.values())[1:]  # drop self
+        got = list(inspect.signature(fn).parameters.values())
+        assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in want], \
+            f"{name}.{member}{inspect.signature(fn)} differs from the protocol's {inspect.signature(proto_fn)}"
+        want_hints = typing.get_type_hints(proto_fn)
+        want_hints.pop("self", None)
+        assert typing.get_type_hints(fn) == want_hints, f"{name}.{member}: annotations differ from the protocol's"
+
+
+def test_every_algorithm_forward_applies_scale():
+    """forward(..., scale=s) is s times the unscaled result, or None in both cases."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32)
+    x = torch.randn(3, 64)
+    for algo in ALGORITHMS.values():
+        t = {k: torch.randn_like(v) for k, v in algo.init_tensors((32, 64), ModuleSettings(4, 2.0)).items()}
+        with lokr.force_path("in"):  # LoKr's factored path, not its rebuild fallback (None)
+            plain, scaled = algo.forward(x, t, base), algo.forward(x, t, base, scale=0.25)
+        assert (plain is None) == (scaled is None), algo.NAME
+        if plain is not None:
+            torch.testing.assert_close(scaled, plain * 0.25)
 
 
 @pytest.mark.parametrize("algo", list(ALGORITHMS.values()), ids=list(ALGORITHMS))

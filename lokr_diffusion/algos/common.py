@@ -1,11 +1,55 @@
-"""Helpers every algorithm shares: applying a delta weight the way the base layer would."""
+"""What every algorithm provides (the `Algorithm` protocol) and the helpers they share."""
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """The interface of an adapter algorithm; each is a module (algos/lokr.py, ...) providing all of it.
+
+    Callers (layers, network, loading, tools) only ever use these members, so a new method is
+    one module that provides every one of them, listed in `algos.ALGORITHMS`. There are no
+    optional members: what an algorithm cannot do is stated by its return values (`rank` None,
+    `forward` None).
+    """
+
+    NAME: str
+    """Its name in configs and in file metadata ("lokr", "loha", "lora")."""
+
+    TENSOR_NAMES: tuple[str, ...]
+    """Every per-module tensor name it reads from a file: loading rejects any other name."""
+
+    def detect(self, names: set[str]) -> bool:
+        """Whether one module's tensor names belong to this algorithm, decided as the UIs decide,
+        so files from other tools load as the same method."""
+        ...
+
+    def init_tensors(self, weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
+        """Freshly initialised tensors for a base weight of `weight_shape` (file names as keys):
+        training starts from them, and the update they give is exactly 0."""
+        ...
+
+    def delta_weight(self, tensors: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+        """The unscaled dW shaped like the base weight: what merging, fusing, inference and the
+        fallback of `forward` use."""
+        ...
+
+    def rank(self, tensors: dict[str, torch.Tensor]) -> int | None:
+        """The r in scale = alpha / r, or None when the scale is 1 (as in the other tools)."""
+        ...
+
+    def forward(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
+                scale: float | torch.Tensor | None = None) -> torch.Tensor | None:
+        """The delta output for input `x` of layer `base` without building dW (cheaper in
+        training), times `scale` when given (unscaled when None); None where rebuilding dW is
+        the only or the cheaper way, and the caller then applies `delta_weight`."""
+        ...
 
 
 def apply_weight(x: torch.Tensor, weight: torch.Tensor, base: nn.Module) -> torch.Tensor:

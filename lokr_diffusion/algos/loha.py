@@ -1,5 +1,10 @@
-"""LoHa: dW = (w1_a @ w1_b) * (w2_a @ w2_b), a Hadamard product of two low-rank matrices."""
+"""LoHa: dW = (w1_a @ w1_b) * (w2_a @ w2_b), a Hadamard product of two low-rank matrices.
+
+Provides the `Algorithm` protocol (algos/common.py).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -11,16 +16,15 @@ TENSOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "
 
 
 def detect(names: set[str]) -> bool:
+    """Both low-rank pairs present (the Tucker cores are optional)."""
     return {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= names
 
 
-def init_tensors(weight_shape: tuple[int, ...], s: ModuleSettings) -> dict[str, torch.Tensor]:
+def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
     """LyCORIS initialisation: w2_a zero, so the product (and dW) starts at exactly 0."""
     out_dim, in_dim, kernel = weight_dims(weight_shape)
-    k = 1
-    for size in kernel:
-        k *= size
-    r = s.dim
+    k = math.prod(kernel)
+    r = settings.dim
     return {
         "hada_w1_a": torch.randn(out_dim, r) * 0.1,
         "hada_w1_b": torch.randn(r, in_dim * k),
@@ -37,14 +41,18 @@ def _half(t: dict[str, torch.Tensor], i: int) -> torch.Tensor:
     return wa @ wb
 
 
-def delta_weight(t: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
-    w1, w2 = _half(t, 1), _half(t, 2)
+def delta_weight(tensors: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """The Hadamard product of the two halves, reshaped to the base weight."""
+    w1, w2 = _half(tensors, 1), _half(tensors, 2)
     return (w1 * w2).reshape(weight_shape)
 
 
-def rank(t: dict[str, torch.Tensor]) -> int | None:
-    return int(t["hada_w1_b"].shape[0])
+def rank(tensors: dict[str, torch.Tensor]) -> int | None:
+    """w1_b's rank, as LyCORIS scales LoHa."""
+    return int(tensors["hada_w1_b"].shape[0])
 
 
-def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module) -> torch.Tensor | None:
-    return None  # a Hadamard product has no cheaper form than the rebuilt weight
+def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
+            scale: float | torch.Tensor | None = None) -> torch.Tensor | None:
+    """Always None: a Hadamard product has no cheaper form than the rebuilt weight."""
+    return None

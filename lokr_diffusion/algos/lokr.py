@@ -1,8 +1,14 @@
-"""LoKr: dW = kron(w1, w2), w1 small (a, c), w2 big (b, d[, kh, kw]), either optionally low-rank."""
+"""LoKr: dW = kron(w1, w2), w1 small (a, c), w2 big (b, d[, kh, kw]), either optionally low-rank.
+
+Provides the `Algorithm` protocol (algos/common.py), plus the cost model that picks how
+`forward` applies the product (`plan`, `path_costs`, `force_path`) and the factor builders
+(`make_w1`, `make_w2`) that the tools and the bench use.
+"""
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 
 import torch
@@ -14,10 +20,10 @@ from .common import ModuleSettings, kaiming_, weight_dims
 
 NAME = "lokr"
 TENSOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-FORWARD_TAKES_SCALE = True  # forward(..., scale=s) returns the already scaled delta
 
 
 def detect(names: set[str]) -> bool:
+    """Any w1 or w2 form present, as the UIs check it."""
     return bool(names & {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"})
 
 
@@ -29,13 +35,12 @@ def factor_shapes(weight_shape: tuple[int, ...], factor: int) -> tuple[int, int,
     return a, b, c, d
 
 
-def init_tensors(weight_shape: tuple[int, ...], s: ModuleSettings) -> dict[str, torch.Tensor]:
+def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
     """LyCORIS initialisation: w2 (or w2_b) zero, the rest Kaiming, so dW starts at exactly 0."""
     _, _, kernel = weight_dims(weight_shape)
+    s = settings
     a, b, c, d = factor_shapes(weight_shape, s.factor)
-    k = 1
-    for size in kernel:
-        k *= size
+    k = math.prod(kernel)
     r = s.dim
     t: dict[str, torch.Tensor] = {}
     if s.decompose_both and not s.full_matrix and r < max(a, c) / 2:
@@ -67,22 +72,23 @@ def make_w2(t: dict[str, torch.Tensor], b: int, d: int, kernel: tuple[int, ...])
     return w2.reshape(b, d, *kernel)
 
 
-def delta_weight(t: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+def delta_weight(tensors: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """kron(w1, w2) from whichever forms the file stores, reshaped to the base weight."""
     out_dim, in_dim, kernel = weight_dims(weight_shape)
-    w1 = make_w1(t)
+    w1 = make_w1(tensors)
     a, c = w1.shape
     if out_dim % a or in_dim % c:
         raise ValueError(f"w1 of shape {tuple(w1.shape)} does not divide the weight {tuple(weight_shape)}")
-    w2 = make_w2(t, out_dim // a, in_dim // c, kernel)
+    w2 = make_w2(tensors, out_dim // a, in_dim // c, kernel)
     return kron(w1, w2).reshape(weight_shape)
 
 
-def rank(t: dict[str, torch.Tensor]) -> int | None:
+def rank(tensors: dict[str, torch.Tensor]) -> int | None:
     """The rank behind alpha / r: w2's if it is decomposed, else w1's; None (scale 1) if both full."""
-    if "lokr_w2_b" in t:
-        return int(t["lokr_w2_b"].shape[0])
-    if "lokr_w1_b" in t:
-        return int(t["lokr_w1_b"].shape[0])
+    if "lokr_w2_b" in tensors:
+        return int(tensors["lokr_w2_b"].shape[0])
+    if "lokr_w1_b" in tensors:
+        return int(tensors["lokr_w1_b"].shape[0])
     return None
 
 
@@ -188,13 +194,7 @@ def force_path(path: str | None) -> Iterator[None]:
         _forced_path = previous
 
 
-def factored_is_cheaper(tokens: int, a: int, b: int, c: int, d: int, t: dict[str, torch.Tensor] | None = None,
-                        training: bool = True, device_type: str = "cpu") -> bool:
-    """Whether a factored order beats rebuilding dW for a linear layer over `tokens` tokens."""
-    return plan("linear", tokens, tokens, a, b, c, d, 1, training, 4, device_type) != "rebuild"
-
-
-def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module,
+def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
             scale: float | torch.Tensor | None = None) -> torch.Tensor | None:
     """kron(w1, w2) applied without forming it: (w1 (x) w2) vec(X) = vec(w1 X w2^T).
 
@@ -207,6 +207,7 @@ def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module,
     `scale` (multiplier * alpha / r), when given, is folded into w1 rather than applied to the
     output, which saves a full pass over the activations; the result is then already scaled.
     """
+    t = tensors
     dev = x.device.type
     if torch.is_autocast_enabled(dev):  # run in the autocast dtype, with autocast off inside
         cdtype = torch.get_autocast_dtype(dev)
@@ -224,8 +225,7 @@ def forward(x: torch.Tensor, t: dict[str, torch.Tensor], base: nn.Module,
         if (base.groups != 1 or isinstance(base.padding, str) or base.padding_mode != "zeros"
                 or x.dim() != 4):
             return None
-        for size in kernel:
-            k *= size
+        k = math.prod(kernel)
         n, _, h, w = x.shape
         (sh, sw), (ph, pw), (dh, dw) = base.stride, base.padding, base.dilation
         ho = (h + 2 * ph - dh * (kernel[0] - 1) - 1) // sh + 1

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image
 
 from ..fileformat import atomic_write_bytes
@@ -16,17 +17,8 @@ def _slug(prompt: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit] or "prompt"
 
 
-def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
-    columns = columns or len(images)
-    rows = (len(images) + columns - 1) // columns
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def save_png(image: Image.Image, path: Path) -> Path:
+    """Write `image` as PNG atomically, so an interrupted run never leaves a truncated grid."""
     import io
 
     buf = io.BytesIO()
@@ -55,7 +47,7 @@ def sample_grids(pipe, prompts: Sequence[str], out_dir: Path, step: int, *, nega
                     result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
                                   guidance_scale=guidance_scale, generator=g, width=width, height=height)
                 images.extend(result.images)
-            grid = image_grid(images)
+            grid = make_image_grid(images, rows=1, cols=len(images))  # one row, every image the same size
             path = save_png(grid, out_dir / f"step{step:06d}-{i:02d}-{_slug(prompt)}.png")
             out.append((prompt, path, np.asarray(grid)))
     return out
