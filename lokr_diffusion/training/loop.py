@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..memory import peak_memory_gib
 from .config import TrainConfig
 
 logger = logging.getLogger("lokr_diffusion.train")
@@ -376,10 +376,9 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     if main:
         elapsed = time.perf_counter() - start
         steps = progress.step - start_step
-        peak = (torch.cuda.max_memory_allocated() / 2**30 if accelerator.device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        peak, peak_label = peak_memory_gib(accelerator.device)
         print(f"done: {progress.step} steps ({steps / elapsed if elapsed > 0 else 0:.2f} steps/s this run), "
-              f"peak memory {peak:.2f} GiB ({'CUDA allocated' if accelerator.device.type == 'cuda' else 'RSS'}), "
+              f"peak memory {'unavailable' if peak is None else f'{peak:.2f} GiB'} ({peak_label}), "
               f"{network.num_parameters():,} trainable parameters, "
               f"{progress.nonfinite_total} non-finite steps skipped\n"
               f"adapter {'identical' if agree else 'DIFFERENT'} on all {accelerator.num_processes} process(es)\n"
