@@ -24,7 +24,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import sys
 import textwrap
 import types
 import typing
@@ -32,9 +31,9 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # pragma: no cover - Python 3.10
+except ImportError:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
 __all__ = ["Spec", "Scope", "setting", "spec_of", "keys_of", "read_table", "check_fields", "build",
