@@ -71,8 +71,10 @@ def run_guarded(prog: str, func: Callable[[], int | None]) -> int:
     Also releases output-folder locks and signal handlers the run installed, so an in-process
     caller (a notebook, the tests) is left as it was.
     """
+    from .training import lock
     from .training.stop import TrainingAborted, TrainingStopped
 
+    locks_before = lock.held()
     try:
         return int(func() or 0)
     except TrainingStopped as exc:
@@ -113,7 +115,7 @@ def run_guarded(prog: str, func: Callable[[], int | None]) -> int:
             return EXIT_OS
         return _bug(prog, exc)
     finally:
-        _cleanup()
+        _cleanup(locks_before)
 
 
 def _bug(prog: str, exc: BaseException) -> int:
@@ -125,8 +127,8 @@ def _bug(prog: str, exc: BaseException) -> int:
     return EXIT_BUG
 
 
-def _cleanup() -> None:
+def _cleanup(locks_before: list) -> None:
     from .training import lock, stop
 
-    lock.release_all()
+    lock.release_all(keep=locks_before)
     stop.uninstall()

@@ -55,7 +55,7 @@ PROGRESS = "lokr_progress.json"
 EMA_TENSORS, EMA_SETTINGS = "lokr_ema.safetensors", "lokr_ema.json"
 FORMAT = "lokr-diffusion-checkpoint"
 FORMAT_VERSION = 1
-_ACCELERATE_PICKLES = re.compile(r"random_states_\d+\.pkl")
+_TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|write failed")
 
 
 def _rng_name(rank: int) -> str:
@@ -375,6 +375,12 @@ class TrainingState:
                 if isinstance(exc, OSError) and not isinstance(exc, OutputError):
                     raise OutputError(f"cannot write the checkpoint {final}: {exc.strerror or exc}; nothing of it "
                                       "was kept and the previous checkpoints are untouched") from exc
+                if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
+                    # torch.save reports a failed write (disk full, file size limit) as a RuntimeError
+                    raise OutputError(f"cannot write the checkpoint {final}: torch.save failed ("
+                                      f"{str(exc).splitlines()[0]}): the disk is probably full or a file size limit "
+                                      "was reached; nothing of it was kept and the previous checkpoints are "
+                                      "untouched") from exc
                 raise
             acc.wait_for_everyone()
         return final

@@ -191,10 +191,17 @@ def _output_error(output_dir: Path, exc: OSError) -> OutputError:
     return OutputError(f"output.dir {output_dir}: cannot write there ({reason})")
 
 
-def release_all() -> None:
-    """Release every lock this process holds (the top-level error handler and atexit call it)."""
+def held() -> list[OutputLock]:
+    """The locks this process holds now."""
+    return list(_HELD)
+
+
+def release_all(keep: list[OutputLock] | tuple = ()) -> None:
+    """Release every lock this process holds except `keep` (the top-level error handler passes
+    the ones held before its run; atexit passes none)."""
     for lock in list(_HELD):
-        lock.release()
+        if lock not in keep:
+            lock.release()
 
 
 atexit.register(release_all)

@@ -22,6 +22,14 @@ import time
 from typing import Iterator
 
 DUPLICATE_WINDOW_S = 2.0
+WINDOW_ENV = "LOKR_DIFFUSION_SIGNAL_WINDOW"  # seconds; 0 turns the duplicate filter off (tests)
+
+
+def _window() -> float:
+    try:
+        return float(os.environ.get(WINDOW_ENV, DUPLICATE_WINDOW_S))
+    except ValueError:
+        return DUPLICATE_WINDOW_S
 
 
 class TrainingStopped(RuntimeError):
@@ -65,7 +73,7 @@ class StopRequested:
             _say(f"signal {signum}: finishing this step, then saving a checkpoint "
                  "(press Ctrl-C again to stop without it)")
             return
-        if time.monotonic() - self.first_at < DUPLICATE_WINDOW_S:
+        if time.monotonic() - self.first_at < _window():
             return  # the same press, forwarded by the launcher
         if self.writing is not None:
             self.presses_during_write += 1
