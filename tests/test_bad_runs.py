@@ -51,8 +51,8 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]
     for p in sorted(root.rglob("*")):
         if skip is not None and (p == skip or skip in p.parents):
             continue
-        st = p.lstat()
-        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+        st = p.lstat()  # folders: presence only (the run's lock file comes and goes in the output folder)
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if p.is_file() else (0, 0)
     return out
 
 
@@ -195,9 +195,14 @@ def test_checkpoint_of_another_base_model_is_refused(trained, tiny_sd15_path, ti
     _no_traceback(log)
 
 
+def _folder_with(folder: Path, name: str) -> Path:
+    folder.mkdir()
+    (folder / name).write_text("hi")
+    return folder
+
+
 @pytest.mark.parametrize("make,needle", [
-    (lambda d: (d / "folder").mkdir() or (d / "folder" / "notes.txt").write_text("hi") or d / "folder",
-     "no lokr_manifest.json (not a complete checkpoint"),
+    (lambda d: _folder_with(d / "folder", "notes.txt"), "no lokr_manifest.json (not a complete checkpoint"),
     (lambda d: d / "nowhere", "is not a checkpoint folder"),
 ])
 def test_resume_from_a_folder_that_is_not_a_checkpoint(make, needle, tiny_sd15_path, tmp_path, capsys):
@@ -257,34 +262,32 @@ def test_users_tmp_files_survive_a_run(tiny_sd15_path, tmp_path, capsys):
 
 # -- output folders ---------------------------------------------------------------------------------
 
-def _bad_output(tmp_path, capsys, out_dir: str) -> tuple[int, str]:
+def _bad_output(tmp_path, capsys, out_dir: str) -> tuple[int, str, bool]:
+    """Run with output.dir = out_dir; also says whether anything under tmp_path changed."""
     cfg = _config(tmp_path, tmp_path / "no-such-model", output={"dir": out_dir})
-    return _train(capsys, cfg)
+    cfg.write_text(cfg.read_text().replace("\0", "\\u0000"))  # TOML's escape for a NUL
+    before = snapshot(tmp_path)
+    code, log = _train(capsys, cfg)
+    return code, log, snapshot(tmp_path) == before
 
 
 def test_output_dir_is_a_file(tmp_path, capsys):
     (tmp_path / "out").write_text("not a folder")
-    before = snapshot(tmp_path)
-    code, log = _bad_output(tmp_path, capsys, str(tmp_path / "out"))
-    assert code == 2 and "exists and is a file, not a folder" in log
-    assert snapshot(tmp_path) == before
+    code, log, unchanged = _bad_output(tmp_path, capsys, str(tmp_path / "out"))
+    assert code == 2 and "exists and is a file, not a folder" in log and unchanged
     _no_traceback(log)
 
 
 def test_output_dir_under_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("a file")
-    before = snapshot(tmp_path)
-    code, log = _bad_output(tmp_path, capsys, str(tmp_path / "f" / "out"))
-    assert code == 2 and f"{tmp_path / 'f'} is a file, not a folder" in log
-    assert snapshot(tmp_path) == before
+    code, log, unchanged = _bad_output(tmp_path, capsys, str(tmp_path / "f" / "out"))
+    assert code == 2 and f"{tmp_path / 'f'} is a file, not a folder" in log and unchanged
     _no_traceback(log)
 
 
 def test_output_dir_with_nul(tmp_path, capsys):
-    before = snapshot(tmp_path)
-    code, log = _bad_output(tmp_path, capsys, str(tmp_path / "a\0b"))
-    assert code == 2 and "NUL character" in log
-    assert snapshot(tmp_path) == before
+    code, log, unchanged = _bad_output(tmp_path, capsys, str(tmp_path / "a\0b"))
+    assert code == 2 and "NUL character" in log and unchanged
     _no_traceback(log)
 
 
@@ -304,7 +307,7 @@ def test_output_dir_not_writable(tmp_path, capsys):
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
         target = str(ro / "out")
-    code, log = _bad_output(tmp_path, capsys, target)
+    code, log, _ = _bad_output(tmp_path, capsys, target)
     assert code == 2 and "cannot write there" in log and target in log
     _no_traceback(log)
 
