@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""Train a LoKr / LoHa / LoRA adapter: `accelerate launch train.py --config train_configs/<name>.toml`."""
+"""Train a LoKr / LoHa / LoRA adapter: `accelerate launch train.py --config train_configs/<name>.toml`.
+
+Errors are reported by lokr_diffusion.errorhandling (one line, exit codes listed there).
+"""
+import signal
 import sys
 
 from lokr_diffusion.training.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C while exiting: no KeyboardInterrupt traceback
+    sys.exit(code)

@@ -1,7 +1,8 @@
 """The `lokr-diffusion` command line.
 
 Each subcommand lives in a `_cmd_<name>` function registered in `_COMMANDS`; errors of the
-library's own types are printed as one message (no traceback) with a non-zero exit code.
+library's own types and the expected OS errors are printed as one message (no traceback) with a
+non-zero exit code by lokr_diffusion.errorhandling.run_guarded.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import argparse
 import sys
 from typing import Callable
 
-from .errors import LokrDiffusionError
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -36,8 +36,16 @@ def _tiny_model_args(p: argparse.ArgumentParser) -> None:
 @command("tiny-model", _tiny_model_args)
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     """Write a small randomly initialised Diffusers pipeline (no network needed)."""
+    from pathlib import Path
+
+    from .errors import OutputError
     from .families import get_family
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is a file; give a folder (new or existing) for the pipeline")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise OutputError(f"--out {out}: a part of the path is a file, not a folder")
     path = get_family(args.family).build_tiny(args.out, seed=args.seed)
     print(f"wrote tiny {args.family} pipeline to {path}")
     return 0
@@ -57,6 +65,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     argv = ["--config", args.config]
     for item in args.set:
         argv += ["--set", item]
+    if getattr(args, "break_lock", False):
+        argv.append("--break-lock")
     return train_main(argv)
 
 
@@ -274,15 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the subcommand under the shared error handler
+    (lokr_diffusion.errorhandling: one line for problems the user can fix, a traceback and a
+    bug-report line for anything else)."""
+    from .errorhandling import run_guarded
+
     args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except LokrDiffusionError as exc:
-        print(f"lokr-diffusion {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lokr-diffusion {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(f"lokr-diffusion {args.command}", lambda: args._run(args))
 
 
 if __name__ == "__main__":

@@ -28,3 +28,12 @@ class ModelError(LokrDiffusionError):
 
 class OutputError(LokrDiffusionError, OSError):
     """A file could not be written (disk full, no permission); earlier files are untouched."""
+
+
+class CheckpointError(LokrDiffusionError):
+    """A training checkpoint cannot be resumed from: damaged, not made by this trainer, or made
+    for another config (the message names what differs)."""
+
+
+class OutputLockedError(OutputError):
+    """Another run holds the output folder's lock file; the message names the holder."""

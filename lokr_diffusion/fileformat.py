@@ -9,6 +9,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -45,14 +46,54 @@ def check_free_space(folder: str | os.PathLike, needed: int) -> None:
                           "margin) needed; free some space and try again")
 
 
+TEMP_TAG = "lokr"
+_TEMP_FILE_RE = re.compile(r"\..+\.lokr-(\d+)\.tmp")
+
+
+def temp_suffix(pid: int | None = None) -> str:
+    """`.lokr-<pid>.tmp`: the end of every temporary name this project makes.
+
+    A name only this project makes (not any `.*.tmp`) means cleaning up never touches a user's
+    files, and the pid says whether the writer may still be running (see is_stale_temp).
+    """
+    return f".{TEMP_TAG}-{os.getpid() if pid is None else pid}.tmp"
+
+
+def temp_owner(name: str, stem: str = "") -> int | None:
+    """The pid in a temporary name of ours (`.<file>.<random>.lokr-<pid>.tmp`, or `<stem>.lokr-<pid>.tmp`
+    when `stem` is given), None for any other name."""
+    if stem:
+        m = re.fullmatch(re.escape(stem) + r"\.lokr-(\d+)\.tmp", name)
+    else:
+        m = _TEMP_FILE_RE.fullmatch(name)
+    return int(m[1]) if m else None
+
+
+def is_stale_temp(pid: int) -> bool:
+    """A temporary of ours whose writer is gone (or is this very process, which has not started
+    writing it: a leftover of an earlier process with the same pid)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file."""
+    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file.
+
+    The temp file is named `.<name>.<random>.lokr-<pid>.tmp` (temp_suffix) so that only this
+    project's leftovers are ever cleaned up."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         check_free_space(path.parent, len(data))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=temp_suffix(), dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

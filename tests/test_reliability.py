@@ -42,13 +42,14 @@ def assert_all_readable(out: Path) -> int:
             with Image.open(path) as im:
                 im.load()
         elif path.suffix in (".bin", ".pkl"):
-            torch.load(path, map_location="cpu", weights_only=False)
+            torch.load(path, map_location="cpu", weights_only=True)
         else:
             continue
         checked += 1
     for state in (out / "checkpoints").glob("step-*"):
         if not _temporary(state):
-            assert (state / "model.safetensors").exists() and (state / "custom_checkpoint_0.pkl").exists(), state
+            assert (state / "model.safetensors").exists() and (state / "lokr_manifest.json").exists(), state
+            assert not list(state.glob("*.pkl")), state  # nothing pickled beyond optimizer.bin / scheduler.bin
     return checked
 
 

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -46,27 +45,10 @@ class Progress:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
 
 
-class StopRequested:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves, and exits non-zero."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
+from .stop import StopRequested, TrainingStopped  # noqa: E402 - signals: see stop.py
 
 
-class TrainingStopped(RuntimeError):
-    """Raised after a checkpoint was saved because of a signal; carries the resume hint."""
-
-
-def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
+def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = False) -> Path:
     """Run a training job; returns the path of the final adapter file."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -107,6 +89,8 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
         raise ConfigError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
     main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    from .lock import lock_output_dir
+    lock_output_dir(accelerator, output_dir, break_lock=break_lock)  # one run per folder; refuses unusable paths
     dataset_configs = dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir)
     dataset = build_dataset(dataset_configs, batch_size=t_cfg.batch_size, seed=t_cfg.seed,
                             cache_dir=output_dir / "cache", report=print if main else None)
@@ -201,24 +185,13 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMAModel(network.parameters(), decay=t_cfg.ema_decay) if t_cfg.ema_decay else None
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
 
-    # 5. resume
-    if main and output_dir.exists() and checkpoint.remove_stale_temporaries(output_dir):
-        print(f"removed half-written files of an interrupted run in {output_dir}")
-    accelerator.wait_for_everyone()
-    resume_from = checkpoint.resolve_resume(t_cfg.resume, output_dir)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        if progress.data:
-            loader.load_state_dict(progress.data)
-        if main:
-            print(f"resumed from {resume_from} at step {progress.step}")
-    elif t_cfg.resume == "latest" and main:
-        print("resume = 'latest': no checkpoint yet, starting fresh")
+    # 5. resume (progress and EMA are saved as JSON/safetensors by checkpoint.TrainingState, never pickled)
+    states = checkpoint.TrainingState(accelerator, output_dir, progress, ema, checkpoint.run_identity(
+        cfg, network, [unet, *text_encoders], family, accelerator.num_processes))
+    states.resume(t_cfg.resume, loader, report=print if main else (lambda _: None))
 
     trigger_note = ""
     if embedding is not None:
@@ -265,7 +238,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     def save_checkpoint() -> None:
         if main:
             save_adapter(checkpoint.adapter_path(output_dir, out_cfg.name, progress.step))
-        checkpoint.save_state(accelerator, output_dir, progress.step, state_bytes)
+        states.save(progress.step, state_bytes)
         if main:
             checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
 
@@ -361,7 +334,7 @@ def train(cfg: TrainConfig, config_path: Path | None = None) -> Path:
     final = checkpoint.adapter_path(output_dir, out_cfg.name)
     if main:
         save_adapter(final)
-    checkpoint.save_state(accelerator, output_dir, progress.step, state_bytes)
+    states.save(progress.step, state_bytes)
     if main:
         checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
     if cfg.sample.prompts:
@@ -421,10 +394,13 @@ def _resume_command(config_path: Path | None) -> str:
 
 
 def _tensorboard(accelerator):
+    """The TensorBoard tracker, or None: with [logging] tensorboard = false Accelerate hands back
+    a blank GeneralTracker without a writer, which crashed the first sample step."""
     try:
-        return accelerator.get_tracker("tensorboard", unwrap=False)
+        tracker = accelerator.get_tracker("tensorboard", unwrap=False)
     except Exception:
         return None
+    return tracker if hasattr(tracker, "writer") else None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -444,26 +420,25 @@ def main(argv: list[str] | None = None) -> int:
     """`train.py` / `lokr-diffusion train`: parse --config and --set, run, report errors plainly."""
     import argparse
 
-    from ..errors import LokrDiffusionError
+    from ..errorhandling import run_guarded
     from .config import load_config
+    from .lock import release_all
 
     parser = argparse.ArgumentParser(prog="train.py", description="Train a LoKr/LoHa/LoRA adapter.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         cfg = load_config(args.config, args.set)
-        train(cfg, Path(args.config))
+        train(cfg, Path(args.config), break_lock=args.break_lock)
         if _KEEP_UNTIL_EXIT:  # a multi-process run: skip the interpreter's teardown (see train)
+            release_all()  # os._exit skips atexit and finally
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-    except TrainingStopped as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 3
-    except (LokrDiffusionError, FloatingPointError) as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_guarded("train", run)
 
 
 def add_train_arguments(parser) -> None:
@@ -473,3 +448,6 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (read as TOML; a bare word is a string); repeatable")
     add_help_config_argument(parser)
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over the output folder even if its lock names a live run or another host "
+                             "(also: LOKR_DIFFUSION_BREAK_LOCK=1); a stale lock is taken over without it")
