@@ -94,11 +94,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     traps of the format: Tucker layers ComfyUI skips, dora_scale, missing alpha, text-encoder
     keys without text_model_, Diffusers-style SDXL names A1111 mis-maps, and an alpha that
     differs from the dim where both LoKr factors are full (the UIs then apply scale 1).
+
+    Exit status: 0 when the file is usable (compatibility warnings do not change it); 1 when
+    the report lists ERRORS, i.e. NaN/inf in a factor or alpha (the report is still printed and
+    the error repeated on stderr; load_adapter, convert and merge refuse such a file); 2 when
+    the file cannot be described at all (not an adapter, a missing or mis-shaped factor, a
+    dtype no loader applies, a folder or special file instead of a regular file).
     """
     from .tools.inspection import format_inspection, inspect_adapter
 
-    _emit(inspect_adapter(args.file), args.json, lambda r: format_inspection(r, verbose=args.verbose))
-    return 0
+    result = inspect_adapter(args.file)
+    _emit(result, args.json, lambda r: format_inspection(r, verbose=args.verbose))
+    for error in result.get("errors", []):
+        print(f"lokr-diffusion inspect: error: {error['message']}", file=sys.stderr)
+    return 1 if result.get("errors") else 0
 
 
 def _tool_network_args(p: argparse.ArgumentParser, algos: tuple[str, ...] = ("lokr", "loha", "lora"),

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -132,17 +133,42 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     return atomic_write_bytes(path, _st_save(tensors, meta))
 
 
+def require_regular_file(path: str | os.PathLike, what: str = "adapter file") -> os.stat_result:
+    """Refuse anything but a regular file, from os.stat and before any open.
+
+    Opening a named pipe blocks until a writer appears (forever, for a typo'd path in a
+    script), and a folder or device fails with an OSError the user has to decode.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: no such file (expected a {what})") from None
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AdapterFileError(f"{path}: is a folder, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise AdapterFileError(f"{path}: is {kind}, expected a {what} (regular files only; it was not opened)")
+    return st
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """(tensor entries, metadata) from a safetensors header, bounded and checked."""
     path = Path(path)
-    if not path.exists():
-        raise AdapterFileError(f"{path}: no such file")
+    require_regular_file(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterFileError(
             f"{path}: {path.suffix} files are Python pickles, which can run code when loaded; "
             "convert it to .safetensors, or load it explicitly with allow_pickle=True if you trust its source")
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise AdapterFileError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -195,6 +221,7 @@ def read_safetensors(path: str | os.PathLike, allow_pickle: bool = False) -> tup
     """(tensors, metadata) of an adapter file. Pickles only with allow_pickle (weights_only)."""
     path = Path(path)
     if allow_pickle and path.suffix.lower() in PICKLE_SUFFIXES:
+        require_regular_file(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -203,6 +230,8 @@ def read_safetensors(path: str | os.PathLike, allow_pickle: bool = False) -> tup
     read_header(path)
     try:
         tensors = _st_load(path.read_bytes())
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except Exception as exc:  # safetensors raises its own error types for corrupt data
         raise AdapterFileError(f"{path}: cannot read tensors: {exc}") from None
     _, metadata = read_header(path)

@@ -7,8 +7,8 @@ Tucker and 4-D w2_b), LoHa and LoRA/LoCon, and PEFT LoKr state dicts.
 from __future__ import annotations
 
 import difflib
-import re
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +18,17 @@ import torch
 from torch import nn
 
 from .algos import detect_algorithm
-from .errors import AdapterFileError
+from .errors import AdapterFileError, ConfigError
 from .families import Family, family_of_adapter_keys
 from .fileformat import read_safetensors
 from .layers import AdapterModule
 from .network import AdapterNetwork, component_models, family_of
 from .targets import Target
+from .tools.adapterfile import FACTOR_DTYPES, dtype_name
+from .tools.peft import from_peft, is_peft_layout
+
+__all__ = ["LoadReport", "build_alias_table", "check_module_tensors", "finite_scale", "from_peft",
+           "load_network", "network_from_tensors"]  # from_peft lives in tools.peft, the one PEFT reader
 
 logger = logging.getLogger(__name__)
 
@@ -57,39 +62,18 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, tensor
 
 
-def from_peft(state_dict: Mapping[str, torch.Tensor], alpha: float | None = None, rank: int | None = None,
-              prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
-    """A PEFT LoKr state dict (`base_model.model.<path>.lokr_w1[.<adapter>]`) in the file layout.
+def finite_scale(name: str, value: object) -> float:
+    """`value` as a float, refused with a ConfigError naming it when it is not a finite number.
 
-    PEFT scales by alpha / r (from its adapter_config.json) even when both factors are full,
-    where the file layout applies scale 1; such modules get alpha / r folded into w1 here so
-    the effective weight is unchanged. `prefix` names the component ("lora_unet", "lora_te"...).
+    A NaN or inf strength would silently turn every patched weight into NaN/inf.
     """
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state_dict.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lokr_\w+?)(?:\.(?!weight)\w+)?", key)
-        if m is None:
-            raise AdapterFileError(f"PEFT state dict: key {key!r} is not a LoKr tensor (<path>.lokr_...)")
-        groups.setdefault(m[1], {})[m[2]] = t
-    out: dict[str, torch.Tensor] = {}
-    for path, tensors in groups.items():
-        module = f"{prefix}_{path.replace('.', '_')}"
-        decomposed = "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
-        r = int(tensors["lokr_w2_b" if "lokr_w2_b" in tensors else "lokr_w1_b"].shape[0]) if decomposed else (rank or 1)
-        a = float(alpha if alpha is not None else r)
-        if not decomposed:
-            tensors = dict(tensors)
-            w1 = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
-            tensors[w1] = tensors[w1] * (a / r)
-            a = float(r)
-        for name, t in tensors.items():
-            out[f"{module}.{name}"] = t
-        out[f"{module}.alpha"] = torch.tensor(a)
-    return out
-
-
-def _is_peft(keys: Sequence[str]) -> bool:
-    return any(k.startswith("base_model.model.") for k in keys)
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def build_alias_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module],
@@ -131,11 +115,12 @@ def check_module_tensors(source: str, key: str, base: nn.Module, tensors: dict[s
     if tuple(dw.shape) != weight_shape:
         raise AdapterFileError(f"{source}: module {key}: tensors rebuild a weight of shape {tuple(dw.shape)}, "
                                f"expected {weight_shape}")
-    for n, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+    for n, t in sorted(tensors.items()):
+        if t.dtype not in FACTOR_DTYPES:  # float8 and bool too: no loader applies them
+            raise AdapterFileError(f"{source}: module {key}: tensor {n} has dtype {t.dtype}, expected a "
+                                   f"float type ({', '.join(dtype_name(d) for d in FACTOR_DTYPES)})")
+        if not torch.isfinite(t).all():
             raise AdapterFileError(f"{source}: module {key}: tensor {n} has non-finite values (NaN or inf)")
-        if not t.is_floating_point():
-            raise AdapterFileError(f"{source}: module {key}: tensor {n} has dtype {t.dtype}, expected a float type")
     return algo
 
 
@@ -145,8 +130,9 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
                          dtype: torch.dtype = torch.float32) -> tuple[AdapterNetwork, LoadReport]:
     """Build (and attach) an AdapterNetwork from file-layout tensors; nothing is attached on error."""
     text_encoders = tuple(text_encoders)
-    if _is_peft(list(tensors)):
-        tensors = from_peft(tensors)
+    finite_scale("multiplier", multiplier)
+    if is_peft_layout(tensors):
+        tensors = from_peft(tensors, source=source)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, tensor = _split_key(key)

@@ -8,7 +8,6 @@ unfusing and unloading restore them bit for bit.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError
-from .loading import LoadReport, from_peft, load_network
+from .loading import LoadReport, finite_scale, load_network
 from .network import AdapterNetwork
 
 _STATE_ATTR = "_lokr_diffusion_adapters"
@@ -63,14 +62,25 @@ def _state(pipe: Any) -> _State:
 
 
 def _read_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """A PEFT `save_pretrained` folder (adapter_config.json + adapter_model.safetensors)."""
-    from .fileformat import read_safetensors
+    """A PEFT `save_pretrained` folder (adapter_config.json + adapter_model.safetensors), in the file layout.
 
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    if cfg.get("peft_type", "LOKR").upper() != "LOKR":
-        raise AdapterFileError(f"{folder}: PEFT adapter type {cfg.get('peft_type')!r} is not supported; expected LOKR")
-    tensors, _ = read_safetensors(folder / "adapter_model.safetensors")
-    return from_peft(tensors, alpha=cfg.get("alpha"), rank=cfg.get("r"))
+    Read by lokr_diffusion.tools.peft, the reader `inspect` and `convert` use, so a folder
+    loads here exactly as it converts (config checked, rank_pattern / alpha_pattern applied).
+    """
+    from .tools import peft
+
+    tensors, config, _ = peft.read_peft(folder)
+    groups = peft.group_peft(tensors, str(folder / peft.WEIGHTS_NAME))
+    return peft.to_lycoris(groups, config, lambda path: "lora_unet")
+
+
+def _check_scales(scale: float, unet_scale: float | None, text_encoder_scale: float | None) -> float:
+    """The scales as floats; a NaN or inf one is refused before anything is attached."""
+    finite_scale("scale", scale)
+    for name, value in (("unet_scale", unet_scale), ("text_encoder_scale", text_encoder_scale)):
+        if value is not None:
+            finite_scale(name, value)
+    return float(scale)
 
 
 def _apply_scales(adapter: _Adapter) -> None:
@@ -87,6 +97,7 @@ def load_adapter(pipe: Any, path_or_state_dict: str | os.PathLike | Mapping[str,
     The adapter computes in float32 on the layer's device and adds its output in the
     layer's dtype. Returns the load report (modules patched per component, unmatched keys).
     """
+    _check_scales(scale, unet_scale, text_encoder_scale)
     unet, tes = _components(pipe)
     state = _state(pipe)
     if state.fused:
@@ -114,6 +125,7 @@ def load_adapter(pipe: Any, path_or_state_dict: str | os.PathLike | Mapping[str,
 def set_adapter_scale(pipe: Any, adapter_name: str, scale: float, unet_scale: float | None = None,
                       text_encoder_scale: float | None = None) -> None:
     """Change an adapter's strength; takes effect on the next forward, no reload."""
+    _check_scales(scale, unet_scale, text_encoder_scale)
     state = _state(pipe)
     if adapter_name in state.fused:
         raise RuntimeError(f"adapter {adapter_name!r} is fused; unfuse_adapter(pipe) before changing its scale")

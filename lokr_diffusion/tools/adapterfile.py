@@ -16,7 +16,8 @@ from types import ModuleType
 
 import torch
 
-from ..algos import detect_algorithm
+from ..algos import ALGORITHMS, detect_algorithm
+from ..errors import AdapterFileError
 from ..families import family_of_adapter
 
 # file-key prefix -> component, longest first so `lora_te1_` is not read as `lora_te_`
@@ -151,6 +152,156 @@ def lokr_factor_shapes(t: Mapping[str, torch.Tensor]) -> tuple[tuple[int, int], 
     out, in_k = flat_shape("lokr", t)
     a, c = (t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]))
     return (int(a), int(c)), (out // int(a), in_k // int(c))
+
+
+# -- checking a file's modules before anything uses them --------------------------------------
+#
+# Files come from strangers: a reader that trusts the shapes crashes deep inside a tool (an
+# IndexError on a 0-dim factor, a KeyError on a missing w2_b) instead of saying what is wrong.
+# Every tool that reads an adapter without a model (inspect, convert, merge's early check) runs
+# these first, so the same file gets the same one-line error everywhere.
+
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the loaders apply
+_FACTOR_DIMS = {
+    "lokr_w1": (2,), "lokr_w1_a": (2,), "lokr_w1_b": (2,), "lokr_w2": (2, 4), "lokr_w2_a": (2,),
+    "lokr_w2_b": (2, 4), "lokr_t2": (4,), "hada_w1_a": (2,), "hada_w1_b": (2,), "hada_w2_a": (2,),
+    "hada_w2_b": (2,), "hada_t1": (4,), "hada_t2": (4,), "lora_up.weight": (2, 4), "lora_down.weight": (2, 4),
+    "lora_mid.weight": (4,),
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _missing(names: set[str], algo: str) -> list[str]:
+    """Tensors the algorithm needs to rebuild dW that the module lacks."""
+    need: list[str] = []
+    if algo == "lokr":
+        if "lokr_w1" not in names:
+            need += [n for n in ("lokr_w1_a", "lokr_w1_b") if n not in names] if names & {"lokr_w1_a", "lokr_w1_b"} \
+                else ["lokr_w1 (or lokr_w1_a + lokr_w1_b)"]
+        if "lokr_w2" not in names:
+            need += [n for n in ("lokr_w2_a", "lokr_w2_b") if n not in names] if names & {"lokr_w2_a", "lokr_w2_b", "lokr_t2"} \
+                else ["lokr_w2 (or lokr_w2_a + lokr_w2_b)"]
+    elif algo == "loha":
+        need += [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in names]
+        if ("hada_t1" in names) != ("hada_t2" in names):
+            need.append("hada_t2" if "hada_t1" in names else "hada_t1")
+    else:
+        need += [n for n in ("lora_up.weight", "lora_down.weight") if n not in names]
+    return need
+
+
+def _rank_pairs(algo: str, t: Mapping[str, torch.Tensor]) -> list[tuple[str, int, str, int]]:
+    """(tensor, dim, tensor, dim) pairs whose sizes are the same rank r and must agree."""
+    if algo == "lokr":
+        pairs = [("lokr_w1_a", 1, "lokr_w1_b", 0)]
+        pairs += [("lokr_t2", 0, "lokr_w2_a", 0), ("lokr_t2", 1, "lokr_w2_b", 0)] if "lokr_t2" in t \
+            else [("lokr_w2_a", 1, "lokr_w2_b", 0)]
+    elif algo == "loha":
+        pairs = []
+        for i in (1, 2):
+            pairs += [(f"hada_t{i}", 0, f"hada_w{i}_a", 0), (f"hada_t{i}", 1, f"hada_w{i}_b", 0)] if f"hada_t{i}" in t \
+                else [(f"hada_w{i}_a", 1, f"hada_w{i}_b", 0)]
+    else:
+        pairs = [("lora_mid.weight", 0, "lora_up.weight", 1), ("lora_mid.weight", 1, "lora_down.weight", 0)] \
+            if "lora_mid.weight" in t else [("lora_up.weight", 1, "lora_down.weight", 0)]
+    return [p for p in pairs if p[0] in t and p[2] in t]
+
+
+def module_problem(tensors: Mapping[str, torch.Tensor], algo: ModuleType) -> str | None:
+    """What makes one module's factors unusable (None when they rebuild a weight).
+
+    Checked in the order a user can act on: a missing tensor, a dtype no loader applies,
+    the wrong number of dimensions or an empty one, ranks of paired factors that differ,
+    and last factors that do not fit together at all.
+    """
+    names = set(tensors)
+    missing = _missing(names, algo.NAME)
+    if missing:
+        return f"{algo.NAME} module is missing {', '.join(missing)} (it has {', '.join(sorted(names))})"
+    for n, t in sorted(tensors.items()):
+        if t.dtype not in FACTOR_DTYPES:
+            return (f"tensor {n} has dtype {dtype_name(t.dtype)}; expected one of "
+                    f"{', '.join(dtype_name(d) for d in FACTOR_DTYPES)}")
+        dims = _FACTOR_DIMS.get(n, (2, 4))
+        if t.dim() not in dims:
+            return (f"tensor {n} has shape {tuple(t.shape)} ({t.dim()}-D); expected "
+                    f"{' or '.join(f'{d}-D' for d in dims)}")
+        if 0 in t.shape:
+            return f"tensor {n} has shape {tuple(t.shape)}, with an empty dimension"
+    for x, i, y, j in _rank_pairs(algo.NAME, tensors):
+        if tensors[x].shape[i] != tensors[y].shape[j]:
+            return (f"rank mismatch: {x} {tuple(tensors[x].shape)} and {y} {tuple(tensors[y].shape)} must share the "
+                    f"rank (dim {i} of {x} = dim {j} of {y})")
+    meta = {n: torch.empty(t.shape, device="meta") for n, t in tensors.items()}
+    try:
+        shape = flat_shape(algo.NAME, meta)
+        if algo.NAME == "loha" and "hada_t1" not in meta:
+            halves = [(meta[f"hada_w{i}_a"].shape[0], meta[f"hada_w{i}_b"].shape[1]) for i in (1, 2)]
+            if halves[0] != halves[1]:
+                raise ValueError(f"the two Hadamard halves are {halves[0]} and {halves[1]}")
+        algo.delta_weight(meta, shape)
+    except (RuntimeError, ValueError, IndexError, KeyError, ZeroDivisionError) as exc:
+        found = ", ".join(f"{n} {tuple(t.shape)}" for n, t in sorted(tensors.items()))
+        return f"tensors do not fit together ({found}; {exc})"
+    return None
+
+
+def alpha_problem(alpha: torch.Tensor) -> str | None:
+    """What is wrong with a stored alpha (None when it is one number)."""
+    if alpha.numel() != 1:
+        return f"alpha has shape {tuple(alpha.shape)}; expected a scalar"
+    if alpha.dtype == torch.bool or alpha.is_complex():
+        return f"alpha has dtype {dtype_name(alpha.dtype)}; expected a float"
+    return None
+
+
+def non_finite(m: FileModule) -> list[str]:
+    """Names of the module's tensors (alpha included) holding NaN or inf."""
+    bad = [n for n, t in sorted(m.tensors.items()) if t.is_floating_point() and not torch.isfinite(t.float()).all()]
+    if m.alpha is not None and m.alpha.numel() and not torch.isfinite(m.alpha.float()).all():
+        bad.append("alpha")
+    return bad
+
+
+NON_FINITE = "non-finite values (NaN or inf)"
+
+
+def check_modules(modules: Mapping[str, FileModule], source: str, finite: bool = True) -> dict[str, list[str]]:
+    """Raise an AdapterFileError naming `source`, the module and the tensor for the first unusable module.
+
+    A file without any LoKr/LoHa/LoRA module is refused as not an adapter. With `finite`,
+    NaN/inf values are refused too; without, they are returned (module key -> tensor names)
+    so `inspect` can report every affected module.
+    """
+    for m in modules.values():  # half an algorithm's set: every loader skips it, silently
+        partial = [a for a in ALGORITHMS.values() if m.algo is None and set(m.extras) & set(a.TENSOR_NAMES)]
+        if partial:
+            names = set(m.extras) & set(partial[0].TENSOR_NAMES)
+            raise AdapterFileError(f"{source}: module {m.key}: {partial[0].NAME} module is missing "
+                                   f"{', '.join(_missing(names, partial[0].NAME))} (it has {', '.join(sorted(names))})")
+    adapters = [m for m in modules.values() if m.algo is not None]
+    if not adapters:
+        some = sorted(f"{k}.{n}".rstrip(".") for k, m in modules.items() for n in m.extras)[:3]
+        found = f" (it has {', '.join(some)}{', ...' if len(some) == 3 else ''})" if some else " (it has no tensors)"
+        raise AdapterFileError(f"{source}: not an adapter file: no LoKr (lokr_w1...), LoHa (hada_w1_a...) or LoRA "
+                               f"(lora_down.weight...) module{found}")
+    bad: dict[str, list[str]] = {}
+    for m in adapters:
+        problem = module_problem(m.tensors, m.algo)
+        if problem is None and m.alpha is not None:
+            problem = alpha_problem(m.alpha)
+        if problem is not None:
+            raise AdapterFileError(f"{source}: module {m.key}: {problem}")
+        names = non_finite(m)
+        if names:
+            if finite:
+                raise AdapterFileError(f"{source}: module {m.key}: tensor {names[0]} has {NON_FINITE}; no loader "
+                                       "should apply it, fix or retrain the adapter")
+            bad[m.key] = names
+    return bad
 
 
 def detect_family(modules: Mapping[str, FileModule], metadata: Mapping[str, str]) -> tuple[str | None, str]:

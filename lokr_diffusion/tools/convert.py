@@ -22,14 +22,17 @@ from ..errors import AdapterFileError, ConfigError
 from ..families import known_family
 from ..fileformat import (
     read_safetensors,
+    require_regular_file,
     training_metadata,
     write_safetensors,
 )
 from ..naming import module_key
 from . import keymap, peft
 from .adapterfile import (
+    NON_FINITE,
     FileModule,
     as_number,
+    check_modules,
     detect_family,
     flat_shape,
     group_modules,
@@ -72,19 +75,21 @@ def read_any(src: str | Path, family: str | None = None, component: str | None =
     fam = _family_arg(family)
     if peft.looks_like_peft(src):
         tensors, config, notes = peft.read_peft(src)
-        groups = peft.group_peft(tensors)
+        weights = src / peft.WEIGHTS_NAME if src.is_dir() else src
+        groups = peft.group_peft(tensors, str(weights))
         prefix_of = _peft_prefixes(groups, fam, component)
         modules = group_modules(peft.to_lycoris(groups, config, prefix_of))
+        check_modules(modules, str(weights))  # NaN/inf would be copied into the output
         fam = fam or detect_family(modules, {})[0]
         if fam == "sdxl":  # the text-encoder prefix depends on the family
             prefix_of = _peft_prefixes(groups, fam, component)
             modules = group_modules(peft.to_lycoris(groups, config, prefix_of))
         reference = {module_key(prefix_of(p), p): peft.peft_delta(t, config, p) for p, t in groups.items()}
         return modules, reference, _peft_metadata(config, fam), "peft", notes, fam
-    if not src.is_file():
-        raise AdapterFileError(f"{src}: no such file (expected a .safetensors adapter or a PEFT folder)")
+    require_regular_file(src, ".safetensors adapter or a PEFT folder")
     tensors, metadata = read_safetensors(src)
     modules = group_modules(tensors)
+    check_modules(modules, str(src))  # structure first, and NaN/inf would be copied into the output
     for key, m in modules.items():
         if m.algo is None:
             names = sorted(f"{key}.{n}".rstrip(".") for n in m.extras)
@@ -149,7 +154,13 @@ def _check(reference: Mapping[str, torch.Tensor], produced: Mapping[str, torch.T
         if got.shape != want.shape:
             raise AdapterFileError(f"module {key}: converted update has shape {tuple(got.shape)}, "
                                    f"expected {tuple(want.shape)}")
+        if not torch.isfinite(got).all():
+            raise AdapterFileError(f"module {key}: the converted update has {NON_FINITE} (the output dtype cannot "
+                                   "hold its values); nothing was written")
         abs_err, rel_err = max_abs_and_relative(want, got)
+        if not math.isfinite(rel_err):
+            raise AdapterFileError(f"module {key}: the converted update cannot be compared with the input's "
+                                   f"(difference {rel_err}); nothing was written")
         worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
         if rel_err > tol:
             raise AdapterFileError(f"module {key}: converted update differs by {rel_err:.2e} (relative), more than the "
@@ -159,7 +170,21 @@ def _check(reference: Mapping[str, torch.Tensor], produced: Mapping[str, torch.T
 
 def convert_adapter(src: str | Path, dst: str | Path, to: str | None = None, dtype: torch.dtype | None = None,
                     family: str | None = None, component: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Convert `src` (LyCORIS/kohya file or PEFT LoKr) into `dst`; returns what was done and the check."""
+    """Convert `src` (LyCORIS/kohya file or PEFT LoKr) into `dst`; returns what was done and the check.
+
+    Nothing is written unless the input is a usable adapter (no NaN/inf either: a converter
+    that copies them hides the damage) and the output's updates match it.
+    """
+    try:
+        return _convert(src, dst, to, dtype, family, component, overwrite)
+    except AdapterFileError as exc:
+        if str(src) in str(exc):
+            raise
+        raise AdapterFileError(f"{src}: {exc}") from None  # every message names the input
+
+
+def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtype | None, family: str | None,
+             component: str | None, overwrite: bool) -> dict[str, Any]:
     dst = Path(dst)
     to = to or ("lycoris" if dst.suffix == ".safetensors" else "peft")
     if to not in ("lycoris", "peft"):

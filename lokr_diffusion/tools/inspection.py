@@ -19,9 +19,11 @@ from ..algos import lokr
 from ..fileformat import read_header, read_safetensors
 from . import peft
 from .adapterfile import (
+    NON_FINITE,
     FileModule,
     as_number,
     block_of,
+    check_modules,
     detect_family,
     group_modules,
     lokr_factor_shapes,
@@ -133,15 +135,23 @@ def _check_file(modules: Mapping[str, FileModule], family, metadata, args, layou
                   "OpenCLIP's fused in_proj and needs the four together", layer)
 
 
-def _read(path: Path) -> tuple[dict[str, FileModule], dict[str, str], str, dict, Path]:
+def read_adapter(path: str | Path, finite: bool = True) -> tuple[dict[str, FileModule], dict[str, str], str, dict, Path]:
+    """(modules in the file layout, metadata, "lycoris" or "peft", PEFT config, weights file) of an
+    adapter file or PEFT folder, every module checked to be usable (an AdapterFileError naming the
+    file and module otherwise; see adapterfile.check_modules). NaN/inf pass only without `finite`."""
+    path = Path(path)
     if peft.looks_like_peft(path):
         tensors, config, _ = peft.read_peft(path)
-        groups = peft.group_peft(tensors)
-        files = peft.to_lycoris(groups, config, lambda p: "lora_te" if p.startswith(peft.TE_PATHS) else "lora_unet")
         weights = path / peft.WEIGHTS_NAME if path.is_dir() else path
-        return group_modules(files), {}, "peft", config, weights
-    tensors, metadata = read_safetensors(path)
-    return group_modules(tensors), metadata, "lycoris", {}, path
+        groups = peft.group_peft(tensors, str(weights))
+        files = peft.to_lycoris(groups, config, lambda p: "lora_te" if p.startswith(peft.TE_PATHS) else "lora_unet")
+        modules, metadata, layout, weights = group_modules(files), {}, "peft", weights
+    else:
+        tensors, metadata = read_safetensors(path)
+        modules, layout, config, weights = group_modules(tensors), "lycoris", {}, path
+    check_modules(modules, str(weights), finite=finite)
+    return modules, metadata, layout, config, weights
+
 
 
 def _embedding_facts(path: Path) -> dict[str, Any] | None:
@@ -157,13 +167,25 @@ def _embedding_facts(path: Path) -> dict[str, Any] | None:
 
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """The facts of an adapter file (LyCORIS/kohya or PEFT) and its compatibility warnings; for a
-    trigger embedding file, its word and vector shapes."""
+    """The facts of an adapter file (LyCORIS/kohya or PEFT), its compatibility warnings and its
+    errors; for a trigger embedding file, its word and vector shapes.
+
+    A file that cannot be described (not an adapter, a missing or mis-shaped factor, a dtype no
+    loader applies) raises AdapterFileError. NaN/inf values are reported instead, under "errors"
+    (every affected module), because the shapes are still worth seeing; the CLI then exits 1.
+    """
     path = Path(path)
     embedding = _embedding_facts(path)
     if embedding is not None:
         return embedding
-    modules, metadata, layout, peft_config, weights = _read(path)
+    modules, metadata, layout, peft_config, weights = read_adapter(path, finite=False)
+    non_finite = check_modules(modules, str(weights), finite=False)
+    errors = []
+    if non_finite:
+        key, names = next(iter(non_finite.items()))
+        errors.append({"code": "non_finite", "count": len(non_finite), "modules": sorted(non_finite)[:5],
+                       "message": f"{weights}: {len(non_finite)} module(s) have {NON_FINITE}, e.g. {key} "
+                                  f"({', '.join(names)}); load_adapter, convert and merge refuse this file"})
     family, family_source = detect_family(modules, metadata)
     args = network_args(metadata)
     dims = {"linear": as_number(metadata.get("ss_network_dim")), "conv": as_number(args.get("conv_dim"))}
@@ -193,7 +215,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "ranks": dict(Counter("full" if i["rank"] is None else str(i["rank"]) for i in infos if i["algo"])),
         "network": {"dim": metadata.get("ss_network_dim"), "alpha": metadata.get("ss_network_alpha"), "args": args},
         "metadata": metadata, "peft_config": peft_config,
-        "warnings": w.list(), "modules": infos,
+        "errors": errors, "warnings": w.list(), "modules": infos,
     }
 
 
@@ -248,12 +270,15 @@ def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
     for comp, blocks in r["blocks"].items():
         ordered = sorted(blocks.items(), key=lambda kv: _block_order(kv[0]))
         lines.append(f"  {_COMPONENT_NAMES.get(comp, comp):5s} " + ", ".join(f"{b} {n}" for b, n in ordered))
+    if r.get("errors"):
+        lines.append(f"ERRORS ({len(r['errors'])}): the file is not usable as it is (exit status 1):")
+        lines += [f"  [{e['code']}] {e['message']}" for e in r["errors"]]
     if r["warnings"]:
         lines.append(f"compatibility warnings ({len(r['warnings'])}):")
         for w in r["warnings"]:
             where = f" ({w['count']} modules, e.g. {w['modules'][0]})" if w["count"] else ""
             lines.append(f"  [{w['code']}] {w['message']}{where}")
-    else:
+    elif not r.get("errors"):
         lines.append("compatibility: within the safe profile of the format spec (no warnings)")
     if r["metadata"]:
         lines.append("metadata:")

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..fileformat import read_header, write_safetensors
-from ..loading import load_network
+from ..errors import AdapterFileError, ConfigError
 from ..families import Family, family_of_pipeline, prediction_type_of
+from ..fileformat import write_safetensors
+from ..loading import finite_scale, network_from_tensors
 from ..models import load_pipeline
 from ..pipelines import _components as pipeline_components
+from .inspection import read_adapter
 from .outputs import atomic_folder, check_output
 
 
@@ -41,18 +42,27 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
     if not adapters:
         raise ConfigError("merge: give at least one --adapter FILE[:SCALE]")
     out = check_output(out, overwrite)
-    for path, _ in adapters:
-        read_header(path)  # a bad adapter path fails before minutes of model loading
+    files = []
+    for path, scale in adapters:  # a bad adapter fails before minutes of model loading
+        finite_scale(f"the scale of adapter {path}", scale)
+        modules, metadata, _, _, _ = read_adapter(path)  # checked: shapes, dtypes, NaN/inf
+        tensors = {f"{k}.{n}": t for k, m in modules.items()
+                   for n, t in {**m.tensors, **m.extras, **({"alpha": m.alpha} if m.alpha is not None else {})}.items()}
+        files.append((path, scale, tensors, metadata))
     pipe = load_pipeline(base, torch_dtype=torch.float32)
     family = family_of_pipeline(pipe)
     prediction = prediction_type_of(pipe)
     unet, encoders = pipeline_components(pipe)
     reports = []
-    for path, scale in adapters:
-        network, report = load_network(path, unet=unet, text_encoders=encoders, multiplier=scale)
+    for path, scale, tensors, metadata in files:
+        network, report = network_from_tensors(tensors, unet, encoders, metadata=metadata, source=str(path),
+                                               multiplier=scale)
         network.merge()
         for adapter in network.adapters():
             adapter.detach()  # the weights now hold the update; the hooks must not add it again
+            if not torch.isfinite(adapter.base.weight).all():
+                raise AdapterFileError(f"{path}: merging at scale {scale:g} makes module {adapter.key} non-finite "
+                                       "(NaN or inf: the update overflows float32); nothing was written")
         reports.append({"file": str(path), "scale": scale, "modules": dict(report.patched),
                         "unmatched": len(report.unmatched)})
     if out.suffix == ".safetensors":

@@ -6,6 +6,10 @@ alpha / r, even when both factors are full, where every SD tool applies 1. PEFT 
 the tensor shapes itself from r, decompose_both and one decompose_factor whose split does not
 swap, so a LyCORIS file converts only where those settings can reproduce its shapes; factors
 whose stored form PEFT would not choose are expanded exactly to the full matrix.
+
+This module is the one reader of the PEFT layout: `lokr_diffusion.loading` (load_adapter,
+load_network) and the tools (inspect, convert, merge) all detect, group and translate PEFT
+keys through the functions here.
 """
 from __future__ import annotations
 
@@ -13,17 +17,16 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from ..algos import lokr
 from ..errors import AdapterFileError
-from ..fileformat import read_header, read_safetensors
+from ..fileformat import read_header, read_safetensors, require_regular_file
 from ..kron import factorization
-from ..loading import from_peft
-from .adapterfile import FileModule, component_of, flat_shape, lokr_factor_shapes
+from .adapterfile import FileModule, component_of, flat_shape, lokr_factor_shapes, module_problem
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -32,7 +35,14 @@ _KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.(lokr_\w+?)(?:\.(?!weight)\w+)
 _PEFT_DEFAULTS = {"r": 8, "alpha": 8}  # LoKrConfig's defaults: scale 1
 
 
-def is_peft_layout(keys) -> bool:
+def split_peft_key(key: str) -> tuple[str, str] | None:
+    """(module path, lokr tensor name) of a PEFT key, the optional prefix and adapter name dropped."""
+    m = _KEY.fullmatch(key)
+    return (m[1], m[2]) if m else None
+
+
+def is_peft_layout(keys: Iterable[str]) -> bool:
+    """PEFT keys: the `base_model.model.` prefix, or only `<path>.lokr_*` keys with no file-layout prefix."""
     keys = list(keys)
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return True
@@ -44,7 +54,7 @@ TE_PATHS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")  # tex
 
 def is_peft_path(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
+    return path.is_dir() and (path / CONFIG_NAME).exists()
 
 
 def looks_like_peft(path: str | Path) -> bool:
@@ -64,31 +74,116 @@ def read_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, list[str
     """
     path = Path(path)
     folder, weights = (path, path / WEIGHTS_NAME) if path.is_dir() else (path.parent, path)
+    if path.is_dir() and not weights.exists():
+        raise AdapterFileError(f"{path}: PEFT folder without {WEIGHTS_NAME}")
     tensors, _ = read_safetensors(weights)
     notes = []
     cfg_path = folder / CONFIG_NAME
-    if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise AdapterFileError(f"{cfg_path}: not valid JSON ({exc})") from None
-        if str(config.get("peft_type", "LOKR")).upper() != "LOKR":
-            raise AdapterFileError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LOKR converts")
+    if cfg_path.exists() or path.is_dir():
+        config = read_peft_config(cfg_path)
     else:
         config = dict(_PEFT_DEFAULTS)
         notes.append(f"no {CONFIG_NAME} beside {weights.name}: assumed PEFT's defaults r = alpha = 8 (scale 1)")
     return tensors, config, notes
 
 
-def group_peft(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """module path -> {lokr tensor name: tensor}."""
+def _number(cfg_path: Path, name: str, value: object, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0 or (integer and value != int(value)):
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise AdapterFileError(f"{cfg_path}: {name} is {value!r}; expected {kind}")
+    return value
+
+
+def read_peft_config(cfg_path: str | Path) -> dict:
+    """adapter_config.json of a PEFT LoKr adapter, checked: a JSON object, peft_type LOKR, sane r / alpha.
+
+    PEFT writes this file, but users edit it by hand; a wrong type would otherwise surface as
+    an AttributeError deep in a conversion.
+    """
+    cfg_path = Path(cfg_path)
+    require_regular_file(cfg_path, f"PEFT {CONFIG_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterFileError(f"{cfg_path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{cfg_path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise AdapterFileError(f"{cfg_path}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{cfg_path}: expected a JSON object (PEFT's adapter config), "
+                               f"found a JSON {type(config).__name__.replace('dict', 'object')}")
+    if str(config.get("peft_type", "LOKR")).upper() != "LOKR":
+        raise AdapterFileError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LOKR is supported")
+    for name, integer in (("r", True), ("alpha", False)):
+        if name in config:
+            _number(cfg_path, name, config[name], integer)
+    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterFileError(f"{cfg_path}: {name} is {patterns!r}; expected a JSON object of regex -> number")
+        for pattern, value in patterns.items():
+            _number(cfg_path, f"{name}[{pattern!r}]", value, integer)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterFileError(f"{cfg_path}: {name} key {pattern!r} is not a regular expression ({exc})") from None
+    return config
+
+
+def group_peft(tensors: Mapping[str, torch.Tensor], source: str = "PEFT state dict") -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> {lokr tensor name: tensor}, every module checked to rebuild a LoKr update.
+
+    The checks (missing w2_b, 0-dim or empty factors, dtypes, ranks) run here, before PEFT's
+    scale is folded in, so a broken PEFT file fails with the module named instead of an
+    IndexError in the translation.
+    """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY.fullmatch(key)
-        if m is None:
-            raise AdapterFileError(f"PEFT state dict: key {key!r} is not a LoKr tensor (<path>.lokr_...)")
-        groups.setdefault(m[1], {})[m[2]] = t
+        split = split_peft_key(key)
+        if split is None:
+            raise AdapterFileError(f"{source}: key {key!r} is not a PEFT LoKr tensor (<path>.lokr_...)")
+        groups.setdefault(split[0], {})[split[1]] = t
+    if not groups:
+        raise AdapterFileError(f"{source}: no PEFT LoKr tensors (the state dict is empty)")
+    for path, group in groups.items():
+        unknown = sorted(set(group) - set(lokr.TENSOR_NAMES))
+        if unknown:
+            raise AdapterFileError(f"{source}: module {path}: unknown tensors {unknown} "
+                                   f"(expected some of {list(lokr.TENSOR_NAMES)})")
+        problem = module_problem(group, lokr) if lokr.detect(set(group)) else \
+            f"tensors {sorted(group)} are no LoKr set (lokr_w1 / lokr_w2 or their _a/_b halves)"
+        if problem is not None:
+            raise AdapterFileError(f"{source}: module {path}: {problem}")
     return groups
+
+
+def from_peft(state_dict: Mapping[str, torch.Tensor], alpha: float | None = None, rank: int | None = None,
+              prefix: str = "lora_unet", source: str = "PEFT state dict") -> dict[str, torch.Tensor]:
+    """A PEFT LoKr state dict (`base_model.model.<path>.lokr_w1[.<adapter>]`) in the file layout.
+
+    PEFT scales by alpha / r (from its adapter_config.json) even when both factors are full,
+    where the file layout applies scale 1; such modules get alpha / r folded into w1 here so
+    the effective weight is unchanged. `prefix` names the component ("lora_unet", "lora_te"...).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for path, tensors in group_peft(state_dict, source).items():
+        module = f"{prefix}_{path.replace('.', '_')}"
+        decomposed = "lokr_w2_b" in tensors or "lokr_w1_b" in tensors
+        r = int(tensors["lokr_w2_b" if "lokr_w2_b" in tensors else "lokr_w1_b"].shape[0]) if decomposed else (rank or 1)
+        a = float(alpha if alpha is not None else r)
+        if not decomposed:
+            tensors = dict(tensors)
+            w1 = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+            tensors[w1] = tensors[w1] * (a / r)
+            a = float(r)
+        for name, t in tensors.items():
+            out[f"{module}.{name}"] = t
+        out[f"{module}.alpha"] = torch.tensor(a)
+    return out
 
 
 def pattern_value(patterns: Mapping[str, object] | None, path: str, default):
