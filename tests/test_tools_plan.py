@@ -1,5 +1,6 @@
 """`lokr-diffusion plan`: the numbers are those of the network the trainer builds."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,28 @@ def test_bad_settings_exit_2(capsys):
     assert code == 2 and "factor" in err
     code, _, err = run_cli(capsys, "plan", "--model", "/no/such/model")
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parent.parent / "train_configs").glob("*.toml")))
+def test_plan_config_equals_what_the_trainer_builds(config):
+    """`plan --config` must report the network train.py builds for the same TOML: the trainer's
+    create_network call (adapter config, train_unet / train_text_encoder) on the same architecture."""
+    from lokr_diffusion.families import get_family
+    from lokr_diffusion.tools.plan import plan_config
+    from lokr_diffusion.training.config import load_config
+
+    path = Path(__file__).parent.parent / "train_configs" / config
+    cfg = load_config(path)
+    result = plan_config(path)
+    local = cfg.base_dir / cfg.model.pretrained_model
+    if local.exists():  # the quickstart's bundled toy model
+        from lokr_diffusion.tools.plan import models_for
+
+        unet, encoders, _ = models_for(str(local.resolve()))
+    else:
+        unet, encoders = get_family(cfg.model.family).build_meta()
+    network = create_network(cfg.network.adapter_config(), unet=unet if cfg.network.train_unet else None,
+                             text_encoders=encoders if cfg.network.train_text_encoder else ())
+    assert result["parameters"] == network.num_parameters()
+    assert sum(result["modules"].values()) == len(network.module_keys())
+    assert result["parameters"] > 0
