@@ -24,7 +24,7 @@ from .fileformat import read_safetensors
 from .layers import AdapterModule
 from .network import AdapterNetwork, component_models, family_of
 from .targets import Target
-from .tools.adapterfile import FACTOR_DTYPES, dtype_name
+from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name
 from .tools.peft import from_peft, is_peft_layout
 
 __all__ = ["LoadReport", "build_alias_table", "check_module_tensors", "finite_scale", "from_peft",
@@ -102,13 +102,17 @@ def check_module_tensors(source: str, key: str, base: nn.Module, tensors: dict[s
         raise AdapterFileError(f"{source}: module {key} has tensors {sorted(names)}, which are no LoKr "
                                "(lokr_w1/lokr_w2...), LoHa (hada_w1_a...) or LoRA (lora_down/lora_up) set")
     weight_shape = tuple(base.weight.shape)
+    for n, t in sorted(tensors.items()):  # a 0-dim or empty factor would crash the shape check below
+        if n in algo.TENSOR_NAMES and (t.dim() < 2 or 0 in t.shape):
+            raise AdapterFileError(f"{source}: module {key}: tensor {n} has shape {tuple(t.shape)}; expected a 2-D or "
+                                   "4-D factor with no empty dimension")
     meta = {n: torch.empty(t.shape, device="meta") for n, t in tensors.items()}
     try:
         dw = algo.delta_weight(meta, weight_shape)
     except KeyError as exc:
         raise AdapterFileError(f"{source}: module {key} ({algo.NAME}) is missing tensor {exc.args[0]!r}; "
                                f"it has {sorted(names)}") from None
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as exc:
         found = ", ".join(f"{n} {tuple(t.shape)}" for n, t in sorted(tensors.items()))
         raise AdapterFileError(f"{source}: module {key}: tensors do not fit the model's weight of shape "
                                f"{weight_shape} (found {found}; {exc})") from None
@@ -172,8 +176,9 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
             alpha = float(r) if r is not None else 1.0  # the UIs' default: scale 1
             logger.warning("%s: module %s has no alpha; using scale 1", source, module_key)
         else:
-            if alpha_t.numel() != 1:
-                raise AdapterFileError(f"{source}: {module_key}.alpha has shape {tuple(alpha_t.shape)}, expected a scalar")
+            problem = alpha_problem(alpha_t)
+            if problem is not None:
+                raise AdapterFileError(f"{source}: module {module_key}: {problem}")
             alpha = float(alpha_t.float().reshape(()))
             if alpha != alpha or alpha in (float("inf"), float("-inf")):
                 raise AdapterFileError(f"{source}: {module_key}.alpha is not finite")

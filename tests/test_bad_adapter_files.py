@@ -333,3 +333,14 @@ def test_one_peft_reader():
         ("down_blocks.0.attn1.to_q", "lokr_w2_a")
     assert peft.split_peft_key("lora_unet_x.alpha") is None
     assert peft.is_peft_layout(["base_model.model.a.lokr_w1"]) and not peft.is_peft_layout(["lora_unet_a.lokr_w1"])
+
+
+def test_load_adapter_refuses_every_case(good, tiny_sd15_path, tmp_path):
+    """The same files through load_adapter: the project's error, nothing attached."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_path, **SD_KW)
+    for i, (case, (make, _)) in enumerate(CASES.items()):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        with pytest.raises(AdapterFileError):
+            load_adapter(pipe, make(good, folder), strict=True)
+    assert list_adapters(pipe) == {}
