@@ -244,7 +244,7 @@ def repeat_folder_times_repeats(root):
 
 
 def repeats_setting(root):
-    return {"repeats": MAX_REPEATS + 1}, [f"repeats = {MAX_REPEATS + 1} is more than the limit of {MAX_REPEATS}"]
+    return {"repeats": MAX_REPEATS + 1}, [f"repeats must be at most {MAX_REPEATS}, got {MAX_REPEATS + 1}"]
 
 
 ERROR_CASES = {f.__name__: f for f in (metadata_fifo, metadata_link_to_dev_zero, metadata_too_big,

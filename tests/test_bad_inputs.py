@@ -148,7 +148,7 @@ ADAPTER_CASES = {
     "missing tensor": (lambda g, t: _edited(g, t / "mt.safetensors", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(f"{KEY}.lokr_w2")]), "missing tensor"),
     "nan values": (lambda g, t: _edited(g, t / "nan.safetensors", lambda sd: sd[f"{KEY}.lokr_w1"].fill_(float("nan"))), "non-finite"),
     "integer dtype": (lambda g, t: _edited(g, t / "int.safetensors", lambda sd: sd.__setitem__(f"{KEY}.lokr_w1", sd[f"{KEY}.lokr_w1"].int())), "expected a float type"),
-    "sdxl file": (lambda g, t: _edited(g, t / "xl.safetensors", lambda sd: sd.__setitem__("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha", torch.tensor(1.0))), "for SDXL, but the model is SD 1.x/2.x"),
+    "sdxl file": (lambda g, t: _edited(g, t / "xl.safetensors", lambda sd: sd.__setitem__("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha", torch.tensor(1.0))), "for SDXL, but the model is SD 1.x"),
     "dora": (lambda g, t: _edited(g, t / "dora.safetensors", lambda sd: sd.__setitem__(f"{KEY}.dora_scale", torch.ones(1))), "DoRA"),
     "unknown tensor": (lambda g, t: _edited(g, t / "unk.safetensors", lambda sd: sd.__setitem__(f"{KEY}.lokr_w9", torch.ones(1))), "unknown tensors ['lokr_w9']"),
     "key for no module": (lambda g, t: _edited(g, t / "nomod.safetensors", lambda sd: sd.__setitem__("lora_unet_up_blocks_9_attn.lokr_w1", torch.ones(1))), "match no module"),

@@ -122,7 +122,7 @@ def test_set_text_after_build_tokenises_expanded_captions_like_the_trainer(tmp_p
     the same ids a single-caption tokenizer call gives (what the dataset did before)."""
     from transformers import CLIPTokenizer
 
-    from lokr_diffusion.models import write_tiny_tokenizer
+    from lokr_diffusion.families.clip_tokenizer import write_tiny_tokenizer
     from lokr_diffusion.text import tokenize
 
     tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tmp_path / "tok")))

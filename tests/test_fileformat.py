@@ -245,7 +245,7 @@ def test_unmatched_keys_strict_and_lenient(saved, tmp_path, sd15, caplog):
 
 
 def test_family_mismatch_and_dora(saved, tmp_path, sd15, sdxl):
-    with pytest.raises(AdapterFileError, match="for SD 1.x/2.x, but the model is SDXL"):
+    with pytest.raises(AdapterFileError, match="for SD 1.x or SD 2.x, but the model is SDXL"):
         load_network(saved[0], unet=sdxl[0], text_encoders=sdxl[1])
 
     def dora(sd):

@@ -247,7 +247,7 @@ def test_sd_layer_choices_are_stable():
 
     unet, _ = get_family("sd15").build_meta()
     keys = []
-    for t in select_targets("unet", unet, "attn-mlp", lambda p: p):
+    for t in select_targets("unet", unet, "attn-mlp", lambda p: p, family=get_family("sd15")):
         w = t.module.weight
         a, b = factorization(w.shape[0], 8)
         c, d = factorization(w.shape[1], 8)

@@ -49,8 +49,7 @@ _REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch
 def _family_arg(family: str | None) -> str | None:
     if family is None:
         return None
-    fam = keymap.meta_family(family)
-    return {"sd15": "sd1"}.get(fam, fam)
+    return keymap.meta_family(family).name
 
 
 def _peft_prefixes(groups: Mapping[str, Mapping[str, torch.Tensor]], family: str | None, component: str | None):
