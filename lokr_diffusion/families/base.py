@@ -42,6 +42,8 @@ class Family:
     tokenizer_attrs: tuple[str, ...] = ("tokenizer",)
     denoiser_attr: str = "unet"
     default_prediction: str = "epsilon"
+    objective: str = "noise"  # "noise" (DDPM epsilon / v) or "flow" (rectified flow)
+    text_cache_on_disk = False  # cache prompt embeddings on disk rather than in memory (T5: 8 MB a caption)
 
     # -- the parts of a pipeline ---------------------------------------------------------------
     def components(self, pipe: Any) -> Components:

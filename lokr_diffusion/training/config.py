@@ -19,6 +19,7 @@ from ..data.config import DatasetConfig, dataset_configs_from_toml
 from ..families import family_names
 from ..errors import ConfigError
 from ..network import AdapterConfig
+from .loss import FLOW_LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
 
 # Every name here is one diffusers.optimization.get_scheduler builds from the arguments the trainer
@@ -119,6 +120,23 @@ class TrainSection:
     min_timestep: int = setting(0, ge=0, lt=1000, help="lowest training timestep")
     max_timestep: int | None = setting(None, ge=1, le=1000, default_doc="the scheduler's (1000)",
                                        help="timesteps are drawn from [min_timestep, max_timestep)")
+    timestep_sampling: str | None = setting(
+        None, choices=TIMESTEP_SAMPLING, default_doc="`logit_normal` (flow models)",
+        help="flow matching (Flux, SD3): density of the training positions between data and noise")
+    logit_mean: float | None = setting(None, ge=-10, le=10, default_doc="0.0 (flow models)",
+                                       help="flow matching: mean of `logit_normal`")
+    logit_std: float | None = setting(None, gt=0, le=10, default_doc="1.0 (flow models)",
+                                      help="flow matching: standard deviation of `logit_normal`")
+    mode_scale: float | None = setting(None, ge=0, le=2, default_doc="1.29 (flow models)",
+                                       help="flow matching: scale of the `mode` density")
+    shift: float | None = setting(None, gt=0, le=100, default_doc="the model's scheduler",
+                                  help="flow matching: fixed time shift; by default the scheduler's (Flux: "
+                                       "resolution-dependent, SD3: 3.0)")
+    loss_weighting: str | None = setting(None, choices=FLOW_LOSS_WEIGHTING, default_doc="`none` (flow models)",
+                                         help="flow matching: per-sample loss weight (`sigma_sqrt`, `cosmap`)")
+    guidance: float | None = setting(None, ge=0, le=100, default_doc="1.0 (Flux.1-dev)",
+                                     help="guidance value fed to a guidance-distilled model (Flux.1-dev) while "
+                                          "training")
     ema_decay: float | None = setting(None, gt=0, lt=1, help="keep an EMA of the adapter weights and save it")
     prior_loss_weight: float = setting(1.0, gt=0, le=1000,
                                        help="loss weight of regularisation images (`is_reg = true`) against the "

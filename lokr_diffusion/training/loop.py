@@ -1,9 +1,11 @@
-"""The training run, top to bottom: config -> data -> models -> adapters -> loop -> files.
+"""The training run in named phases, top to bottom: run -> data -> models -> caches -> adapters ->
+loop -> result. `train` reads as that list; each phase is a function below it, in order.
 
 Everything that can be checked without a model (config, datasets) is checked first.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -12,12 +14,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..memory import peak_memory_gib
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..families import Family
+    from .model import TrainingModel
+    from .objective import Objective
 
 logger = logging.getLogger("lokr_diffusion.train")
 
@@ -49,31 +58,48 @@ from .stop import StopRequested, TrainingStopped  # noqa: E402 - signals: see st
 
 
 def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = False) -> Path:
-    """Run a training job; returns the path of the final adapter file."""
+    """Run a training job; returns the path of the final adapter file.
+
+    The phases run in this order because each needs the one before: the data is checked before a
+    model loads; caches need the tokenizers and the VAE; the adapters must exist before the text
+    cache (a trained text encoder is never cached) and the optimizer.
+    """
+    run = start_run(cfg, config_path, break_lock)
+    dataset = prepare_data(run)
+    models = load_models(run)
+    embedding, encoder = fill_caches(run, dataset, models)
+    parts = attach_adapters(run, dataset, models, embedding, encoder)
+    return finish(run, models, parts, train_loop(run, dataset, models, parts))
+
+
+# -- 1. the run: accelerator, output folder, logging ---------------------------------------------
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    config_path: Path | None
+    accelerator: Any
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def output_dir(self) -> Path:
+        return self.cfg.output_dir
+
+    def report(self, message: str) -> None:
+        if self.main:
+            print(message)
+
+
+def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> Run:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    from ..data import VaeLatentEncoder, build_dataset, dataset_configs_from_toml, make_loader, module_identity
-    from ..embeddings import TriggerEmbedding, embedding_path
-    from ..fileformat import atomic_write_bytes
-    from ..families import family_of_pipeline
-    from ..models import load_pipeline
-    from ..network import create_network
-    from . import checkpoint
-    from .loss import denoising_loss
-    from ..text import tokenize
-    from .model import TrainingModel
-    from .optim import build_optimizer
-    from .sampling import sample_grids
+    from .lock import lock_output_dir
 
-    t_cfg, out_cfg = cfg.train, cfg.output
-    output_dir = cfg.output_dir
-
-    # 1. data: validated and scanned before any model loads
+    t_cfg, output_dir = cfg.train, cfg.output_dir
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on a CPU machine):
     # Accelerate only picks its gloo CPU backend when told the run is on the CPU.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -87,16 +113,70 @@ def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = 
     )
     if t_cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
-    main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
-    from .lock import lock_output_dir
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     lock_output_dir(accelerator, output_dir, break_lock=break_lock)  # one run per folder; refuses unusable paths
-    dataset_configs = dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir)
-    dataset = build_dataset(dataset_configs, batch_size=t_cfg.batch_size, seed=t_cfg.seed,
-                            cache_dir=output_dir / "cache", report=print if main else None)
-    set_seed(t_cfg.seed, device_specific=True)
+    return Run(cfg, config_path, accelerator)
 
-    # 2. base model
+
+# -- 2. data: validated and scanned before any model loads ---------------------------------------
+
+def prepare_data(run: Run):
+    from accelerate.utils import set_seed
+
+    from ..data import build_dataset, dataset_configs_from_toml
+
+    cfg = run.cfg
+    dataset = build_dataset(dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir), batch_size=cfg.train.batch_size,
+                            seed=cfg.train.seed, cache_dir=run.output_dir / "cache",
+                            report=print if run.main else None)
+    set_seed(cfg.train.seed, device_specific=True)
+    return dataset
+
+
+# -- 3. the base model and the objective ---------------------------------------------------------
+
+@dataclass
+class Models:
+    """The loaded pipeline's parts as the run uses them, and what the family says about them."""
+
+    pipe: Any
+    family: "Family"
+    denoiser: nn.Module
+    vae: nn.Module | None
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    objective: "Objective"
+    prediction_type: str
+    weight_dtype: torch.dtype
+    parked: bool = False  # text encoders and VAE moved off the device once their outputs are cached
+
+    def park(self) -> None:
+        """Move the text encoders and the VAE to the CPU: every output they give is cached."""
+        for m in (self.vae, *self.text_encoders):
+            if m is not None:
+                m.to("cpu")
+        self.parked = True
+
+    @contextlib.contextmanager
+    def whole_pipeline(self, device: torch.device):
+        """Sampling needs every part on the device; parked parts go back afterwards."""
+        if self.parked:
+            for m in (self.vae, *self.text_encoders):
+                if m is not None:
+                    m.to(device)
+        try:
+            yield self.pipe
+        finally:
+            if self.parked:
+                self.park()
+
+
+def load_models(run: Run) -> Models:
+    from ..families import family_of_pipeline
+    from ..models import load_pipeline
+    from .objective import build_objective
+
+    cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
     pretrained = cfg.model.pretrained_model
     if (cfg.base_dir / pretrained).exists():  # local paths are relative to the config file
         pretrained = str((cfg.base_dir / pretrained).resolve())
@@ -104,76 +184,116 @@ def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = 
                          variant=cfg.model.variant, prediction_type=cfg.model.prediction_type)
     family = family_of_pipeline(pipe)
     parts = family.components(pipe)
-    unet, vae, text_encoders, tokenizers = parts.denoiser, parts.vae, parts.text_encoders, parts.tokenizers
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    # a model pretrained on a zero-terminal-SNR schedule says so in its scheduler config; fine-tune it on the same
-    model_zero_snr = bool(pipe.scheduler.config.get("rescale_betas_zero_snr", False))
-    zero_snr = t_cfg.zero_terminal_snr or model_zero_snr
-    if zero_snr and prediction_type != "v_prediction":
-        raise ConfigError("train.zero_terminal_snr needs v-prediction (model.prediction_type = 'v_prediction')")
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type,
-                                                rescale_betas_zero_snr=zero_snr)
-    if zero_snr and not model_zero_snr:  # the sampling scheduler must match what training switched on
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, rescale_betas_zero_snr=True)
-    max_t = t_cfg.max_timestep or noise_scheduler.config.num_train_timesteps
+    objective = build_objective(family, pipe, t_cfg)
+    prediction_type = getattr(objective, "prediction_type", family.default_prediction)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t_cfg.mixed_precision]
-    for m in (unet, vae, *text_encoders):
+    denoiser, vae, text_encoders = parts.denoiser, parts.vae, parts.text_encoders
+    for m in (denoiser, vae, *text_encoders):
         m.requires_grad_(False).eval()
-    unet.to(accelerator.device, dtype=weight_dtype)
+    denoiser.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=torch.float32)  # the VAE overflows in fp16
     for te in text_encoders:
         te.to(accelerator.device, dtype=weight_dtype)
     if t_cfg.xformers:
         if accelerator.device.type == "cuda":
             try:
-                unet.enable_xformers_memory_efficient_attention()
+                denoiser.enable_xformers_memory_efficient_attention()
             except Exception as exc:  # not installed or not built for this GPU
                 logger.warning("xformers requested but unavailable (%s); using torch attention", exc)
         else:
             logger.warning("xformers needs CUDA; using torch attention")
     if t_cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if cfg.network.train_text_encoder:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
+    return Models(pipe, family, denoiser, vae, text_encoders, parts.tokenizers, objective, prediction_type,
+                  weight_dtype)
 
-    # 3. caches, now that the tokenizers and VAE exist (and the trigger word's new tokens)
+
+# -- 4. caches, now that the tokenizers and the VAE exist (and the trigger word's new tokens) --------
+
+def fill_caches(run: Run, dataset, models: Models) -> tuple[Any, Any]:
+    """Latents (and the trigger word's tokens); the text cache waits for the adapters.
+    Returns the trigger embedding (or None) and the latent encoder."""
+    from ..data import VaeLatentEncoder
+    from ..embeddings import TriggerEmbedding
+
+    cfg, accelerator = run.cfg, run.accelerator
     embedding = None
     if cfg.network.embedding_trigger:
-        embedding = TriggerEmbedding(cfg.network.embedding_trigger, tokenizers, text_encoders,
+        embedding = TriggerEmbedding(cfg.network.embedding_trigger, models.tokenizers, models.text_encoders,
                                      cfg.network.embedding_vectors).to(accelerator.device)
-    dataset.set_text(tokenizers, embedding.expand if embedding is not None else None)
-    encoder = VaeLatentEncoder(vae)
+    dataset.set_text(models.tokenizers, embedding.expand if embedding is not None else None)
+    encoder = VaeLatentEncoder(models.vae)
     if dataset.uses_latent_cache:
         with accelerator.main_process_first():  # the main process encodes, the others read its cache
             dataset.cache_latents(encoder, encoder.identity)
+    return embedding, encoder
 
-    # 4. adapters
-    network = create_network(cfg.network.adapter_config(), unet=unet if cfg.network.train_unet else None,
-                             text_encoders=text_encoders if cfg.network.train_text_encoder else (), family=family,
-                             prediction_type=prediction_type)
+
+def cache_text(run: Run, dataset, models: Models, model: "TrainingModel") -> bool:
+    """Encode every caption once when the text side does not train; True when cached."""
+    from ..data import module_identity
+    from ..text import tokenize
+
+    if model.train_text_encoder or not all(c.static_captions for c in dataset.configs):
+        return False
+
+    def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), run.accelerator.autocast():
+            embeds = model.encode_text(tokenize(models.tokenizers, captions))
+        return {k: v.float().cpu() for k, v in embeds.items()}
+
+    # big sequence embeddings (T5: 512 x 4096 per caption) go to disk rather than memory
+    dataset.cache_text_embeddings(encode_captions, "|".join(module_identity(t) for t in models.text_encoders),
+                                  to_disk=models.family.text_cache_on_disk)
+    return True
+
+
+# -- 5. adapters, optimizer, data loader, resume --------------------------------------------------
+
+@dataclass
+class Parts:
+    """What the loop trains and steps, and the state that a checkpoint restores."""
+
+    network: Any
+    model: Any  # TrainingModel, wrapped by accelerator.prepare
+    embedding: Any
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    encoder: Any
+    ema: Any
+    progress: Progress
+    states: Any
+    max_steps: int
+    num_epochs: int
+    steps_per_epoch: int
+
+
+def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Parts:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ..data import make_loader
+    from ..network import create_network
+    from . import checkpoint
+    from .model import TrainingModel
+    from .optim import build_optimizer
+
+    cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
+    network = create_network(cfg.network.adapter_config(),
+                             unet=models.denoiser if cfg.network.train_unet else None,
+                             text_encoders=models.text_encoders if cfg.network.train_text_encoder else (),
+                             family=models.family, prediction_type=models.prediction_type)
     network.to(accelerator.device, dtype=torch.float32)
-    model = model_for_text = TrainingModel(network, unet, text_encoders, family, cfg.network.train_text_encoder,
-                                           embedding)
-    if not model.train_text_encoder and all(c.static_captions for c in dataset.configs):
-        def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
-            with torch.no_grad(), accelerator.autocast():
-                embeds = model_for_text.encode_text(tokenize(tokenizers, captions))
-            return {k: v.float().cpu() for k, v in embeds.items()}
-
-        dataset.cache_text_embeddings(encode_captions, "|".join(module_identity(t) for t in text_encoders))
-    groups = []
-    unet_params = [p for k, a in network.named_children() if network.components[k] == "unet" for p in a.parameters()]
-    te_params = [p for k, a in network.named_children() if network.components[k] != "unet" for p in a.parameters()]
-    if unet_params:
-        groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate})
-    if te_params:
-        groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate})
-    if embedding is not None:  # no weight decay: it would pull the vectors to zero, not to the word's start
-        groups.append({"params": list(embedding.parameters()), "weight_decay": 0.0,
-                       "lr": t_cfg.embedding_learning_rate})
-    optimizer = build_optimizer(t_cfg.optimizer, groups, t_cfg.learning_rate, t_cfg.weight_decay)
-
+    model = TrainingModel(network, models.denoiser, models.text_encoders, models.family,
+                          cfg.network.train_text_encoder, embedding, conditioning=_conditioning(t_cfg))
+    if cache_text(run, dataset, models, model) and all(c.cache_latents != "off" for c in dataset.configs):
+        models.park()  # every text and image input is cached: free device memory for the denoiser
+    optimizer = build_optimizer(t_cfg.optimizer, _param_groups(network, embedding, t_cfg), t_cfg.learning_rate,
+                                t_cfg.weight_decay)
     loader = make_loader(dataset, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                          num_workers=t_cfg.num_workers)
     steps_per_epoch = max(1, math.ceil(len(loader) / t_cfg.gradient_accumulation_steps))
@@ -187,100 +307,139 @@ def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = 
     progress = Progress()
     if ema is not None:
         ema.to(accelerator.device)
+    # resume (progress and EMA are saved as JSON/safetensors by checkpoint.TrainingState, never pickled)
+    states = checkpoint.TrainingState(accelerator, run.output_dir, progress, ema, checkpoint.run_identity(
+        cfg, network, [models.denoiser, *models.text_encoders], models.family, accelerator.num_processes))
+    states.resume(t_cfg.resume, loader, report=print if run.main else (lambda _: None))
+    return Parts(network, model, embedding, optimizer, lr_scheduler, loader, encoder, ema, progress, states,
+                 max_steps, num_epochs, steps_per_epoch)
 
-    # 5. resume (progress and EMA are saved as JSON/safetensors by checkpoint.TrainingState, never pickled)
-    states = checkpoint.TrainingState(accelerator, output_dir, progress, ema, checkpoint.run_identity(
-        cfg, network, [unet, *text_encoders], family, accelerator.num_processes))
-    states.resume(t_cfg.resume, loader, report=print if main else (lambda _: None))
 
-    trigger_note = ""
-    if embedding is not None:
-        trigger_note = f" + trigger embedding {embedding.word!r} ({embedding.num_vectors} vectors per text encoder)"
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = json.dumps(cfg.to_dict(), indent=2, default=str)
-        atomic_write_bytes(output_dir / "config.json", resolved.encode())
-        print(f"config:\n{resolved}")
-        print(f"family {family.variant(prediction_type)}, prediction {prediction_type}{', zero terminal SNR' if zero_snr else ''}, "
-              f"{len(network.module_keys())} modules, "
-              f"{network.num_parameters():,} trainable parameters{trigger_note}, {max_steps} steps "
-              f"({steps_per_epoch} per epoch, {accelerator.num_processes} process(es))")
-    if cfg.logging.tensorboard:
-        accelerator.init_trackers("lokr-diffusion", config={k: v for k, v in _flat(cfg.to_dict()).items()})
+def _conditioning(t_cfg) -> dict[str, Any]:
+    """Per-run inputs of the denoiser beyond the batch (Flux.1-dev's guidance value)."""
+    return {} if t_cfg.guidance is None else {"guidance": t_cfg.guidance}
 
-    save_dtype = _SAVE_DTYPES[out_cfg.save_dtype]
-    state_bytes = 4 * 4 * network.num_parameters()  # weights, two optimizer moments, EMA (fp32)
-    meta_facts = {"ss_sd_model_name": cfg.model.pretrained_model,
-                  "ss_v_parameterization": str(prediction_type == "v_prediction"),
-                  "ss_learning_rate": t_cfg.learning_rate, "ss_unet_lr": t_cfg.unet_lr or t_cfg.learning_rate,
-                  "ss_text_encoder_lr": t_cfg.text_encoder_lr or t_cfg.learning_rate,
-                  "ss_batch_size_per_device": t_cfg.batch_size, "ss_gradient_accumulation_steps": t_cfg.gradient_accumulation_steps,
-                  "ss_lr_scheduler": t_cfg.lr_scheduler, "ss_optimizer": t_cfg.optimizer, "ss_seed": t_cfg.seed,
-                  "ss_mixed_precision": t_cfg.mixed_precision, "ss_min_snr_gamma": t_cfg.min_snr_gamma,
-                  "ss_noise_offset": t_cfg.noise_offset, "ss_num_train_images": len(dataset.samples),
-                  "ss_datasets": json.dumps(dataset.summary_dict() if hasattr(dataset, "summary_dict") else
-                                            {"samples_per_epoch": len(dataset), "images": len(dataset.samples)}),
-                  "ss_training_started_at": str(time.time()), "ss_max_train_steps": max_steps}
 
-    def save_adapter(path: Path) -> Path:
-        facts = dict(meta_facts, ss_steps=progress.step, ss_epoch=progress.epoch)
+def _param_groups(network, embedding, t_cfg) -> list[dict]:
+    groups = []
+    unet_params = [p for k, a in network.named_children() if network.components[k] == "unet" for p in a.parameters()]
+    te_params = [p for k, a in network.named_children() if network.components[k] != "unet" for p in a.parameters()]
+    if unet_params:
+        groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate})
+    if te_params:
+        groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate})
+    if embedding is not None:  # no weight decay: it would pull the vectors to zero, not to the word's start
+        groups.append({"params": list(embedding.parameters()), "weight_decay": 0.0,
+                       "lr": t_cfg.embedding_learning_rate})
+    return groups
+
+
+# -- 6. files: adapters, checkpoints, samples ------------------------------------------------------
+
+class Files:
+    """Everything the run writes, with the facts every adapter file records."""
+
+    def __init__(self, run: Run, dataset, models: Models, parts: Parts) -> None:
+        cfg, t_cfg = run.cfg, run.cfg.train
+        self.run, self.models, self.parts = run, models, parts
+        self.save_dtype = _SAVE_DTYPES[cfg.output.save_dtype]
+        self.state_bytes = 4 * 4 * parts.network.num_parameters()  # weights, two optimizer moments, EMA (fp32)
+        self.facts = {
+            "ss_sd_model_name": cfg.model.pretrained_model,
+            "ss_v_parameterization": str(models.prediction_type == "v_prediction"),
+            "ss_learning_rate": t_cfg.learning_rate, "ss_unet_lr": t_cfg.unet_lr or t_cfg.learning_rate,
+            "ss_text_encoder_lr": t_cfg.text_encoder_lr or t_cfg.learning_rate,
+            "ss_batch_size_per_device": t_cfg.batch_size,
+            "ss_gradient_accumulation_steps": t_cfg.gradient_accumulation_steps,
+            "ss_lr_scheduler": t_cfg.lr_scheduler, "ss_optimizer": t_cfg.optimizer, "ss_seed": t_cfg.seed,
+            "ss_mixed_precision": t_cfg.mixed_precision, "ss_min_snr_gamma": t_cfg.min_snr_gamma,
+            "ss_noise_offset": t_cfg.noise_offset, "ss_num_train_images": len(dataset.samples),
+            "ss_datasets": json.dumps(dataset.summary_dict() if hasattr(dataset, "summary_dict") else
+                                      {"samples_per_epoch": len(dataset), "images": len(dataset.samples)}),
+            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps}
+
+    def save_adapter(self, path: Path) -> Path:
+        from ..embeddings import embedding_path
+
+        parts, progress = self.parts, self.parts.progress
+        facts = dict(self.facts, ss_steps=progress.step, ss_epoch=progress.epoch)
+        network, ema = parts.network, parts.ema
         if ema is not None:
             ema.store(network.parameters())
             ema.copy_to(network.parameters())
         try:
-            if embedding is not None:
-                embedding.save(embedding_path(path))
-            return network.save(path, dtype=save_dtype, metadata=network.metadata(title=out_cfg.name, extra=facts))
+            if parts.embedding is not None:
+                parts.embedding.save(embedding_path(path))
+            return network.save(path, dtype=self.save_dtype,
+                                metadata=network.metadata(title=self.run.cfg.output.name, extra=facts))
         finally:
             if ema is not None:
                 ema.restore(network.parameters())
 
-    def save_checkpoint() -> None:
-        if main:
-            save_adapter(checkpoint.adapter_path(output_dir, out_cfg.name, progress.step))
-        states.save(progress.step, state_bytes)
-        if main:
-            checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
+    def save_checkpoint(self) -> None:
+        from . import checkpoint
 
-    def sample() -> None:
-        if main and cfg.sample.prompts:
-            s = cfg.sample
+        run, step = self.run, self.parts.progress.step
+        if run.main:
+            self.save_adapter(checkpoint.adapter_path(run.output_dir, run.cfg.output.name, step))
+        self.parts.states.save(step, self.state_bytes)
+        if run.main:
+            checkpoint.prune(run.output_dir, run.cfg.output.name, run.cfg.output.keep_last)
+
+    def sample(self) -> None:
+        from .sampling import sample_grids
+
+        run, s = self.run, self.run.cfg.sample
+        accelerator, network, step = run.accelerator, self.parts.network, self.parts.progress.step
+        if run.main and s.prompts:
             network.eval()
-            grids = sample_grids(pipe, s.prompts, output_dir / "samples", progress.step,
-                                 negative_prompt=s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale,
-                                 seed=s.seed, num_images=s.num_images, width=s.width, height=s.height,
-                                 device=accelerator.device, autocast=accelerator.autocast)
+            with self.models.whole_pipeline(accelerator.device) as pipe:
+                grids = sample_grids(pipe, s.prompts, run.output_dir / "samples", step,
+                                     negative_prompt=s.negative_prompt, steps=s.steps,
+                                     guidance_scale=s.guidance_scale, seed=s.seed, num_images=s.num_images,
+                                     width=s.width, height=s.height, device=accelerator.device,
+                                     autocast=accelerator.autocast)
             network.train()
             tracker = _tensorboard(accelerator)
             if tracker is not None:
                 for i, (prompt, _, array) in enumerate(grids):
-                    tracker.writer.add_image(f"samples/{i:02d}", array, progress.step, dataformats="HWC")
+                    tracker.writer.add_image(f"samples/{i:02d}", array, step, dataformats="HWC")
         accelerator.wait_for_everyone()
 
-    # 6. the loop
+
+# -- 7. the loop -------------------------------------------------------------------------------------
+
+def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, float, int]:
+    """Steps until max_steps or the last epoch; returns the writer, the start time and step."""
+    from tqdm.auto import tqdm
+
+    from . import checkpoint
+
+    cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
+    files = Files(run, dataset, models, parts)
+    _announce(run, models, parts)
+    model, network, loader, optimizer, progress = parts.model, parts.network, parts.loader, parts.optimizer, parts.progress
     stop = StopRequested()
     stop.install()
-    bar = tqdm(total=max_steps, initial=progress.step, disable=not main, desc="training", dynamic_ncols=True)
+    bar = tqdm(total=parts.max_steps, initial=progress.step, disable=not run.main, desc="training", dynamic_ncols=True)
     start, start_step = time.perf_counter(), progress.step
     model.train()
-    while progress.step < max_steps and progress.epoch < num_epochs:
+    while progress.step < parts.max_steps and progress.epoch < parts.num_epochs:
         loader.set_epoch(progress.epoch)  # a just-restored epoch keeps its position
         for batch in loader:
             with accelerator.accumulate(model):
                 with torch.no_grad():
-                    latents = batch["latents"] if "latents" in batch else encoder(batch["pixel_values"])
+                    latents = batch["latents"] if "latents" in batch else parts.encoder(batch["pixel_values"])
                     latents = latents.to(accelerator.device, dtype=torch.float32)
                 weights = None
                 if t_cfg.prior_loss_weight != 1.0:
                     weights = torch.where(batch["is_reg"], t_cfg.prior_loss_weight, 1.0)
-                loss = denoising_loss(latents, lambda noisy, timesteps: model(noisy, timesteps, batch),
-                                      noise_scheduler, prediction_type, noise_offset=t_cfg.noise_offset,
-                                      min_timestep=t_cfg.min_timestep, max_timestep=max_t,
-                                      min_snr_gamma=t_cfg.min_snr_gamma, sample_weights=weights)
+                loss = models.objective.loss(latents, lambda noisy, timesteps: model(noisy, timesteps, batch),
+                                             sample_weights=weights)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
-                    _nonfinite(progress, t_cfg.max_nonfinite_steps, "loss", main)
+                    _nonfinite(progress, t_cfg.max_nonfinite_steps, "loss", run.main)
                     continue
                 accelerator.backward(loss)
                 grad_norm = None
@@ -288,20 +447,20 @@ def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = 
                     grad_norm = accelerator.clip_grad_norm_(network.parameters(), t_cfg.max_grad_norm or float("inf"))
                     if not torch.isfinite(torch.as_tensor(grad_norm)) and t_cfg.mixed_precision != "fp16":
                         optimizer.zero_grad(set_to_none=True)
-                        _nonfinite(progress, t_cfg.max_nonfinite_steps, "gradient", main)
+                        _nonfinite(progress, t_cfg.max_nonfinite_steps, "gradient", run.main)
                         continue
                 optimizer.step()
-                lr_scheduler.step()
+                parts.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
             progress.nonfinite_in_a_row = 0
             progress.data = loader.state_dict()
-            if ema is not None:
-                ema.step(network.parameters())
+            if parts.ema is not None:
+                parts.ema.step(network.parameters())
             loss_value = accelerator.reduce(loss.detach().reshape(1), "mean").item()
-            lr = lr_scheduler.get_last_lr()[0]
+            lr = parts.lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if progress.step % cfg.logging.log_every_steps == 0:
@@ -309,44 +468,74 @@ def train(cfg: TrainConfig, config_path: Path | None = None, break_lock: bool = 
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 accelerator.log(logs, step=progress.step)
-            if out_cfg.save_every_steps and progress.step % out_cfg.save_every_steps == 0 and progress.step < max_steps:
-                save_checkpoint()
+            if cfg.output.save_every_steps and progress.step % cfg.output.save_every_steps == 0 \
+                    and progress.step < parts.max_steps:
+                files.save_checkpoint()
             if cfg.sample.every_steps and progress.step % cfg.sample.every_steps == 0:
-                sample()
+                files.sample()
             if _stop_everywhere(accelerator, stop):
-                save_checkpoint()
+                files.save_checkpoint()
                 raise TrainingStopped(
                     f"stopped by signal {stop.signal} at step {progress.step}; checkpoint saved in "
-                    f"{checkpoint.state_dir(output_dir, progress.step)}. Resume with: "
-                    f"{_resume_command(config_path)}")
-            if progress.step >= max_steps:
+                    f"{checkpoint.state_dir(run.output_dir, progress.step)}. Resume with: "
+                    f"{_resume_command(run.config_path)}")
+            if progress.step >= parts.max_steps:
                 break
         else:
             progress.epoch += 1
-            progress.data = loader.state_dict() if progress.step < max_steps else progress.data
-            if out_cfg.save_every_epochs and progress.epoch % out_cfg.save_every_epochs == 0 and progress.step < max_steps:
-                save_checkpoint()
+            progress.data = loader.state_dict() if progress.step < parts.max_steps else progress.data
+            if cfg.output.save_every_epochs and progress.epoch % cfg.output.save_every_epochs == 0 \
+                    and progress.step < parts.max_steps:
+                files.save_checkpoint()
             continue
         break
     bar.close()
+    return files, start, start_step
 
-    # 7. the result
-    final = checkpoint.adapter_path(output_dir, out_cfg.name)
-    if main:
-        save_adapter(final)
-    states.save(progress.step, state_bytes)
-    if main:
-        checkpoint.prune(output_dir, out_cfg.name, out_cfg.keep_last)
+
+def _announce(run: Run, models: Models, parts: Parts) -> None:
+    from ..fileformat import atomic_write_bytes
+
+    cfg, network, embedding = run.cfg, parts.network, parts.embedding
+    trigger_note = ""
+    if embedding is not None:
+        trigger_note = f" + trigger embedding {embedding.word!r} ({embedding.num_vectors} vectors per text encoder)"
+    if run.main:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = json.dumps(cfg.to_dict(), indent=2, default=str)
+        atomic_write_bytes(run.output_dir / "config.json", resolved.encode())
+        print(f"config:\n{resolved}")
+        print(f"family {models.family.variant(models.prediction_type)}, {models.objective.describe()}, "
+              f"{len(network.module_keys())} modules, "
+              f"{network.num_parameters():,} trainable parameters{trigger_note}, {parts.max_steps} steps "
+              f"({parts.steps_per_epoch} per epoch, {run.accelerator.num_processes} process(es))")
+    if cfg.logging.tensorboard:
+        run.accelerator.init_trackers("lokr-diffusion", config={k: v for k, v in _flat(cfg.to_dict()).items()})
+
+
+# -- 8. the result -------------------------------------------------------------------------------------
+
+def finish(run: Run, models: Models, parts: Parts, looped: tuple[Files, float, int]) -> Path:
+    from . import checkpoint
+
+    files, start, start_step = looped
+    cfg, accelerator, progress, network = run.cfg, run.accelerator, parts.progress, parts.network
+    final = checkpoint.adapter_path(run.output_dir, cfg.output.name)
+    if run.main:
+        files.save_adapter(final)
+    parts.states.save(progress.step, files.state_bytes)
+    if run.main:
+        checkpoint.prune(run.output_dir, cfg.output.name, cfg.output.keep_last)
     if cfg.sample.prompts:
-        sample()
+        files.sample()
     agree = _ranks_agree(accelerator, network)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.num_processes > 1:
         # Freeing the DDP reducer tears the gloo process group down while its worker thread may
         # still need the GIL: a deadlock. Keep them alive; main() exits the process directly.
-        _KEEP_UNTIL_EXIT.append((model, accelerator))
-    if main:
+        _KEEP_UNTIL_EXIT.append((parts.model, accelerator))
+    if run.main:
         elapsed = time.perf_counter() - start
         steps = progress.step - start_step
         peak, peak_label = peak_memory_gib(accelerator.device)

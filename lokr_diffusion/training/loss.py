@@ -1,6 +1,7 @@
-"""The denoising objective: noise, timesteps, targets and the (min-SNR weighted) loss."""
+"""The training objectives: DDPM noise prediction (epsilon, v; min-SNR weighted) and rectified flow."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -67,3 +68,61 @@ def denoising_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch
         target = target_for(scheduler, latents, noise, timesteps, prediction_type)
     pred = denoise(noisy, timesteps)
     return diffusion_loss(pred, target, timesteps, scheduler, prediction_type, min_snr_gamma, sample_weights)
+
+
+# -- rectified flow (Flux, SD3) -------------------------------------------------------------------
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "cosmap")
+FLOW_LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+def sample_flow_positions(batch: int, sampling: str, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                          mode_scale: float = 1.29, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Where on the path from data (0) to noise (1) each sample is trained, before the shift.
+
+    ``uniform``, ``logit_normal`` and ``mode`` are Diffusers' SD3 densities; ``cosmap`` is the
+    SD3 paper's CosMap, t = 1 - 1 / (tan(pi u / 2) + 1), which Diffusers samples uniformly.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    if sampling == "cosmap":
+        u = torch.rand(batch, device=device)
+        return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+    scheme = "none" if sampling == "uniform" else sampling
+    return compute_density_for_timestep_sampling(scheme, batch, logit_mean=logit_mean, logit_std=logit_std,
+                                                 mode_scale=mode_scale, device=device)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching time shift s' = shift s / (1 + (shift - 1) s): more training at high noise
+    for larger images. Flux's resolution-dependent shift is this with shift = exp(mu)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_matching_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       shift: float, *, sampling: str = "logit_normal", logit_mean: float = 0.0,
+                       logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none",
+                       noise_offset: float = 0.0, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One rectified-flow training step: x_s = (1 - s) x_0 + s e, the model predicts e - x_0.
+
+    ``denoise(noisy, timesteps)`` gets timesteps s * 1000, the scale of Diffusers' flow-matching
+    schedulers (the family's forward rescales if its denoiser wants [0, 1]). The draws are noise,
+    then positions, as in :func:`denoising_loss`.
+    """
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    with torch.no_grad():
+        noise = make_noise(latents, noise_offset)
+        sigmas = shift_sigmas(sample_flow_positions(latents.shape[0], sampling, logit_mean=logit_mean,
+                                                    logit_std=logit_std, mode_scale=mode_scale,
+                                                    device=latents.device), shift)
+        s = sigmas.view(-1, *([1] * (latents.dim() - 1)))
+        noisy = (1 - s) * latents + s * noise
+        target = noise - latents
+    pred = denoise(noisy, sigmas * 1000)
+    per_element = (pred.float() - target.float()) ** 2
+    per_sample = per_element.reshape(latents.shape[0], -1).mean(dim=1)
+    per_sample = per_sample * compute_loss_weighting_for_sd3("none" if weighting == "none" else weighting, sigmas)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.device, per_sample.dtype)
+    return per_sample.mean()

@@ -18,13 +18,15 @@ from ..network import AdapterNetwork
 
 class TrainingModel(nn.Module):
     def __init__(self, network: AdapterNetwork, unet: nn.Module, text_encoders: Sequence[nn.Module],
-                 family: Family, train_text_encoder: bool, embedding: TriggerEmbedding | None = None) -> None:
+                 family: Family, train_text_encoder: bool, embedding: TriggerEmbedding | None = None,
+                 conditioning: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.network = network
         self.embedding = embedding  # trigger-word vectors, trained with the adapter (or None)
         self.frozen = {"unet": unet, "text_encoders": list(text_encoders)}  # plain dict: not registered
         self.family = family
         self.train_text_encoder = train_text_encoder or embedding is not None  # gradients through the encoder
+        self.conditioning = dict(conditioning or {})  # per-run denoiser inputs, e.g. Flux.1-dev's guidance
 
     def encode_text(self, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Prompt embeddings the way the family's Diffusers pipeline makes them, with gradients
@@ -35,4 +37,6 @@ class TrainingModel(nn.Module):
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         embeds = batch.get("text_embeds") or self.encode_text(batch["input_ids"])
+        if self.conditioning:
+            batch = {**batch, **self.conditioning}
         return self.family.denoise(self.frozen["unet"], noisy_latents, timesteps, embeds, batch)
