@@ -1,6 +1,6 @@
 """The model families and how to tell which one a model, a checkpoint or an adapter file is.
 
-Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``) as a
+Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``) as a
 :class:`~lokr_diffusion.families.base.Family`; this registry is the only place that lists
 them. Detection asks each family in turn whether the evidence is its own.
 """
@@ -15,13 +15,14 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from .base import Components, Family
+from .flux import FLUX_DEV, FLUX_SCHNELL
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
 
-__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "Components", "Family", "family_names", "get_family", "known_family",
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "Components", "Family", "family_names", "get_family", "known_family",
            "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
