@@ -1,8 +1,9 @@
 """Module path <-> file key, in one place for the writer and every reader.
 
 A file key is `<prefix>_<module path with '.' -> '_'>`. UNet paths are diffusers paths for
-SD1/SD2 and the original (ldm) paths for SDXL, as sd-scripts writes them; text-encoder paths
-always contain `text_model_`, whatever the transformers version calls the module.
+SD1/SD2 and the original (ldm) paths for SDXL, as sd-scripts writes them; CLIP text-encoder
+paths always contain `text_model_`, whatever the transformers version calls the module. Which
+of these helpers a family uses is the family's (`Family.denoiser_key`, `Family.text_encoder_key`).
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import naming
 from .algos import ALGORITHMS, ModuleSettings, get_algorithm
 from .errors import ConfigError
 from .families import Family, family_of_models, family_of_text_encoders, get_family
@@ -197,18 +196,21 @@ class AdapterNetwork(nn.Module):
 def component_models(family: Family, unet: nn.Module | None, text_encoders: Sequence[nn.Module]):
     """(component name, model, key function, alias function) for each given model.
 
-    Components are ``unet`` and ``te`` (one text encoder) or ``te1``, ``te2``...; the key
-    functions are the family's naming, so the writer and every reader share them.
+    Components are ``unet`` (the denoiser, a UNet or a transformer) and ``te`` (one text
+    encoder) or ``te1``, ``te2``... named after the family's key prefixes; text encoder ``i``
+    is the family's i-th. The key functions are the family's naming, so the writer and every
+    reader share them.
     """
     out = []
     if unet is not None:
         out.append(("unet", unet, lambda p, u=unet: family.denoiser_key(p, u),
                     lambda p, u=unet: family.denoiser_key_aliases(p, u)))
-    prefixes = naming.text_encoder_prefixes(len(text_encoders)) if text_encoders else []
-    n = len(text_encoders)
+    prefixes = family.text_encoder_prefixes() if text_encoders else []
+    if len(text_encoders) > len(prefixes):
+        raise ConfigError(f"{family.title} has {len(prefixes)} text encoder(s), got {len(text_encoders)}")
     for i, (te, prefix) in enumerate(zip(text_encoders, prefixes)):
-        out.append((prefix[len("lora_"):], te, lambda p, x=prefix: naming.text_encoder_key(x, p),
-                    lambda p, i=i, n=n: naming.text_encoder_key_aliases(i, n, p)))
+        out.append((prefix[len("lora_"):], te, lambda p, i=i: family.text_encoder_key(i, p),
+                    lambda p, i=i: family.text_encoder_key_aliases(i, p)))
     return out
 
 
@@ -234,7 +236,7 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
     network = AdapterNetwork(family, config, prediction_type)
     skipped_convs = 0
     for component, model, key_of, _ in component_models(family, unet, text_encoders):
-        targets = select_targets(component if component == "unet" else "te", model, config.preset, key_of,
+        targets = select_targets(component, model, config.preset, key_of,
                                  config.include, config.exclude, family=family)
         for target in targets:
             if target.is_kxk_conv and config.conv_dim is None:

@@ -47,3 +47,9 @@ def tiny_sdxl_path(tmp_path_factory):
 def tiny_pipeline_paths(tiny_sd15_path, tiny_sd2_path, tiny_sdxl_path):
     """Family name ("sd15", "sd2", "sdxl") -> tiny pipeline folder."""
     return {"sd15": tiny_sd15_path, "sd2": tiny_sd2_path, "sdxl": tiny_sdxl_path}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    """Folder of a tiny FLUX.1-dev-structured FluxPipeline (CLIP-L + T5, flow matching)."""
+    return _build_tiny(tmp_path_factory, "flux")

@@ -83,7 +83,11 @@ def test_every_family_declares_its_own_evidence():
     and metadata, and no other family claims them too."""
     checkpoint_keys = {"sd1": ["cond_stage_model.transformer.text_model.embeddings.x"],
                        "sd2": ["cond_stage_model.model.ln_final.weight"],
-                       "sdxl": ["conditioner.embedders.1.model.ln_final.weight"]}
+                       "sdxl": ["conditioner.embedders.1.model.ln_final.weight"],
+                       "flux": ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                                "guidance_in.in_layer.weight"],
+                       "flux-schnell": ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                                        "model.diffusion_model.single_blocks.0.linear1.weight"]}
     for family in REGISTRY:
         assert family_of_checkpoint_keys(checkpoint_keys[family.name]) is family
         meta = family.file_metadata()

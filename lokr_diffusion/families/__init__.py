@@ -1,6 +1,6 @@
 """The model families and how to tell which one a model, a checkpoint or an adapter file is.
 
-Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``) as a
+Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``) as a
 :class:`~lokr_diffusion.families.base.Family`; this registry is the only place that lists
 them. Detection asks each family in turn whether the evidence is its own.
 """
@@ -15,13 +15,14 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from .base import Components, Family
+from .flux import FLUX_DEV, FLUX_SCHNELL
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
 
-__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "Components", "Family", "family_names", "get_family", "known_family",
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "Components", "Family", "family_names", "get_family", "known_family",
            "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
@@ -64,20 +65,19 @@ def family_of_models(denoiser: Any, text_encoders: Sequence[nn.Module] = ()) -> 
 
 
 def family_of_text_encoders(text_encoders: Sequence[nn.Module]) -> Family:
-    """Without a denoiser, the text encoders alone: their count, then their width."""
-    for f in FAMILIES:
-        widths = [w for _, w in f.text_encoder_widths]
-        if len(widths) == len(text_encoders) and (
-                len(widths) > 1 or getattr(text_encoders[0].config, "hidden_size", 768) == widths[0]):
-            return f
-    return SD1
+    """Without a denoiser, the text encoders alone: their kind (CLIP, T5), count, then width."""
+    return next((f for f in FAMILIES if f.matches_text_encoders(text_encoders)), SD1)
 
 
 def family_of_pipeline(pipe: Any) -> Family:
     """The family of a loaded pipeline (its denoiser and however many text encoders it has)."""
     encoders = [getattr(pipe, a) for a in ("text_encoder", "text_encoder_2", "text_encoder_3")
                 if getattr(pipe, a, None) is not None]
-    return family_of_models(pipe.unet, encoders)
+    denoiser = next((getattr(pipe, a) for a in dict.fromkeys(f.denoiser_attr for f in FAMILIES)
+                     if getattr(pipe, a, None) is not None), None)
+    if denoiser is None:
+        raise ModelError(f"{type(pipe).__name__} has no denoiser (UNet or transformer) that lokr-diffusion knows")
+    return family_of_models(denoiser, encoders)
 
 
 def prediction_type_of(pipe: Any) -> str | None:
@@ -124,13 +124,25 @@ class FileFamily:
 
 
 def _sharing_names(family: Family) -> tuple[Family, ...]:
-    """The families whose files use the same key prefixes as ``family``."""
-    return tuple(f for f in FAMILIES if f.text_encoder_prefixes() == family.text_encoder_prefixes())
+    """The families whose files use the same key prefixes as ``family`` (same kind of
+    denoiser, same text-encoder prefixes: SD 1.x and 2.x; Flux.1 dev and schnell)."""
+    return tuple(f for f in FAMILIES if (f.denoiser_attr, f.text_encoder_prefixes())
+                 == (family.denoiser_attr, family.text_encoder_prefixes()))
+
+
+def _claiming(module_keys: Sequence[str]) -> tuple[Family, ...]:
+    """The families whose own module names (e.g. Flux's blocks) the keys use."""
+    return tuple(f for f in FAMILIES if f.matches_adapter_keys(module_keys))
 
 
 def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> FileFamily:
     """From key prefixes and metadata only: enough for a loader to refuse a file made for
-    another family's naming before it reports every key as unmatched."""
+    another family's naming before it reports every key as unmatched. A file keyed by a
+    family's own module names stays open to every family sharing them (a Flux.1 [dev] adapter
+    loads on [schnell])."""
+    claimed = _claiming(module_keys)
+    if claimed:
+        return FileFamily(_sharing_names(claimed[0]), "keys (module names)")
     prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
     for f in FAMILIES:
         te = f.text_encoder_prefixes()
@@ -150,17 +162,26 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
 
-    Widths of the real models decide first (cross-attention and text-encoder widths differ per
-    family), then the metadata sd-scripts writes, then the key structure (text-encoder count,
-    text-encoder depth, UNet levels).
+    Module names only one family has decide first (Flux's blocks; then the metadata picks
+    among the families sharing them, else the first), then widths of the real models
+    (cross-attention and text-encoder widths differ per family), then the metadata sd-scripts
+    writes, then the key structure (text-encoder count, text-encoder depth, UNet levels).
     """
+    claimed = _claiming([k for _, k, _ in modules])
+    if claimed:
+        meta = family_of_metadata(metadata)
+        sharing = _sharing_names(claimed[0])
+        if meta in sharing:
+            return FileFamily((meta,), "keys (module names) and metadata")
+        return FileFamily((sharing[0],), "keys (module names)")
     for component, key, shape in modules:
         if len(shape) != 2:  # not a module of a known algorithm: no width evidence
             continue
         for f in FAMILIES:
-            if component == "unet" and key.endswith("attn2_to_k") and shape[1] == f.cross_attention_width:
+            if (component == "unet" and key.endswith("attn2_to_k")
+                    and shape[1] == getattr(f, "cross_attention_width", None)):
                 return FileFamily((f,), "keys (cross-attention width)")
-            if key.endswith("self_attn_q_proj") and (component, shape[0]) in f.text_encoder_widths:
+            if key.endswith("self_attn_q_proj") and (component, shape[0]) in getattr(f, "text_encoder_widths", ()):
                 return FileFamily((f,), "keys (text-encoder width)")
     meta = family_of_metadata(metadata)
     if meta is not None:
@@ -171,11 +192,12 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
         if len(te) > 1 and components & set(te):
             return FileFamily((f,), "keys (two text encoders)")
     layers = [int(x) for _, k, _ in modules for x in re.findall(r"encoder_layers_(\d+)_", k)]
-    deep = [f for f in FAMILIES if len(f.real_text) == 1 and f.real_text[0][1]["num_hidden_layers"] > 12]
+    deep = [f for f in FAMILIES if len(getattr(f, "real_text", ())) == 1
+            and f.real_text[0][1]["num_hidden_layers"] > 12]
     if layers and max(layers) >= 12 and deep:
         return FileFamily(tuple(deep), "keys (more than 12 text-encoder layers)")
     unet_rests = [re.sub(r"^(lora_unet|lycoris)_", "", k) for c, k, _ in modules if c == "unet"]
     if any(r.startswith("down_blocks_3") or re.match(r"(input|output)_blocks_1[01]_", r) for r in unet_rests):
-        four = tuple(f for f in FAMILIES if len(f.real_unet["block_out_channels"]) == 4)
+        four = tuple(f for f in FAMILIES if len(getattr(f, "real_unet", {}).get("block_out_channels", ())) == 4)
         return FileFamily(four, "keys (four UNet levels: " + " or ".join(f.title for f in four) + ")")
     return FileFamily((), "unknown")

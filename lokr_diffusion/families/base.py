@@ -16,6 +16,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import naming
+
+# CLIP text-encoder layers per preset (LyCORIS: CLIPAttention, and CLIPMLP outside attn-only).
+CLIP_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+CLIP_MLP = ("mlp.fc1", "mlp.fc2")
+
+
+def clip_preset_filter(preset: str) -> Callable[[str], bool]:
+    """``path -> bool`` for a CLIP text encoder: attention projections, plus the MLP outside attn-only.
+
+    ``full`` adds nothing over ``attn-mlp``: a CLIP text tower has no other Linear layers.
+    """
+    def chosen(path: str) -> bool:
+        return path.endswith(CLIP_ATTN) or (preset != "attn-only" and path.endswith(CLIP_MLP))
+
+    return chosen
+
 
 @dataclass
 class Components:
@@ -45,6 +62,13 @@ class Family:
     objective: str = "noise"  # "noise" (DDPM epsilon / v) or "flow" (rectified flow)
     text_cache_on_disk = False  # cache prompt embeddings on disk rather than in memory (T5: 8 MB a caption)
 
+    @property
+    def default_trained_text_encoders(self) -> tuple[int, ...]:
+        """Indices of the text encoders a run trains when it trains "the text encoder" without
+        saying which: all of them by default; a family overrides this (Flux: CLIP-L only, since
+        T5-XXL is 4.8 B parameters and the trainers in the wild leave it frozen)."""
+        return tuple(range(len(self.text_encoder_attrs)))
+
     # -- the parts of a pipeline ---------------------------------------------------------------
     def components(self, pipe: Any) -> Components:
         return Components(
@@ -64,6 +88,16 @@ class Family:
     def matches_checkpoint_keys(self, keys: Sequence[str]) -> bool:
         raise NotImplementedError
 
+    def matches_text_encoders(self, text_encoders: Sequence[nn.Module]) -> bool:
+        """Whether text encoders alone (no denoiser) look like this family's."""
+        return False
+
+    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """Whether an adapter file's module keys name modules only this family has (e.g. Flux's
+        single-stream blocks). Families whose keys other families share answer False and are
+        told apart by widths and metadata instead."""
+        return False
+
     # -- naming ---------------------------------------------------------------------------------
     def text_encoder_prefixes(self) -> list[str]:
         """File-key prefix of each text encoder, in order."""
@@ -77,10 +111,27 @@ class Family:
         """Every key files in the wild use for a denoiser module."""
         raise NotImplementedError
 
+    def text_encoder_key(self, index: int, path: str) -> str:
+        """The key this project writes for module ``path`` of text encoder ``index`` (family order).
+
+        Default: sd-scripts' CLIP naming, ``<prefix>_text_model_<path>`` whatever level
+        transformers puts ``text_model`` at.
+        """
+        return naming.text_encoder_key(self.text_encoder_prefixes()[index], path)
+
+    def text_encoder_key_aliases(self, index: int, path: str) -> list[str]:
+        """Every key files in the wild use for that text-encoder module (CLIP default: with and
+        without ``text_model_``; a lone encoder also as ``lora_te1_``)."""
+        return naming.text_encoder_key_aliases(index, len(self.text_encoder_prefixes()), path)
+
     # -- presets --------------------------------------------------------------------------------
     def preset_filter(self, denoiser: nn.Module, preset: str) -> Callable[[str], bool]:
         """``module path -> whether the preset trains it``, prepared once per denoiser."""
         raise NotImplementedError
+
+    def text_preset_filter(self, index: int, model: nn.Module, preset: str) -> Callable[[str], bool]:
+        """The same for text encoder ``index``; every text encoder is a CLIP tower by default."""
+        return clip_preset_filter(preset)
 
     # -- conditioning and objective --------------------------------------------------------------
     def encode_text(self, text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor],

@@ -124,7 +124,16 @@ class StableDiffusionFamily(Family):
 
     # -- detection ----------------------------------------------------------------------------
     def matches_models(self, denoiser_config: Mapping[str, Any], text_encoders: Sequence[nn.Module]) -> bool:
-        return sd_kind(denoiser_config, len(text_encoders)) == self.name
+        """A UNet2DConditionModel config (it has down blocks; a DiT's has none) of this family."""
+        return "down_block_types" in denoiser_config and sd_kind(denoiser_config, len(text_encoders)) == self.name
+
+    def matches_text_encoders(self, text_encoders: Sequence[nn.Module]) -> bool:
+        """CLIP towers only; then their count, and for a single one its width."""
+        if not all(_is_clip(te) for te in text_encoders):
+            return False
+        widths = [w for _, w in self.text_encoder_widths]
+        return len(widths) == len(text_encoders) and (
+            len(widths) > 1 or getattr(text_encoders[0].config, "hidden_size", 768) == widths[0])
 
     def matches_pipeline_class(self, class_name: str) -> bool:
         """Any SD 1.x/2.x pipeline class (txt2img, img2img, inpaint...) loads with the same parts."""
@@ -284,6 +293,11 @@ class StableDiffusionFamily(Family):
         for te, (prefix, kind) in zip(self.components(pipe).text_encoders, self.checkpoint_text_prefixes):
             out.update(convert[kind](te.state_dict(), prefix))
         return out
+
+
+def _is_clip(model: nn.Module) -> bool:
+    """A CLIP text tower (or something without a transformers config, taken to be one)."""
+    return str(getattr(getattr(model, "config", None), "model_type", "clip")).startswith("clip")
 
 
 def _layout(unet: nn.Module) -> tuple[int, frozenset[int]]:

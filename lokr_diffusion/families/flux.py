@@ -1,0 +1,460 @@
+"""Flux.1 [dev] and [schnell]: a rectified-flow DiT (``FluxTransformer2DModel``) conditioned on
+CLIP-L's pooled output and T5-XXL's hidden states, with a 16-channel VAE whose latents are
+packed 2x2 into tokens.
+
+Both models have the same module tree except [dev]'s guidance embedder, so adapter files are
+interchangeable; they are two families because files and detection say which one a model is.
+The class docstring gives the presets and keys; the project's DiT spec (``dit-families.md``)
+the two layouts (Diffusers and original BFL names) of every layer.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import naming
+from .base import Family
+from .stable_diffusion import CLIP_L, TINY_TEXT, text_encoder
+
+__all__ = ["FLUX_DEV", "FLUX_SCHNELL", "FluxFamily", "T5_XXL", "image_ids", "pack_latents", "unpack_latents"]
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json ([schnell]: guidance_embeds false)
+FLUX_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+# google/t5-v1_1-xxl encoder as FLUX.1 ships it (text_encoder_2/config.json)
+T5_XXL: dict[str, Any] = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "vocab_size": 32128,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-06,
+    "dropout_rate": 0.1,
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+# FLUX.1 vae/config.json values the pipeline and the trainer read
+VAE_SCALING_FACTOR = 0.3611
+VAE_SHIFT_FACTOR = 0.1159
+VAE_SCALE = 8  # pixels per latent: four VAE levels
+LATENT_CHANNELS = 16
+
+# Small widths and depths, same module tree: head dim 16 = sum of the rope axes, as 128 = 16+56+56
+TINY_TRANSFORMER = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                    "joint_attention_dim": 32, "pooled_projection_dim": TINY_TEXT["hidden_size"],
+                    "axes_dims_rope": [4, 6, 6]}
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
+
+# Module paths of FluxTransformer2DModel, per role (fullmatch on the path)
+_DOUBLE = r"transformer_blocks\.\d+\."
+_SINGLE = r"single_transformer_blocks\.\d+\."
+ATTENTION = re.compile(rf"{_DOUBLE}attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|{_SINGLE}attn\.to_[qkv]")
+MLP = re.compile(rf"{_DOUBLE}ff(_context)?\.net\.(0\.proj|2)|{_SINGLE}(proj_mlp|proj_out)")
+MODULATION = re.compile(rf"{_DOUBLE}norm1(_context)?\.linear|{_SINGLE}norm\.linear")
+OUTSIDE_BLOCKS = re.compile(r"x_embedder|context_embedder|time_text_embed\.(timestep|guidance|text)_embedder\.linear_[12]"
+                            r"|norm_out\.linear|proj_out")
+_PRESET_PARTS = {"attn-only": (ATTENTION,), "attn-mlp": (ATTENTION, MLP),
+                 "full": (ATTENTION, MLP, MODULATION, OUTSIDE_BLOCKS)}
+
+# T5 encoder layers per preset (LyCORIS's attn-only T5 class is the self-attention layer)
+T5_ATTENTION = re.compile(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]")
+T5_MLP = re.compile(r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo|wi)")
+
+# Adapter-file keys only Flux files have: the Diffusers names (lycoris_/lora_transformer_/dotted),
+# the original BFL names (kohya lora_unet_, dotted diffusion_model.), and T5 text-encoder keys.
+_ADAPTER_KEY = re.compile(
+    r"(lycoris|lora_transformer)_(single_)?transformer_blocks_\d+_"
+    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_)"
+    r"|lora_unet_(double|single)_blocks_\d+_"
+    r"|(transformer\.)?(single_)?transformer_blocks\.\d+\."
+    r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
+    r"|lora_te[23]_encoder_block_\d+_layer_\d")
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+_METADATA_VERSIONS = ("flux", "flux1", "flux1dev")  # ss_base_model_version, lower case, [-_. ] dropped
+
+
+# -- latents and positions: small pure functions the pipeline, the trainer and tests share ---------
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) VAE latents -> (B, H/2 * W/2, 4C) tokens, 2x2 patches as FluxPipeline packs them."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Flux packs 2x2 latent patches: latent height and width must be even, got {h}x{w}")
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for a latent of ``height`` x ``width`` (latent pixels)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(tokens, height, width, 1)  # scale 1: sizes are latent sizes
+
+
+def image_ids(height: int, width: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(H/2 * W/2, 3) rotary position ids of the packed tokens of a ``height`` x ``width`` latent:
+    (0, row, column) per token, in packing order."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+
+
+def text_ids(length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(length, 3) position ids of the T5 tokens: all zero, as FluxPipeline.encode_prompt makes them."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def latent_size(batch: Mapping[str, Any], tokens: int) -> tuple[int, int]:
+    """(height, width) of the unpacked latents of a batch, whose packed form has ``tokens`` tokens.
+
+    Taken from ``batch["latent_size"]`` ((h, w) or a (B, 2) tensor), else the shape of
+    ``batch["latents"]`` (B, C, h, w), else ``batch["target_size"]`` (pixels, (B, 2)) / 8;
+    every item of a batch has the same size (one bucket).
+    """
+    if "latent_size" in batch:
+        size = batch["latent_size"]
+    elif torch.is_tensor(batch.get("latents")) and batch["latents"].dim() == 4:
+        size = tuple(batch["latents"].shape[-2:])
+    elif "target_size" in batch:
+        size = [int(v) // VAE_SCALE for v in _first_row(batch["target_size"])]
+    else:
+        raise ValueError("Flux denoise needs the latent size: give batch['latent_size'], 'latents' or 'target_size'")
+    h, w = (int(v) for v in _first_row(size))
+    if (h // 2) * (w // 2) != tokens:
+        raise ValueError(f"a {h}x{w} latent packs into {(h // 2) * (w // 2)} tokens, but the input has {tokens}")
+    return h, w
+
+
+def _first_row(size: Any) -> Sequence[Any]:
+    if torch.is_tensor(size):
+        return size[0].tolist() if size.dim() == 2 else size.tolist()
+    return size
+
+
+class FluxFamily(Family):
+    """Flux.1: ``FluxTransformer2DModel`` + CLIP-L (``text_encoder``) + T5-XXL (``text_encoder_2``).
+
+    **Presets** (module counts on the real Flux.1-dev architecture; [schnell] has 2 fewer in
+    ``full``, no guidance embedder):
+
+    ========= ======================================================================== =====
+    attn-only attention projections: double blocks ``attn.to_q/k/v``, ``to_out.0``,       266
+              ``add_q/k/v_proj``, ``to_add_out`` (8 x 19); single blocks ``attn.to_q/k/v``
+              (3 x 38)
+    attn-mlp  + MLPs: ``ff.net.0.proj``, ``ff.net.2``, ``ff_context.*`` (4 x 19); single    418
+              blocks ``proj_mlp`` and ``proj_out`` (2 x 38)
+    full      + AdaLN modulation ``norm1.linear``, ``norm1_context.linear``, single        504
+              ``norm.linear`` (2 x 19 + 38) and the 10 Linears outside the blocks
+              (``x_embedder``, ``context_embedder``, time / guidance / text embedders,
+              ``norm_out.linear``, ``proj_out``): every Linear of the model
+    ========= ======================================================================== =====
+
+    Why: LyCORIS's own presets name Flux only by the original BFL block classes
+    (``DoubleStreamBlock``, ``SingleStreamBlock``), which match nothing in a Diffusers model,
+    and on a BFL model they take *every* Linear of the blocks, modulation included (494 here).
+    kohya's trainers leave the modulation Linears out by default (``exclude_patterns``
+    ``.*(img_mod|txt_mod|modulation).*``; users report better results): they are large
+    (3072 x 18432 each) and steer every token at once. So attn-mlp is the blocks without
+    modulation, as kohya trains them, and full is everything. A single block's ``proj_out``
+    (BFL ``linear2``) projects the attention output and the MLP together; it goes with the
+    MLP, so attn-only trains only true attention projections.
+
+    Text encoders: CLIP-L as for SD (48 / 72 / 72 modules); T5 attn-only is each layer's
+    ``SelfAttention.q/k/v/o`` (96), attn-mlp and full add ``DenseReluDense.wi_0/wi_1/wo``
+    (168). T5 stays frozen unless asked (:attr:`default_trained_text_encoders`).
+
+    **Keys**: the denoiser is written ``lycoris_<Diffusers path, . -> _>``
+    (``lycoris_transformer_blocks_0_attn_to_q``, SimpleTuner's layout): LoKr on separate
+    q/k/v is three Kronecker products and cannot be one on the fused ``qkv`` of the original
+    names. Read too: ``lora_transformer_<path>`` (OneTrainer). Fused BFL layouts (kohya) are
+    mapped by row slices, see ``Family.fused_groups``. Text encoders: CLIP-L
+    ``lora_te1_text_model_<path>``, T5 ``lora_te2_<path>`` (no ``text_model_``; also read as
+    ``lora_te3_``, ComfyUI's count when a third encoder exists).
+    """
+
+    aliases: tuple[str, ...] = ()
+    pipeline_class = "FluxPipeline"
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    tokenizer_attrs = ("tokenizer", "tokenizer_2")
+    denoiser_attr = "transformer"
+    default_prediction = "flow"  # rectified flow: the target is noise - latents
+    default_trained_text_encoders = (0,)  # CLIP-L; T5-XXL only when a config names it
+    guidance_embeds: bool  # [dev] is guidance-distilled: the guidance value is an input
+    default_guidance: float | None  # the guidance a training step feeds [dev] (kohya's advice: 1.0)
+    max_sequence_length: int  # T5 tokens the pipeline encodes by default
+    architecture: str  # modelspec.architecture of an adapter
+    implementation = "diffusers"  # modelspec.implementation: whose module names our files use
+    base_model_version = "flux1"  # ss_base_model_version, as sd-scripts writes it for dev and schnell
+    resolution = "1024x1024"
+    scheduler_config: dict[str, Any]  # FlowMatchEulerDiscreteScheduler settings the model ships with
+    vae_scaling_factor = VAE_SCALING_FACTOR
+    vae_shift_factor = VAE_SHIFT_FACTOR
+    vae_scale_factor = VAE_SCALE
+    real_text = [("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)]
+
+    # -- detection ----------------------------------------------------------------------------
+    def matches_models(self, denoiser_config: Mapping[str, Any], text_encoders: Sequence[nn.Module]) -> bool:
+        """A FluxTransformer2DModel config (joint text width, single-stream blocks, pooled
+        projection, rope axes; no other class name) with this family's guidance embedder."""
+        keys = ("joint_attention_dim", "num_single_layers", "pooled_projection_dim", "axes_dims_rope")
+        if not all(k in denoiser_config for k in keys):
+            return False
+        if denoiser_config.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
+            return False
+        return bool(denoiser_config.get("guidance_embeds", False)) == self.guidance_embeds
+
+    def matches_pipeline_class(self, class_name: str) -> bool:
+        """Pipelines that load exactly FLUX.1's parts for the base model. Fill, Control,
+        Kontext, ControlNet and Redux pipelines serve other checkpoints or need extra inputs,
+        and Flux.2 is another architecture."""
+        return class_name in _PIPELINE_CLASSES
+
+    def matches_checkpoint_keys(self, keys: Sequence[str]) -> bool:
+        """Original BFL single-file names (``double_blocks.0.img_attn.qkv.weight``, maybe under
+        ``model.diffusion_model.``); [dev] has the guidance embedder ``guidance_in``."""
+        names = [_strip_prefix(k) for k in keys]
+        if not any(n.startswith("double_blocks.") for n in names) or not any(n.startswith("single_blocks.") for n in names):
+            return False
+        return any(n.startswith("guidance_in.") for n in names) == self.guidance_embeds
+
+    def matches_text_encoders(self, text_encoders: Sequence[nn.Module]) -> bool:
+        kinds = [str(getattr(getattr(te, "config", None), "model_type", "")) for te in text_encoders]
+        return len(kinds) == 2 and kinds[0].startswith("clip") and kinds[1] == "t5"
+
+    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        return any(_ADAPTER_KEY.match(k) for k in module_keys)
+
+    def matches_metadata(self, metadata: Mapping[str, str]) -> bool:
+        """sd-scripts writes ``modelspec.architecture`` ``flux-1-dev/lora`` or
+        ``flux-1-schnell/lora`` and ``ss_base_model_version`` ``flux1`` for both; a file saying
+        only the latter (or ``flux-1``) is taken to be for [dev], the model LoRAs are trained on."""
+        arch = metadata.get("modelspec.architecture", "")
+        if arch.startswith(("flux-1-dev", "flux-1-schnell")):
+            return arch.startswith(self.architecture.split("/")[0])
+        version = re.sub(r"[^a-z0-9]", "", metadata.get("ss_base_model_version", "").lower())
+        claimed = arch.split("/")[0] == "flux-1" or version in _METADATA_VERSIONS
+        return claimed and self.guidance_embeds
+
+    # -- naming -------------------------------------------------------------------------------
+    def text_encoder_prefixes(self) -> list[str]:
+        return ["lora_te1", "lora_te2"]
+
+    def denoiser_key(self, path: str, denoiser: nn.Module) -> str:
+        return naming.module_key(naming.LYCORIS_PREFIX, path)
+
+    def denoiser_key_aliases(self, path: str, denoiser: nn.Module) -> list[str]:
+        """The written key and OneTrainer's ``lora_transformer_``; dotted and fused layouts are
+        the loader's (``flux_names``)."""
+        return [self.denoiser_key(path, denoiser), naming.module_key("lora_transformer", path)]
+
+    def text_encoder_key(self, index: int, path: str) -> str:
+        if index == 1:  # T5: its own module names, no text_model level
+            return naming.module_key("lora_te2", path)
+        return super().text_encoder_key(index, path)
+
+    def text_encoder_key_aliases(self, index: int, path: str) -> list[str]:
+        if index == 1:
+            return [naming.module_key(p, path) for p in ("lora_te2", "lora_te3")]
+        return super().text_encoder_key_aliases(index, path)
+
+    # -- presets ------------------------------------------------------------------------------
+    def preset_filter(self, denoiser: nn.Module, preset: str) -> Callable[[str], bool]:
+        parts = _PRESET_PARTS[preset]
+        return lambda path: any(p.fullmatch(path) for p in parts)
+
+    def text_preset_filter(self, index: int, model: nn.Module, preset: str) -> Callable[[str], bool]:
+        if index != 1:
+            return super().text_preset_filter(index, model, preset)
+        parts = (T5_ATTENTION,) if preset == "attn-only" else (T5_ATTENTION, T5_MLP)
+        return lambda path: any(p.fullmatch(path) for p in parts)
+
+    # -- conditioning -------------------------------------------------------------------------
+    def encode_text(self, text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor],
+                    device: torch.device) -> dict[str, torch.Tensor]:
+        """CLIP-L's pooled output and T5's last hidden state, as FluxPipeline's
+        ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds`` compute them."""
+        clip, t5 = text_encoders[0], text_encoders[1]
+        pooled = clip(input_ids[0].to(device), output_hidden_states=False).pooler_output
+        hidden = t5(input_ids[1].to(device), output_hidden_states=False)[0]
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+    def guidance(self, denoiser: nn.Module, batch: Mapping[str, Any], batch_size: int,
+                 device: torch.device) -> torch.Tensor | None:
+        """(B,) float32 guidance for a model with a guidance embedder (``batch["guidance"]``, a
+        number or per-item values, else :attr:`default_guidance`); None for one without."""
+        if not getattr(denoiser.config, "guidance_embeds", False):
+            return None
+        value = batch.get("guidance")
+        if value is None:
+            value = self.default_guidance if self.default_guidance is not None else 1.0
+        g = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
+        return g.expand(batch_size) if g.numel() == 1 else g
+
+    def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                embeds: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
+        """The velocity prediction for packed latents ``noisy`` (B, tokens, 64).
+
+        ``timesteps`` are flow times s in [0, 1] (x_s = (1 - s) x_0 + s noise), per item or one
+        for all; FluxTransformer2DModel multiplies them by 1000 itself (FluxPipeline passes
+        ``t / 1000``). Position ids follow from the latent size (:func:`latent_size`). The output
+        is packed like the input; compare it with ``pack_latents(noise - latents)``.
+        """
+        b, tokens = noisy.shape[:2]
+        device = noisy.device
+        dtype = next(denoiser.parameters()).dtype
+        h, w = latent_size(batch, tokens)
+        prompt = embeds["prompt_embeds"].to(device=device, dtype=dtype)
+        t = torch.as_tensor(timesteps, device=device).to(dtype).flatten()
+        out = denoiser(hidden_states=noisy.to(dtype), timestep=t.expand(b) if t.numel() == 1 else t,
+                       guidance=self.guidance(denoiser, batch, b, device),
+                       pooled_projections=embeds["pooled_prompt_embeds"].to(device=device, dtype=dtype),
+                       encoder_hidden_states=prompt, txt_ids=text_ids(prompt.shape[1], device, dtype),
+                       img_ids=image_ids(h, w, device, dtype), return_dict=True)
+        return out.sample
+
+    # -- metadata -----------------------------------------------------------------------------
+    def file_metadata(self, prediction_type: str | None = None) -> dict[str, str]:
+        """What sd-scripts writes for a Flux LoRA; no ``modelspec.prediction_type`` (a flow
+        model has none), and our module names are Diffusers'."""
+        return {"ss_base_model_version": self.base_model_version, "ss_v2": "False",
+                "modelspec.architecture": self.architecture, "modelspec.implementation": self.implementation,
+                "modelspec.resolution": self.resolution}
+
+    # -- architectures ------------------------------------------------------------------------
+    def real_transformer_config(self) -> dict[str, Any]:
+        return {**copy.deepcopy(FLUX_TRANSFORMER), "guidance_embeds": self.guidance_embeds}
+
+    def tiny_transformer_config(self) -> dict[str, Any]:
+        """The real config with small widths and two blocks of each kind: same module tree."""
+        return {**self.real_transformer_config(), **copy.deepcopy(TINY_TRANSFORMER)}
+
+    def real_text_encoder_configs(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(transformers class name, config kwargs)``: CLIP-L (``lora_te1``), T5-XXL (``lora_te2``)."""
+        return [(cls, copy.deepcopy(cfg)) for cls, cfg in self.real_text]
+
+    def build_meta(self) -> tuple[nn.Module, list[nn.Module]]:
+        """11.9 B + 4.9 B parameters without storage, in well under a second."""
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(**self.real_transformer_config())
+            encoders = [_text_model(cls, cfg) for cls, cfg in self.real_text_encoder_configs()]
+        return transformer, encoders
+
+    def build_tiny(self, out_dir: str | Path, seed: int = 0) -> Path:
+        """A ``FluxPipeline`` folder (a few MB): tiny transformer, CLIP, T5 and 16-channel VAE
+        with the real module names, locally made tokenizers, the real scheduler settings."""
+        import transformers
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+        from .clip_tokenizer import tokenizer_files, write_tiny_tokenizer
+        from .t5_tokenizer import write_tiny_t5_tokenizer
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        clip_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(out / "tokenizer")))
+        t5_tokenizer = write_tiny_t5_tokenizer(out / "tokenizer_2")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = FluxTransformer2DModel(**self.tiny_transformer_config())
+            vae = _tiny_vae()
+            clip = _text_model("CLIPTextModel", _tiny_clip_config(clip_tokenizer))
+            t5 = _text_model("T5EncoderModel", {**T5_XXL, **TINY_T5, "vocab_size": len(t5_tokenizer)})
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**self.scheduler_config), vae=vae,
+                            text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer,
+                            transformer=transformer)
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        for fname in ("vocab.json", "merges.txt"):  # for slow CLIPTokenizer versions, as the SD builders do
+            (out / "tokenizer" / fname).write_text(tokenizer_files("<|endoftext|>")[fname], encoding="utf-8")
+        return out
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in _CHECKPOINT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _text_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
+    import transformers
+
+    if class_name == "T5EncoderModel":
+        return transformers.T5EncoderModel(transformers.T5Config(**config))
+    return text_encoder(class_name, config)
+
+
+def _tiny_clip_config(tokenizer: Any) -> dict[str, Any]:
+    """CLIP-L with TINY_TEXT widths, the tokenizer's vocabulary and its end token for pooling."""
+    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    return {**CLIP_L, **TINY_TEXT, "vocab_size": len(tokenizer.get_vocab()), "bos_token_id": bos,
+            "eos_token_id": eos, "pad_token_id": eos, "projection_dim": 32}
+
+
+def _tiny_vae() -> nn.Module:
+    """FLUX.1's VAE layout (16 latent channels, no quant convs, four levels = 8x) at small widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64,
+        scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR, use_quant_conv=False,
+        use_post_quant_conv=False, force_upcast=True)
+
+
+class FluxDev(FluxFamily):
+    name = "flux"
+    title = "Flux.1 [dev]"
+    aliases = ("flux1", "flux-dev", "flux1-dev")
+    guidance_embeds = True
+    default_guidance = 1.0
+    max_sequence_length = 512
+    architecture = "flux-1-dev/lora"
+    scheduler_config = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                        "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+class FluxSchnell(FluxFamily):
+    name = "flux-schnell"
+    title = "Flux.1 [schnell]"
+    aliases = ("flux1-schnell", "schnell")
+    guidance_embeds = False
+    default_guidance = None
+    max_sequence_length = 256
+    architecture = "flux-1-schnell/lora"
+    scheduler_config = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+                        "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+FLUX_DEV = FluxDev()
+FLUX_SCHNELL = FluxSchnell()
