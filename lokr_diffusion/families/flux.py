@@ -133,33 +133,6 @@ def text_ids(length: int, device: torch.device | str | None = None, dtype: torch
     return torch.zeros(length, 3, device=device, dtype=dtype)
 
 
-def latent_size(batch: Mapping[str, Any], tokens: int) -> tuple[int, int]:
-    """(height, width) of the unpacked latents of a batch, whose packed form has ``tokens`` tokens.
-
-    Taken from ``batch["latent_size"]`` ((h, w) or a (B, 2) tensor), else the shape of
-    ``batch["latents"]`` (B, C, h, w), else ``batch["target_size"]`` (pixels, (B, 2)) / 8;
-    every item of a batch has the same size (one bucket).
-    """
-    if "latent_size" in batch:
-        size = batch["latent_size"]
-    elif torch.is_tensor(batch.get("latents")) and batch["latents"].dim() == 4:
-        size = tuple(batch["latents"].shape[-2:])
-    elif "target_size" in batch:
-        size = [int(v) // VAE_SCALE for v in _first_row(batch["target_size"])]
-    else:
-        raise ValueError("Flux denoise needs the latent size: give batch['latent_size'], 'latents' or 'target_size'")
-    h, w = (int(v) for v in _first_row(size))
-    if (h // 2) * (w // 2) != tokens:
-        raise ValueError(f"a {h}x{w} latent packs into {(h // 2) * (w // 2)} tokens, but the input has {tokens}")
-    return h, w
-
-
-def _first_row(size: Any) -> Sequence[Any]:
-    if torch.is_tensor(size):
-        return size[0].tolist() if size.dim() == 2 else size.tolist()
-    return size
-
-
 class FluxFamily(Family):
     """Flux.1: ``FluxTransformer2DModel`` + CLIP-L (``text_encoder``) + T5-XXL (``text_encoder_2``).
 
@@ -321,25 +294,27 @@ class FluxFamily(Family):
 
     def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 embeds: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
-        """The velocity prediction for packed latents ``noisy`` (B, tokens, 64).
+        """The velocity prediction for noisy latents (B, 16, h, w), returned in the same shape.
 
-        ``timesteps`` are flow times s in [0, 1] (x_s = (1 - s) x_0 + s noise), per item or one
-        for all; FluxTransformer2DModel multiplies them by 1000 itself (FluxPipeline passes
-        ``t / 1000``). Position ids follow from the latent size (:func:`latent_size`). The output
-        is packed like the input; compare it with ``pack_latents(noise - latents)``.
+        Every family's ``denoise`` takes latents as the VAE gives them and timesteps on the
+        schedulers' 0-1000 scale; Flux packs 2x2 patches into tokens with their position ids and
+        feeds ``timesteps / 1000`` (the flow time s), as FluxPipeline does.
         """
-        b, tokens = noisy.shape[:2]
+        b, _, h, w = noisy.shape
         device = noisy.device
         dtype = next(denoiser.parameters()).dtype
-        h, w = latent_size(batch, tokens)
         prompt = embeds["prompt_embeds"].to(device=device, dtype=dtype)
-        t = torch.as_tensor(timesteps, device=device).to(dtype).flatten()
-        out = denoiser(hidden_states=noisy.to(dtype), timestep=t.expand(b) if t.numel() == 1 else t,
+        t = (torch.as_tensor(timesteps, device=device).float().flatten() / 1000).to(dtype)
+        out = denoiser(hidden_states=pack_latents(noisy.to(dtype)), timestep=t.expand(b) if t.numel() == 1 else t,
                        guidance=self.guidance(denoiser, batch, b, device),
                        pooled_projections=embeds["pooled_prompt_embeds"].to(device=device, dtype=dtype),
                        encoder_hidden_states=prompt, txt_ids=text_ids(prompt.shape[1], device, dtype),
                        img_ids=image_ids(h, w, device, dtype), return_dict=True)
-        return out.sample
+        return unpack_latents(out.sample, h, w)
+
+    def image_tokens(self, latents: torch.Tensor) -> int:
+        """Tokens per image after packing: what Flux's resolution-dependent shift reads."""
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     # -- metadata -----------------------------------------------------------------------------
     def file_metadata(self, prediction_type: str | None = None) -> dict[str, str]:
