@@ -29,8 +29,9 @@ from .targets import Target
 from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name
 from .tools.peft import from_peft, is_peft_layout
 
+# from_peft lives in tools.peft, the one PEFT reader
 __all__ = ["FusedTarget", "LoadReport", "build_alias_table", "build_fused_table", "check_module_tensors",
-           "finite_scale", "from_peft", "load_network", "network_from_tensors", "split_key"]  # from_peft lives in tools.peft, the one PEFT reader
+           "finite_scale", "from_peft", "load_network", "network_from_tensors", "split_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ def check_module_tensors(source: str, key: str, weight_shape: tuple[int, ...], t
 
 
 def _module_params(source: str, module_key: str, group: dict[str, torch.Tensor], weight_shape: tuple[int, ...],
-                   weight: str, dtype: torch.dtype, report: LoadReport) -> tuple[Algorithm, dict[str, torch.Tensor], float]:
+                   weight: str, dtype: torch.dtype,
+                   report: LoadReport) -> tuple[Algorithm, dict[str, torch.Tensor], float]:
     """(algorithm, factors in `dtype`, alpha) of one file module, every tensor checked."""
     group = dict(group)
     alpha_t = group.pop("alpha", None)
@@ -269,9 +271,11 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
         device = slices[0][0].module.weight.device
         params = {n: nn.Parameter(t.to(device)) for n, t in params.items()}  # one set, shared by the slices
         for target, canonical, rows in slices:
-            adapter = (AdapterModule(canonical, target.module, algo, params, alpha, multiplier=multiplier) if rows is None
-                       else RowSliceAdapter(canonical, target.module, algo, params, alpha, rows, shape,
-                                            multiplier=multiplier))
+            if rows is None:
+                adapter = AdapterModule(canonical, target.module, algo, params, alpha, multiplier=multiplier)
+            else:
+                adapter = RowSliceAdapter(canonical, target.module, algo, params, alpha, rows, shape,
+                                          multiplier=multiplier)
             pending.append((target, adapter))
         if slices[0][2] is not None:
             report.fused[module_key] = len(slices)

@@ -61,7 +61,8 @@ ORIGINAL = {
     "single_blocks.0.modulation.lin": ["single_transformer_blocks.0.norm.linear"],
 }
 # stored as (shift, scale) in the original model, (scale, shift) in Diffusers: halves swapped
-SWAPPED = {"final_layer.adaLN_modulation.1": "norm_out.linear"}
+FINAL = "final_layer.adaLN_modulation.1"
+SWAPPED = {FINAL: "norm_out.linear"}
 
 LAYOUTS = {  # name -> (module key from a module path, whether the path is the original one)
     "lycoris": (lambda p: "lycoris_" + p.replace(".", "_"), False),
@@ -254,7 +255,8 @@ def test_whole_model_forward_hooks_equal_fused(model, registered, tmp_path):
     pipe = types.SimpleNamespace(unet=model)
     make_file(model, "kohya", "loha", tmp_path / "a.safetensors")
     g = torch.Generator().manual_seed(1)
-    inputs = {"hidden_states": torch.randn(1, 4, 16, generator=g), "encoder_hidden_states": torch.randn(1, 3, 32, generator=g),
+    inputs = {"hidden_states": torch.randn(1, 4, 16, generator=g),
+              "encoder_hidden_states": torch.randn(1, 3, 32, generator=g),
               "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
               "guidance": torch.tensor([3.5]), "img_ids": torch.zeros(4, 3), "txt_ids": torch.zeros(3, 3)}
     with torch.no_grad():
@@ -339,7 +341,8 @@ def test_fused_module_with_wrong_row_count_is_named(model, tmp_path, algo):
     g = torch.Generator().manual_seed(3)
     t = _factors(algo, 80, H, g)  # 80 rows where q, k, v need 3 x 32
     save_file({f"{key}.{n}": v for n, v in t.items()}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(AdapterFileError, match=rf"{key}.*fused weight of transformer_blocks\.0\.attn\.to_q.*\(96, 32\)"):
+    expected = rf"{key}.*fused weight of transformer_blocks\.0\.attn\.to_q.*\(96, 32\)"
+    with pytest.raises(AdapterFileError, match=expected):
         load_network(tmp_path / "bad.safetensors", unet=model, family=FLUX_NAMES)
     assert all(not hasattr(m, "_lokr_dispatch") for m in _linears(model).values())  # nothing attached
 
@@ -405,8 +408,10 @@ def test_names_table_matches_the_restated_spec(model):
             want = [(p, stop - layers[p].out_features, stop) for p, stop in zip(paths, stops)]
             assert groups["lora_unet_" + original.replace(".", "_")] == want
             assert groups["diffusion_model." + original] == want
-    assert groups["diffusion_model.single_blocks.0.linear1_qkv"] == groups["diffusion_model.single_blocks.0.linear1"][:3]
-    assert groups["lora_unet_final_layer_adaLN_modulation_1"] == [("norm_out.linear", H, 2 * H), ("norm_out.linear", 0, H)]
+    linear1 = groups["diffusion_model.single_blocks.0.linear1"]
+    assert groups["diffusion_model.single_blocks.0.linear1_qkv"] == linear1[:3]
+    swapped = [("norm_out.linear", H, 2 * H), ("norm_out.linear", 0, H)]
+    assert groups["lora_unet_final_layer_adaLN_modulation_1"] == groups["diffusion_model." + FINAL] == swapped
 
 
 def test_aliases_are_unique_and_cover_every_layer(model):
@@ -415,7 +420,8 @@ def test_aliases_are_unique_and_cover_every_layer(model):
     for path in layers:
         aliases = flux_names.key_aliases(path, model)
         key_of = {name: f for name, (f, orig) in LAYOUTS.items() if not orig}
-        assert [key_of[n](path) for n in ("lycoris", "lora_transformer", "transformer-dotted", "bare-dotted")] == aliases[:4]
+        diffusers_named = ("lycoris", "lora_transformer", "transformer-dotted", "bare-dotted")
+        assert [key_of[n](path) for n in diffusers_named] == aliases[:4]
         for alias in aliases:
             assert owner.setdefault(alias, path) == path, alias
     groups = flux_names.fused_groups(model)
@@ -438,7 +444,8 @@ def test_real_flux_dev_names_on_the_meta_device():
         for path, start, stop in slices:
             if path != "norm_out.linear":
                 assert stop - start == layers[path].out_features, path
-    covered = {p for slices in groups.values() for p, _, _ in slices} | {p for p in layers if flux_names.original_path(p)}
+    covered = {p for slices in groups.values() for p, _, _ in slices}
+    covered |= {p for p in layers if flux_names.original_path(p)}
     assert covered == set(layers)
 
 
