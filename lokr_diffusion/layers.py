@@ -109,7 +109,8 @@ class AdapterModule(nn.Module):
                 if not hasattr(self, head):
                     self.add_module(head, _Holder())
                 owner = getattr(self, head)
-            owner.register_parameter(leaf, nn.Parameter(t))
+            # a Parameter is kept as given: the row slices of one fused file module share theirs
+            owner.register_parameter(leaf, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
         self._attached = False
         self._state = {"multiplier": float(multiplier), "enabled": True, "merged": False}
@@ -206,3 +207,36 @@ class AdapterModule(nn.Module):
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.tensors().items())
         return f"{self.key}: {self.algo.NAME}, scale={self.scale:g}, {shapes}"
+
+
+class RowSliceAdapter(AdapterModule):
+    """One layer's rows of an update stored for a fused layer of the original model.
+
+    Kohya-style Flux files patch `img_attn.qkv` (q, k and v stacked by rows) where Diffusers has
+    three layers. A LoKr or LoHa update of the stacked matrix is no product per layer, so each
+    layer gets the full fused dW, rebuilt from the factors its sibling slices share, cut to its
+    `rows`: (start, stop) ranges of the fused rows, concatenated in order. Merging, scaling,
+    enabling and detaching work per layer as for any AdapterModule.
+    """
+
+    def __init__(self, key: str, base: nn.Module, algo: Algorithm, tensors: dict[str, torch.Tensor],
+                 alpha: float, rows: tuple[tuple[int, int], ...], fused_shape: tuple[int, ...],
+                 multiplier: float = 1.0) -> None:
+        super().__init__(key, base, algo, tensors, alpha, multiplier=multiplier)
+        self.rows = tuple((int(s), int(e)) for s, e in rows)
+        self.fused_shape = tuple(int(n) for n in fused_shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        full = self.algo.delta_weight(self.tensors(), self.fused_shape)
+        return torch.cat([full[s:e] for s, e in self.rows]) * self.scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """multiplier * this layer's rows of the scaled fused dW, applied to x (no factored path:
+        the rows of a product are no product of the factors' rows in general)."""
+        w = self.delta_weight() * self.multiplier
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)
+        return apply_weight(x, w.to(x.dtype), self.base)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows {list(self.rows)} of {self.fused_shape}"

@@ -2,7 +2,9 @@
 
 Accepts what the tools in the wild write: `lora_unet_` with diffusers or ldm names,
 `lycoris_`, `lora_te_`/`lora_te1_`/`lora_te2_` with or without `text_model_`, LoKr (incl.
-Tucker and 4-D w2_b), LoHa and LoRA/LoCon, and PEFT LoKr state dicts.
+Tucker and 4-D w2_b), LoHa and LoRA/LoCon, and PEFT LoKr state dicts; module keys may contain
+dots (`transformer.transformer_blocks.0.attn.to_q.lokr_w1`), and a module of a family's fused
+original layer (Flux's `img_attn.qkv`) is applied to the Diffusers layers as row slices.
 """
 from __future__ import annotations
 
@@ -12,27 +14,30 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Container, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .algos import detect_algorithm
+from .algos import ALGORITHMS, Algorithm, detect_algorithm
 from .errors import AdapterFileError, ConfigError
 from .families import Family, family_of_adapter_keys
 from .fileformat import read_safetensors
-from .layers import AdapterModule
+from .layers import AdapterModule, RowSliceAdapter
 from .network import AdapterNetwork, component_models, family_of
 from .targets import Target
 from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name
 from .tools.peft import from_peft, is_peft_layout
 
-__all__ = ["LoadReport", "build_alias_table", "check_module_tensors", "finite_scale", "from_peft",
-           "load_network", "network_from_tensors"]  # from_peft lives in tools.peft, the one PEFT reader
+# from_peft lives in tools.peft, the one PEFT reader
+__all__ = ["FusedTarget", "LoadReport", "build_alias_table", "build_fused_table", "check_module_tensors",
+           "finite_scale", "from_peft", "load_network", "network_from_tensors", "split_key"]
 
 logger = logging.getLogger(__name__)
 
 _IGNORED_TENSORS = {"scale", "bias", "on_input"}  # written by some tools, never needed to rebuild dW
+_TENSOR_NAMES = frozenset({n for a in ALGORITHMS.values() for n in a.TENSOR_NAMES} | {"alpha", "dora_scale"}
+                          | _IGNORED_TENSORS)
 
 
 @dataclass
@@ -45,21 +50,34 @@ class LoadReport:
     unmatched: list[str] = field(default_factory=list)
     ignored_tensors: list[str] = field(default_factory=list)
     family: str | None = None
+    fused: dict[str, int] = field(default_factory=dict)  # file key of a fused layer -> modules it patched
 
     def __str__(self) -> str:
         parts = ", ".join(f"{n} {c}" for c, n in sorted((c, n) for c, n in self.patched.items()))
         algos = ", ".join(f"{a} {n}" for a, n in sorted(self.algorithms.items()))
         s = f"{self.source}: patched {sum(self.patched.values())} modules ({parts}; {algos})"
+        if self.fused:
+            s += (f"; {len(self.fused)} of them fused layers of the original model, applied to "
+                  f"{sum(self.fused.values())} modules by rows")
         if self.unmatched:
             s += f"; {len(self.unmatched)} keys matched no module"
         return s
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    module, sep, tensor = key.partition(".")
-    if not sep:
+def split_key(key: str, module_keys: Container[str] = ()) -> tuple[str, str]:
+    """(module key, tensor name) of a file key; module keys may contain dots.
+
+    The split is the longest prefix that is one of `module_keys` (the keys the model accepts),
+    else the one leaving a known tensor name (`lokr_w1`, `lora_down.weight`, `alpha`...), else
+    the last dot. Known module keys come first so that an unknown tensor of a known module
+    (`<module>.lora_up.bias`) is reported as such rather than as an unknown module.
+    """
+    parts = key.split(".")
+    if len(parts) < 2:
         raise AdapterFileError(f"key {key!r} is not of the form <module key>.<tensor name>")
-    return module, tensor
+    splits = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+    return (next((s for s in splits if s[0] in module_keys), None)
+            or next((s for s in splits if s[1] in _TENSOR_NAMES), splits[0]))
 
 
 def finite_scale(name: str, value: object) -> float:
@@ -91,8 +109,47 @@ def build_alias_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     return table
 
 
-def check_module_tensors(source: str, key: str, base: nn.Module, tensors: dict[str, torch.Tensor]):
-    """The algorithm of one module's tensors, after checking they rebuild a weight of the right shape."""
+@dataclass(frozen=True)
+class FusedTarget:
+    """A file module over one fused layer of the original model that the denoiser splits."""
+
+    shape: tuple[int, ...]  # the fused weight: every slice's rows x the layers' input dimensions
+    slices: tuple[tuple[Target, str, tuple[tuple[int, int], ...]], ...]  # (layer, its key, its row ranges)
+
+    def describe(self) -> str:
+        return f"the fused weight of {', '.join(t.path for t, _, _ in self.slices)}"
+
+
+def build_fused_table(unet: nn.Module | None, family: Family) -> dict[str, FusedTarget]:
+    """Every file key of a fused original layer (``Family.fused_groups``) -> the layers it patches.
+
+    A family whose row table does not fit the model (a slice length other than the layer's
+    output size) is a bug of the family, refused here rather than applied to the wrong rows.
+    """
+    table: dict[str, FusedTarget] = {}
+    for key, slices in (family.fused_groups(unet) if unet is not None else {}).items():
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for path, start, stop in slices:
+            ranges.setdefault(path, []).append((start, stop))
+        parts = []
+        for path, rows in ranges.items():
+            module = unet.get_submodule(path)
+            n = sum(stop - start for start, stop in rows)
+            if n != module.weight.shape[0]:
+                raise ValueError(f"{family.title}: fused file module {key} gives {path} {n} rows, but the layer "
+                                 f"has {module.weight.shape[0]} outputs")
+            parts.append((Target("unet", path, module), family.denoiser_key(path, unet), tuple(rows)))
+        inner = {tuple(t.module.weight.shape[1:]) for t, _, _ in parts}
+        if len(inner) != 1:
+            raise ValueError(f"{family.title}: fused file module {key} covers layers of different input shapes {inner}")
+        table[key] = FusedTarget((max(stop for _, _, stop in slices), *inner.pop()), tuple(parts))
+    return table
+
+
+def check_module_tensors(source: str, key: str, weight_shape: tuple[int, ...], tensors: dict[str, torch.Tensor],
+                         weight: str = "the model's weight") -> Algorithm:
+    """The algorithm of one module's tensors, after checking they rebuild a weight of `weight_shape`
+    (`weight` says whose, for the messages)."""
     names = set(tensors)
     if "dora_scale" in names:
         raise AdapterFileError(f"{source}: module {key} uses DoRA (dora_scale), which lokr-diffusion does not apply; "
@@ -101,7 +158,7 @@ def check_module_tensors(source: str, key: str, base: nn.Module, tensors: dict[s
     if algo is None:
         raise AdapterFileError(f"{source}: module {key} has tensors {sorted(names)}, which are no LoKr "
                                "(lokr_w1/lokr_w2...), LoHa (hada_w1_a...) or LoRA (lora_down/lora_up) set")
-    weight_shape = tuple(base.weight.shape)
+    weight_shape = tuple(weight_shape)
     for n, t in sorted(tensors.items()):  # a 0-dim or empty factor would crash the shape check below
         if n in algo.TENSOR_NAMES and (t.dim() < 2 or 0 in t.shape):
             raise AdapterFileError(f"{source}: module {key}: tensor {n} has shape {tuple(t.shape)}; expected a 2-D or "
@@ -114,11 +171,11 @@ def check_module_tensors(source: str, key: str, base: nn.Module, tensors: dict[s
                                f"it has {sorted(names)}") from None
     except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as exc:
         found = ", ".join(f"{n} {tuple(t.shape)}" for n, t in sorted(tensors.items()))
-        raise AdapterFileError(f"{source}: module {key}: tensors do not fit the model's weight of shape "
+        raise AdapterFileError(f"{source}: module {key}: tensors do not fit {weight} of shape "
                                f"{weight_shape} (found {found}; {exc})") from None
     if tuple(dw.shape) != weight_shape:
         raise AdapterFileError(f"{source}: module {key}: tensors rebuild a weight of shape {tuple(dw.shape)}, "
-                               f"expected {weight_shape}")
+                               f"expected {weight_shape} ({weight})")
     for n, t in sorted(tensors.items()):
         if t.dtype not in FACTOR_DTYPES:  # float8 and bool too: no loader applies them
             raise AdapterFileError(f"{source}: module {key}: tensor {n} has dtype {t.dtype}, expected a "
@@ -128,80 +185,112 @@ def check_module_tensors(source: str, key: str, base: nn.Module, tensors: dict[s
     return algo
 
 
+def _module_params(source: str, module_key: str, group: dict[str, torch.Tensor], weight_shape: tuple[int, ...],
+                   weight: str, dtype: torch.dtype,
+                   report: LoadReport) -> tuple[Algorithm, dict[str, torch.Tensor], float]:
+    """(algorithm, factors in `dtype`, alpha) of one file module, every tensor checked."""
+    group = dict(group)
+    alpha_t = group.pop("alpha", None)
+    for name in sorted(set(group) & _IGNORED_TENSORS):
+        group.pop(name)
+        report.ignored_tensors.append(f"{module_key}.{name}")
+    algo = check_module_tensors(source, module_key, weight_shape, group, weight)
+    unknown = set(group) - set(algo.TENSOR_NAMES)
+    if unknown:
+        raise AdapterFileError(f"{source}: module {module_key} has unknown tensors {sorted(unknown)} "
+                               f"for {algo.NAME} (expected some of {list(algo.TENSOR_NAMES)})")
+    params = {n: t.to(dtype) for n, t in group.items()}
+    r = algo.rank(params)
+    if alpha_t is None:
+        logger.warning("%s: module %s has no alpha; using scale 1", source, module_key)
+        return algo, params, float(r) if r is not None else 1.0  # the UIs' default: scale 1
+    problem = alpha_problem(alpha_t)
+    if problem is not None:
+        raise AdapterFileError(f"{source}: module {module_key}: {problem}")
+    alpha = float(alpha_t.float().reshape(()))
+    if not math.isfinite(alpha):
+        raise AdapterFileError(f"{source}: {module_key}.alpha is not finite")
+    return algo, params, alpha
+
+
+def _unmatched_message(source: str, unmatched: list[str], known: list[str], total: int) -> str:
+    hints = []
+    for k in unmatched[:10]:
+        close = difflib.get_close_matches(k, known, n=2, cutoff=0.6)
+        hints.append(f"  {k}" + (f" (closest: {', '.join(close)})" if close else ""))
+    more = f"\n  ... and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
+    return (f"{source}: {len(unmatched)} of {total} modules in the file match no module of the model:\n"
+            + "\n".join(hints) + more)
+
+
 def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | None = None,
                          text_encoders: Sequence[nn.Module] = (), metadata: Mapping[str, str] | None = None,
                          source: str = "state dict", strict: bool = False, multiplier: float = 1.0,
-                         dtype: torch.dtype = torch.float32) -> tuple[AdapterNetwork, LoadReport]:
-    """Build (and attach) an AdapterNetwork from file-layout tensors; nothing is attached on error."""
+                         dtype: torch.dtype = torch.float32,
+                         family: Family | None = None) -> tuple[AdapterNetwork, LoadReport]:
+    """Build (and attach) an AdapterNetwork from file-layout tensors; nothing is attached on error.
+
+    `family` overrides the detection from the models. A file module of a fused original layer
+    becomes one RowSliceAdapter per denoiser layer it covers, all sharing its factors.
+    """
     text_encoders = tuple(text_encoders)
     finite_scale("multiplier", multiplier)
     if is_peft_layout(tensors):
         tensors = from_peft(tensors, source=source)
+    family = family or family_of(unet, text_encoders)
+    table = build_alias_table(unet, text_encoders, family)
+    fused = build_fused_table(unet, family)
+    module_keys = table.keys() | fused.keys()
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        module, tensor = _split_key(key)
+        module, tensor = split_key(key, module_keys)
         groups.setdefault(module, {})[tensor] = t
-    family = family_of(unet, text_encoders)
     file_family = family_of_adapter_keys(list(groups), metadata)
     report = LoadReport(source=source, family=file_family.title if file_family.candidates else None)
     if not file_family.allows(family):
         raise AdapterFileError(f"{source}: the file is for {file_family.title}, but the model is {family.title}")
-    table = build_alias_table(unet, text_encoders, family)
     network = AdapterNetwork(family)
     pending: list[tuple[Target, AdapterModule]] = []
     seen: dict[int, str] = {}
     for module_key, group in groups.items():
-        hit = table.get(module_key)
-        if hit is None:
+        if module_key in table:
+            target, canonical = table[module_key]
+            shape, weight = tuple(target.module.weight.shape), "the model's weight"
+            slices: tuple = ((target, canonical, None),)
+        elif module_key in fused:
+            shape, weight, slices = fused[module_key].shape, fused[module_key].describe(), fused[module_key].slices
+        else:
             report.unmatched.append(module_key)
             continue
-        target, canonical = hit
-        if id(target.module) in seen:
-            raise AdapterFileError(f"{source}: modules {seen[id(target.module)]} and {module_key} both patch "
-                                   f"{target.component} module {target.path}")
-        seen[id(target.module)] = module_key
-        group = dict(group)
-        alpha_t = group.pop("alpha", None)
-        for name in sorted(set(group) & _IGNORED_TENSORS):
-            group.pop(name)
-            report.ignored_tensors.append(f"{module_key}.{name}")
-        algo = check_module_tensors(source, module_key, target.module, group)
-        unknown = set(group) - set(algo.TENSOR_NAMES)
-        if unknown:
-            raise AdapterFileError(f"{source}: module {module_key} has unknown tensors {sorted(unknown)} "
-                                   f"for {algo.NAME} (expected some of {list(algo.TENSOR_NAMES)})")
-        params = {n: t.to(dtype) for n, t in group.items()}
-        r = algo.rank(params)
-        if alpha_t is None:
-            alpha = float(r) if r is not None else 1.0  # the UIs' default: scale 1
-            logger.warning("%s: module %s has no alpha; using scale 1", source, module_key)
-        else:
-            problem = alpha_problem(alpha_t)
-            if problem is not None:
-                raise AdapterFileError(f"{source}: module {module_key}: {problem}")
-            alpha = float(alpha_t.float().reshape(()))
-            if alpha != alpha or alpha in (float("inf"), float("-inf")):
-                raise AdapterFileError(f"{source}: {module_key}.alpha is not finite")
-        device = target.module.weight.device
-        params = {n: t.to(device) for n, t in params.items()}
-        pending.append((target, AdapterModule(canonical, target.module, algo, params, alpha, multiplier=multiplier)))
-        report.patched[target.component] = report.patched.get(target.component, 0) + 1
+        for target, _, _ in slices:
+            if id(target.module) in seen:
+                raise AdapterFileError(f"{source}: modules {seen[id(target.module)]} and {module_key} both patch "
+                                       f"{target.component} module {target.path}")
+            seen[id(target.module)] = module_key
+        algo, params, alpha = _module_params(source, module_key, group, shape, weight, dtype, report)
+        device = slices[0][0].module.weight.device
+        params = {n: nn.Parameter(t.to(device)) for n, t in params.items()}  # one set, shared by the slices
+        for target, canonical, rows in slices:
+            if rows is None:
+                adapter = AdapterModule(canonical, target.module, algo, params, alpha, multiplier=multiplier)
+            else:
+                adapter = RowSliceAdapter(canonical, target.module, algo, params, alpha, rows, shape,
+                                          multiplier=multiplier)
+            pending.append((target, adapter))
+        if slices[0][2] is not None:
+            report.fused[module_key] = len(slices)
+        component = slices[0][0].component
+        report.patched[component] = report.patched.get(component, 0) + 1
         report.algorithms[algo.NAME] = report.algorithms.get(algo.NAME, 0) + 1
+    known = sorted(table) + sorted(fused)
     if report.unmatched:
-        names = sorted(table)
-        hints = []
-        for k in report.unmatched[:10]:
-            close = difflib.get_close_matches(k, names, n=2, cutoff=0.6)
-            hints.append(f"  {k}" + (f" (closest: {', '.join(close)})" if close else ""))
-        more = f"\n  ... and {len(report.unmatched) - 10} more" if len(report.unmatched) > 10 else ""
-        msg = (f"{source}: {len(report.unmatched)} of {len(groups)} modules in the file match no module of the "
-               f"model:\n" + "\n".join(hints) + more)
+        msg = _unmatched_message(source, report.unmatched, known, len(groups))
         if strict:
             raise AdapterFileError(msg)
         logger.warning(msg)
     if not pending:
         raise AdapterFileError(f"{source}: no module of the file matches the model (looked for keys like "
-                               f"{', '.join(sorted(table)[:3])}, ...)")
+                               f"{', '.join(known[:3])}, ...)")
     for target, adapter in pending:
         network.add_adapter(target, adapter.key, adapter)
     return network, report
@@ -209,10 +298,12 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
 
 def load_network(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor], unet: nn.Module | None = None,
                  text_encoders: Sequence[nn.Module] = (), strict: bool = False, multiplier: float = 1.0,
-                 allow_pickle: bool = False) -> tuple[AdapterNetwork, LoadReport]:
-    """Read an adapter file (or state dict) and attach it to the given models."""
+                 allow_pickle: bool = False, family: Family | None = None) -> tuple[AdapterNetwork, LoadReport]:
+    """Read an adapter file (or state dict) and attach it to the given models (`family`: see
+    `network_from_tensors`)."""
     if isinstance(path_or_tensors, Mapping):
-        return network_from_tensors(path_or_tensors, unet, text_encoders, strict=strict, multiplier=multiplier)
+        return network_from_tensors(path_or_tensors, unet, text_encoders, strict=strict, multiplier=multiplier,
+                                    family=family)
     tensors, metadata = read_safetensors(path_or_tensors, allow_pickle=allow_pickle)
     return network_from_tensors(tensors, unet, text_encoders, metadata=metadata, source=str(Path(path_or_tensors)),
-                                strict=strict, multiplier=multiplier)
+                                strict=strict, multiplier=multiplier, family=family)

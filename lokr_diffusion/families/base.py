@@ -124,6 +124,12 @@ class Family:
         without ``text_model_``; a lone encoder also as ``lora_te1_``)."""
         return naming.text_encoder_key_aliases(index, len(self.text_encoder_prefixes()), path)
 
+    def fused_groups(self, denoiser: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
+        """File keys that name one fused layer of the original model which the Diffusers model
+        splits (Flux's ``img_attn.qkv``) -> ``[(denoiser module path, row start, row stop), ...]``:
+        each module gets those rows of the fused update. None for families without fused layers."""
+        return {}
+
     # -- presets --------------------------------------------------------------------------------
     def preset_filter(self, denoiser: nn.Module, preset: str) -> Callable[[str], bool]:
         """``module path -> whether the preset trains it``, prepared once per denoiser."""

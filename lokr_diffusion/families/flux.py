@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import naming
+from . import flux_names
 from .base import Family
 from .stable_diffusion import CLIP_L, TINY_TEXT, text_encoder
 
@@ -247,7 +248,15 @@ class FluxFamily(Family):
     def denoiser_key_aliases(self, path: str, denoiser: nn.Module) -> list[str]:
         """The written key and OneTrainer's ``lora_transformer_``; dotted and fused layouts are
         the loader's (``flux_names``)."""
-        return [self.denoiser_key(path, denoiser), naming.module_key("lora_transformer", path)]
+        """Every 1:1 layout of the spec (lycoris_, lora_transformer_, transformer. and bare dotted,
+        and the original names of layers Diffusers does not split); our key first."""
+        keys = flux_names.key_aliases(path, denoiser)
+        ours = self.denoiser_key(path, denoiser)
+        return [ours] + [k for k in keys if k != ours]
+
+    def fused_groups(self, denoiser: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
+        """kohya / ComfyUI files over the original fused layers (img_attn.qkv, txt_attn.qkv, linear1)."""
+        return flux_names.fused_groups(denoiser)
 
     def text_encoder_key(self, index: int, path: str) -> str:
         if index == 1:  # T5: its own module names, no text_model level

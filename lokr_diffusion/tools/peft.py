@@ -42,11 +42,15 @@ def split_peft_key(key: str) -> tuple[str, str] | None:
 
 
 def is_peft_layout(keys: Iterable[str]) -> bool:
-    """PEFT keys: the `base_model.model.` prefix, or only `<path>.lokr_*` keys with no file-layout prefix."""
+    """PEFT keys: the `base_model.model.` prefix, or only `<path>.lokr_*` keys with no file-layout prefix.
+
+    A file-layout file keyed by dotted module paths (`transformer.transformer_blocks.0.attn.to_q.lokr_w1`
+    beside its `.alpha`, or LoHa/LoRA tensors) has other keys too, so it is not PEFT's.
+    """
     keys = list(keys)
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return True
-    return bool(keys) and all(component_of(k) == "unknown" for k in keys) and any(".lokr_" in k for k in keys)
+    return bool(keys) and all(component_of(k) == "unknown" and split_peft_key(k) is not None for k in keys)
 
 
 TE_PATHS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")  # text-encoder module paths
