@@ -198,7 +198,7 @@ def component_models(family: Family, unet: nn.Module | None, text_encoders: Sequ
 
     Components are ``unet`` (the denoiser, a UNet or a transformer) and ``te`` (one text
     encoder) or ``te1``, ``te2``... named after the family's key prefixes; text encoder ``i``
-    is the family's i-th. The key functions are the family's naming, so the writer and every
+    is the family's i-th (None in its place leaves it out). The key functions are the family's naming, so the writer and every
     reader share them.
     """
     out = []
@@ -209,6 +209,8 @@ def component_models(family: Family, unet: nn.Module | None, text_encoders: Sequ
     if len(text_encoders) > len(prefixes):
         raise ConfigError(f"{family.title} has {len(prefixes)} text encoder(s), got {len(text_encoders)}")
     for i, (te, prefix) in enumerate(zip(text_encoders, prefixes)):
+        if te is None:  # a text encoder the caller leaves out (Flux's T5 unless asked); indices stay
+            continue
         out.append((prefix[len("lora_"):], te, lambda p, i=i: family.text_encoder_key(i, p),
                     lambda p, i=i: family.text_encoder_key_aliases(i, p)))
     return out

@@ -60,6 +60,7 @@ class Family:
     denoiser_attr: str = "unet"
     default_prediction: str = "epsilon"
     objective: str = "noise"  # "noise" (DDPM epsilon / v) or "flow" (rectified flow)
+    trigger_embeddings = True  # pivotal tuning of new CLIP tokens (every text encoder is a CLIP tower)
     text_cache_on_disk = False  # cache prompt embeddings on disk rather than in memory (T5: 8 MB a caption)
 
     @property

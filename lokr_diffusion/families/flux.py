@@ -181,6 +181,9 @@ class FluxFamily(Family):
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     denoiser_attr = "transformer"
     default_prediction = "flow"  # rectified flow: the target is noise - latents
+    objective = "flow"
+    trigger_embeddings = False  # T5's SentencePiece vocabulary: not built yet
+    text_cache_on_disk = True  # T5 embeddings: 512 x 4096 floats (8 MB) per caption
     default_trained_text_encoders = (0,)  # CLIP-L; T5-XXL only when a config names it
     guidance_embeds: bool  # [dev] is guidance-distilled: the guidance value is an input
     default_guidance: float | None  # the guidance a training step feeds [dev] (kohya's advice: 1.0)

@@ -63,6 +63,10 @@ class NetworkSection(AdapterConfig):
     train_unet: bool = setting(True, help="put adapters on the UNet")
     train_text_encoder: bool = setting(False, help="put adapters on the text encoder(s): all four attention "
                                                    "projections together")
+    text_encoders: tuple[str, ...] | None = setting(
+        None, default_doc="the family's: all (SD), `te1` (Flux: CLIP-L)",
+        help="which text encoders get adapters when `train_text_encoder` is on, by file prefix (`te`, `te1`, "
+             "`te2`...; Flux's `te2` is T5-XXL)")
     embedding_trigger: str | None = setting(
         None, help="also train the text-encoder input vectors of this made-up trigger word (pivotal tuning), "
                    "saved beside the adapter as `<name>_emb.safetensors`; see "
