@@ -115,6 +115,14 @@ class FileFamily:
         return " or ".join(f.title for f in self.candidates) if self.candidates else "unknown"
 
     @property
+    def name(self) -> str | None:
+        """What reports call it: the family's name, the name its candidates share (``sd``), or None."""
+        if len(self.candidates) < 2:
+            return self.family.name if self.family else None
+        shared = {f.shared_name for f in self.candidates}
+        return shared.pop() if len(shared) == 1 and "" not in shared else " or ".join(f.name for f in self.candidates)
+
+    @property
     def naming_family(self) -> Family | None:
         """A family whose module names cover every candidate (the last: SD2 covers SD1's)."""
         return self.candidates[-1] if self.candidates else None
