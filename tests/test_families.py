@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,6 +180,8 @@ def test_detect_family(meta_models, family, expected):
 def test_pipeline_family_of_tiny_pipelines(tiny_pipes):
     assert {f: family_of_pipeline(p).variant(prediction_type_of(p)) for f, p in tiny_pipes.items()} == \
         {"sd15": "sd1", "sd2": "sd2-v", "sdxl": "sdxl"}
+    with pytest.raises(ModelError, match="has no unet"):  # nor any other family's denoiser attribute
+        family_of_pipeline(SimpleNamespace(text_encoder=tiny_pipes["sd15"].text_encoder))
 
 
 def test_tokenizer_round_trip(tmp_path, tiny_sd15_path):
