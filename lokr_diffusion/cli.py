@@ -201,13 +201,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
+    from .families import family_names
+
     p.add_argument("input", metavar="IN", help="adapter .safetensors (LyCORIS/kohya or PEFT keys) or a PEFT folder")
     p.add_argument("output", metavar="OUT", help="a .safetensors file (LyCORIS layout) or a folder (PEFT LoKr)")
     p.add_argument("--to", choices=["lycoris", "peft"], default=None,
                    help="output layout (default: lycoris for a .safetensors OUT, peft otherwise)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
-    p.add_argument("--family", choices=["sd15", "sd1", "sd2", "sdxl"], default=None,
-                   help="model family, when the keys and metadata cannot tell (tiny or unusual models)")
+    p.add_argument("--family", choices=family_names(), default=None, metavar="FAMILY",
+                   help="model family, when the keys and metadata cannot tell (tiny or unusual models): "
+                        + ", ".join(family_names()))
     p.add_argument("--component", choices=["unet", "te", "te1", "te2"], default=None,
                    help="PEFT holds one model per folder: which one to write (default unet), or which one a PEFT "
                         "text-encoder input belongs to")

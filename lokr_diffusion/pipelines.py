@@ -1,7 +1,8 @@
 """LyCORIS adapters in Diffusers pipelines: load, scale, fuse, unfuse, unload, stack.
 
-Works on any pipeline with a `unet` and CLIP `text_encoder` (+ `text_encoder_2` for SDXL),
-their img2img/inpaint variants, and on a bare UNet or text encoder. Adapters are kept per
+Works on the pipelines of every registered model family (the family names their denoiser and
+text encoders: `unet` and `text_encoder`, + `text_encoder_2` for SDXL), their img2img/inpaint
+variants, and on a bare denoiser or text encoder. Adapters are kept per
 name on the object; each one is a forward hook per layer, so several stack and a new scale
 takes effect without reloading. Fusing keeps a copy of the original weights (on the CPU), so
 unfusing and unloading restore them bit for bit.
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError
+from .families import family_of_pipeline
 from .loading import LoadReport, finite_scale, load_network
 from .network import AdapterNetwork
 
@@ -40,17 +42,23 @@ class _State:
 
 
 def _components(pipe: Any) -> tuple[nn.Module | None, list[nn.Module]]:
-    """(unet, text encoders) of a pipeline, or of a bare UNet / text encoder."""
-    if hasattr(pipe, "unet") or hasattr(pipe, "text_encoder"):
-        unet = getattr(pipe, "unet", None)
-        tes = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
-        return unet, tes
-    if type(pipe).__name__ == "UNet2DConditionModel":
-        return pipe, []
-    if type(pipe).__name__.startswith("CLIPTextModel"):
+    """(denoiser, text encoders) of a pipeline, or of a bare denoiser / text encoder.
+
+    A pipeline's family says where its denoiser is (``unet``, ``transformer``) and the order of
+    its text encoders, which is the order of the file's ``te1``, ``te2`` prefixes.
+    """
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    if isinstance(pipe, PreTrainedModel):
         return None, [pipe]
-    raise TypeError(f"expected a Diffusers pipeline with a unet / text_encoder, a UNet2DConditionModel or a "
-                    f"CLIP text encoder, got {type(pipe).__name__}")
+    if isinstance(pipe, ModelMixin):
+        return pipe, []
+    if isinstance(pipe, nn.Module):
+        raise TypeError(f"expected a Diffusers pipeline, a Diffusers denoiser or a transformers text encoder, "
+                        f"got {type(pipe).__name__}")
+    parts = family_of_pipeline(pipe).components(pipe)
+    return parts.denoiser, parts.text_encoders
 
 
 def _state(pipe: Any) -> _State:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,6 +99,19 @@ def test_every_family_declares_its_own_evidence():
     assert [f.name for f in sd.candidates] == ["sd1", "sd2"] and sd.family is None
     xl = family_of_adapter_keys(["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_x_y"])
     assert xl.family is get_family("sdxl")
+    assert (sd.name, xl.name, family_of_adapter_keys(["x_y_z"]).name) == ("sd", "sdxl", None)
+
+
+def test_file_facts_the_toolbox_warns_about():
+    """Only SDXL files must use the ldm UNet names and carry ss_base_model_version for A1111."""
+    sd1, sd2, sdxl = (get_family(n) for n in ("sd1", "sd2", "sdxl"))
+    diffusers_key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert sdxl.misread_denoiser_key(diffusers_key)[0] == "sdxl_diffusers_names"
+    assert sdxl.misread_denoiser_key("lycoris_down_blocks_1_attentions_0_proj_in")[0] == "sdxl_diffusers_names"
+    assert sdxl.misread_denoiser_key("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k") is None
+    assert sd1.misread_denoiser_key(diffusers_key) is None and sd2.misread_denoiser_key(diffusers_key) is None
+    assert [f.name for f in REGISTRY if f.needs_base_model_version] == ["sdxl"]
+    assert dict(sdxl.text_encoder_widths) == {"te1": 768, "te2": 1280}
 
 
 def test_transformers5_text_model_levels(meta_models):
@@ -170,6 +184,8 @@ def test_detect_family(meta_models, family, expected):
 def test_pipeline_family_of_tiny_pipelines(tiny_pipes):
     assert {f: family_of_pipeline(p).variant(prediction_type_of(p)) for f, p in tiny_pipes.items()} == \
         {"sd15": "sd1", "sd2": "sd2-v", "sdxl": "sdxl"}
+    with pytest.raises(ModelError, match="has no unet"):  # nor any other family's denoiser attribute
+        family_of_pipeline(SimpleNamespace(text_encoder=tiny_pipes["sd15"].text_encoder))
 
 
 def test_tokenizer_round_trip(tmp_path, tiny_sd15_path):

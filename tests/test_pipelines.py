@@ -189,7 +189,7 @@ def test_stack_scale_fuse_unfuse_unload(sd15_pipes, tmp_path):
     ref.text_encoder.load_state_dict({k: v for k, v in ref_original.items() if k in ref.text_encoder.state_dict()})
 
 
-def test_component_scales_and_bare_unet(sd15_pipes, tmp_path):
+def test_component_scales_and_bare_models(sd15_pipes, tmp_path):
     ours, _ = sd15_pipes
     path = _make_file(ours, False, CONFIGS["lora"], tmp_path / "c.safetensors", seed=5)
     base = _run(ours)
@@ -199,6 +199,11 @@ def test_component_scales_and_bare_unet(sd15_pipes, tmp_path):
     report = load_adapter(ours.unet, path)  # a bare UNet takes the UNet part, TE keys are reported
     assert set(report.patched) == {"unet"} and report.unmatched
     unload_adapter(ours.unet)
+    report = load_adapter(ours.text_encoder, path)  # a bare text encoder takes the TE part
+    assert set(report.patched) == {"te"} and report.unmatched
+    unload_adapter(ours.text_encoder)
+    with pytest.raises(TypeError, match="got Linear"):
+        load_adapter(nn.Linear(2, 2), path)
 
 
 def test_family_mismatch_is_an_error(sd15_pipes, sdxl_pipes, tmp_path):

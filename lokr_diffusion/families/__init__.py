@@ -52,16 +52,17 @@ def known_family(name: str | Family | None) -> Family | None:
         return None
 
 
-def family_of_models(denoiser: Any, text_encoders: Sequence[nn.Module] = ()) -> Family:
-    """The family of a loaded denoiser (or its config dict) and its text encoders."""
+def family_of_models(denoiser: Any, text_encoders: Sequence[nn.Module] = (),
+                     families: Sequence[Family] = FAMILIES) -> Family:
+    """The family of a loaded denoiser (or its config dict) and its text encoders, among ``families``."""
     config = denoiser if isinstance(denoiser, Mapping) else getattr(denoiser, "config", None)
     if config is None:
         raise ModelError(f"cannot read a config from {type(denoiser).__name__}: expected a Diffusers denoiser")
-    for f in FAMILIES:
+    for f in families:
         if f.matches_models(config, text_encoders):
             return f
     raise ModelError(f"{type(denoiser).__name__} belongs to no known model family "
-                     f"({', '.join(f.title for f in FAMILIES)})")
+                     f"({', '.join(f.title for f in families)})")
 
 
 def family_of_text_encoders(text_encoders: Sequence[nn.Module]) -> Family:
@@ -70,14 +71,19 @@ def family_of_text_encoders(text_encoders: Sequence[nn.Module]) -> Family:
 
 
 def family_of_pipeline(pipe: Any) -> Family:
-    """The family of a loaded pipeline (its denoiser and however many text encoders it has)."""
-    encoders = [getattr(pipe, a) for a in ("text_encoder", "text_encoder_2", "text_encoder_3")
+    """The family of a loaded pipeline (its denoiser and however many text encoders it has).
+
+    Only the families that keep their denoiser under an attribute the pipeline has are asked:
+    a ``unet`` is never taken for a ``transformer``.
+    """
+    encoders = [getattr(pipe, a) for a in dict.fromkeys(a for f in FAMILIES for a in f.text_encoder_attrs)
                 if getattr(pipe, a, None) is not None]
-    denoiser = next((getattr(pipe, a) for a in dict.fromkeys(f.denoiser_attr for f in FAMILIES)
-                     if getattr(pipe, a, None) is not None), None)
-    if denoiser is None:
-        raise ModelError(f"{type(pipe).__name__} has no denoiser (UNet or transformer) that lokr-diffusion knows")
-    return family_of_models(denoiser, encoders)
+    attrs = list(dict.fromkeys(f.denoiser_attr for f in FAMILIES))
+    for attr in attrs:
+        denoiser = getattr(pipe, attr, None)
+        if denoiser is not None:
+            return family_of_models(denoiser, encoders, [f for f in FAMILIES if f.denoiser_attr == attr])
+    raise ModelError(f"{type(pipe).__name__} has no {' or '.join(attrs)}: expected a Diffusers pipeline")
 
 
 def prediction_type_of(pipe: Any) -> str | None:
@@ -113,6 +119,14 @@ class FileFamily:
     @property
     def title(self) -> str:
         return " or ".join(f.title for f in self.candidates) if self.candidates else "unknown"
+
+    @property
+    def name(self) -> str | None:
+        """What reports call it: the family's name, the name its candidates share (``sd``), or None."""
+        if len(self.candidates) < 2:
+            return self.family.name if self.family else None
+        shared = {f.shared_name for f in self.candidates}
+        return shared.pop() if len(shared) == 1 and "" not in shared else " or ".join(f.name for f in self.candidates)
 
     @property
     def naming_family(self) -> Family | None:

@@ -163,6 +163,18 @@ class Family:
     def matches_metadata(self, metadata: Mapping[str, str]) -> bool:
         raise NotImplementedError
 
+    # -- what the toolbox reads from, and warns about in, this family's adapter files -------------
+    # (file component, hidden width) per text encoder: tells a PEFT text-encoder folder's component
+    text_encoder_widths: tuple[tuple[str, int], ...] = ()
+    needs_base_model_version = False  # A1111 hides a file with metadata but no ss_base_model_version
+    shared_name = ""  # what reports call it with the families sharing its file keys ("sd"), if any
+    shared_title = ""  # the same for people ("SD 1.x or 2.x")
+
+    def misread_denoiser_key(self, key: str) -> tuple[str, str] | None:
+        """(warning code, message) when some UI applies this denoiser file key to the wrong layer;
+        None when every tool reads it as meant."""
+        return None
+
     # -- architectures ----------------------------------------------------------------------------
     def build_meta(self) -> tuple[nn.Module, list[nn.Module]]:
         """The real denoiser and text encoders without storage, for names and counts."""

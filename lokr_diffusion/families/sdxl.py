@@ -77,6 +77,8 @@ class SDXL(StableDiffusionFamily):
     checkpoint_architecture = "stable-diffusion-xl-v1-base"
     resolution = "1024x1024"
     implementation = "https://github.com/Stability-AI/generative-models"
+    needs_base_model_version = True
+    shared_name = shared_title = ""  # no other family's files share its keys
 
     def matches_pipeline_class(self, class_name: str) -> bool:
         return class_name.startswith("StableDiffusionXL")

@@ -12,6 +12,7 @@ shrink), saved as an ordinary Diffusers folder.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ TINY_SAMPLE_SIZE = 32  # latent; 256 px default, but any multiple of 8 (e.g. 64 
 _ATTN_PROJ = (".to_q", ".to_k", ".to_v", ".to_out.0")
 _RESNET_LAYERS = ("conv1", "conv2", "time_emb_proj", "conv_shortcut")
 _TOP_LEVEL = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+_DIFFUSERS_UNET = re.compile(r"(down_blocks|up_blocks|mid_block)_")  # the ldm names are input_blocks...
 
 
 def text_encoder(class_name: str, config: Mapping[str, Any]) -> nn.Module:
@@ -121,6 +123,8 @@ class StableDiffusionFamily(Family):
     resolution = "512x512"
     implementation = "diffusers"  # modelspec.implementation: whose module names the model uses
     checkpoint_architecture = ""  # modelspec.architecture of a merged single-file checkpoint
+    shared_name = "sd"  # SD 1.x and 2.x files share their key names
+    shared_title = "SD 1.x or 2.x"
 
     # -- detection ----------------------------------------------------------------------------
     def matches_models(self, denoiser_config: Mapping[str, Any], text_encoders: Sequence[nn.Module]) -> bool:
@@ -145,6 +149,15 @@ class StableDiffusionFamily(Family):
 
     def matches_metadata(self, metadata: Mapping[str, str]) -> bool:
         return metadata.get("ss_base_model_version", "") in self.metadata_versions
+
+    def misread_denoiser_key(self, key: str) -> tuple[str, str] | None:
+        """Where files use the ldm UNet names (SDXL), A1111 maps Diffusers-style keys (and
+        LyCORIS's ``lycoris_`` ones) to the wrong layers."""
+        rest = key.removeprefix(naming.UNET_PREFIX + "_")
+        if not self.ldm_unet_names or not (key.startswith(naming.LYCORIS_PREFIX + "_") or _DIFFUSERS_UNET.match(rest)):
+            return None
+        return (f"{self.name}_diffusers_names", f"{self.title} UNet keys in Diffusers style: A1111 maps them to the "
+                "wrong layers (it needs the ldm names sd-scripts writes); `convert` renames them")
 
     # -- naming -------------------------------------------------------------------------------
     def text_encoder_prefixes(self) -> list[str]:

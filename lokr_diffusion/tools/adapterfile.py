@@ -18,7 +18,7 @@ import torch
 
 from ..algos import ALGORITHMS, detect_algorithm
 from ..errors import AdapterFileError
-from ..families import family_of_adapter
+from ..families import FileFamily, family_of_adapter
 
 # file-key prefix -> component, longest first so `lora_te1_` is not read as `lora_te_`
 COMPONENT_PREFIXES = (("lora_unet_", "unet"), ("lycoris_", "unet"), ("lora_te1_", "te1"),
@@ -304,13 +304,11 @@ def check_modules(modules: Mapping[str, FileModule], source: str, finite: bool =
     return bad
 
 
-def detect_family(modules: Mapping[str, FileModule], metadata: Mapping[str, str]) -> tuple[str | None, str]:
-    """(family name, how it was decided): 'sd1', 'sd2', 'sdxl', 'sd' (SD1 or SD2) or None."""
-    found = family_of_adapter([(m.component, m.key, m.flat_shape() if m.algo is not None else ())
-                               for m in modules.values()], metadata)
-    if found.family is not None:
-        return found.family.name, found.how
-    return ("sd" if found.candidates else None), found.how
+def detect_family(modules: Mapping[str, FileModule], metadata: Mapping[str, str]) -> FileFamily:
+    """What the file says about its base model: one family, several sharing its keys, or none,
+    and how that was decided (see `families.family_of_adapter`)."""
+    return family_of_adapter([(m.component, m.key, m.flat_shape() if m.algo is not None else ())
+                              for m in modules.values()], metadata)
 
 
 def network_args(metadata: Mapping[str, str]) -> dict:

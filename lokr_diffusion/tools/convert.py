@@ -19,7 +19,7 @@ import torch
 
 from ..algos import lokr
 from ..errors import AdapterFileError, ConfigError
-from ..families import known_family
+from ..families import Family, FileFamily, get_family
 from ..fileformat import (
     read_safetensors,
     require_regular_file,
@@ -46,45 +46,50 @@ _DROPPED = ("scale", "bias", "on_input")  # only A1111 reads `scale`; nobody nee
 _REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _family_arg(family: str | None) -> str | None:
-    if family is None:
-        return None
-    return keymap.meta_family(family).name
+def _given_family(family: str | Family | None) -> FileFamily | None:
+    """The family the user named (any spelling), as sure as a file's own evidence would be."""
+    return None if family is None else FileFamily((get_family(family),), "--family")
 
 
-def _peft_prefixes(groups: Mapping[str, Mapping[str, torch.Tensor]], family: str | None, component: str | None):
-    """File-key prefix per PEFT module path: a PEFT folder holds one model, UNet or text encoder."""
+def _peft_prefixes(groups: Mapping[str, Mapping[str, torch.Tensor]], family: Family | None, component: str | None):
+    """File-key prefix per PEFT module path: a PEFT folder holds one model, UNet or text encoder.
+
+    Which text encoder of a family with several it is comes from `component`, else from its
+    width (the family's `text_encoder_widths`, e.g. SDXL's CLIP-L 768 and OpenCLIP bigG 1280).
+    """
     te = component if component and component.startswith("te") else None
-    if te is None and family == "sdxl":  # CLIP-L is 768 wide, OpenCLIP bigG 1280
+    prefixes = family.text_encoder_prefixes() if family is not None else ["lora_te"]
+    if te is None and len(prefixes) > 1:
         widths = [flat_shape("lokr", t)[0] for p, t in groups.items() if p.endswith("self_attn.q_proj")]
-        te = {768: "te1", 1280: "te2"}.get(widths[0] if widths else 0)
-    te_prefix = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}.get(te or "te", "lora_te")
-    if family == "sdxl" and te_prefix == "lora_te" and any(p.startswith(peft.TE_PATHS) for p in groups):
-        raise ConfigError("this PEFT folder holds an SDXL text encoder; pass --component te1 or te2")
+        te = {w: c for c, w in family.text_encoder_widths}.get(widths[0] if widths else 0)
+    te_prefix = "lora_" + (te or "te")
+    if te_prefix not in prefixes and len(prefixes) > 1 and any(p.startswith(peft.TE_PATHS) for p in groups):
+        raise ConfigError(f"this PEFT folder holds an {family.title} text encoder; pass --component "
+                          + " or ".join(p[len("lora_"):] for p in prefixes))
     return lambda path: te_prefix if path.startswith(peft.TE_PATHS) else "lora_unet"
 
 
-def read_any(src: str | Path, family: str | None = None, component: str | None = None):
-    """(modules in file layout, reference effective updates per key, metadata, layout, notes, family).
+def read_any(src: str | Path, family: str | Family | None = None, component: str | None = None):
+    """(modules in file layout, reference effective updates per key, metadata, layout, notes, FileFamily).
 
     The reference updates follow the *input's* own rules (PEFT: alpha / r always), so the later
     comparison checks the conversion rather than restating it.
     """
     src = Path(src)
-    fam = _family_arg(family)
+    given = _given_family(family)
     if peft.looks_like_peft(src):
         tensors, config, notes = peft.read_peft(src)
         weights = src / peft.WEIGHTS_NAME if src.is_dir() else src
         groups = peft.group_peft(tensors, str(weights))
-        prefix_of = _peft_prefixes(groups, fam, component)
+        prefix_of = _peft_prefixes(groups, given and given.family, component)
         modules = group_modules(peft.to_lycoris(groups, config, prefix_of))
         check_modules(modules, str(weights))  # NaN/inf would be copied into the output
-        fam = fam or detect_family(modules, {})[0]
-        if fam == "sdxl":  # the text-encoder prefix depends on the family
-            prefix_of = _peft_prefixes(groups, fam, component)
+        found = given or detect_family(modules, {})
+        if given is None and found.family is not None:  # the text-encoder prefix depends on the family
+            prefix_of = _peft_prefixes(groups, found.family, component)
             modules = group_modules(peft.to_lycoris(groups, config, prefix_of))
         reference = {module_key(prefix_of(p), p): peft.peft_delta(t, config, p) for p, t in groups.items()}
-        return modules, reference, _peft_metadata(config, fam), "peft", notes, fam
+        return modules, reference, _peft_metadata(config, found.family), "peft", notes, found
     require_regular_file(src, ".safetensors adapter or a PEFT folder")
     tensors, metadata = read_safetensors(src)
     modules = group_modules(tensors)
@@ -98,7 +103,7 @@ def read_any(src: str | Path, family: str | None = None, component: str | None =
             raise AdapterFileError(f"{src}: module {key} uses DoRA (dora_scale); the tools disagree on its meaning, "
                                    "so it cannot be converted without changing the result")
     reference = {k: m.delta() for k, m in modules.items()}
-    return modules, reference, metadata, "lycoris", [], fam or detect_family(modules, metadata)[0]
+    return modules, reference, metadata, "lycoris", [], given or detect_family(modules, metadata)
 
 
 def _untucker(m: FileModule) -> tuple[dict[str, torch.Tensor], float]:
@@ -168,7 +173,8 @@ def _check(reference: Mapping[str, torch.Tensor], produced: Mapping[str, torch.T
 
 
 def convert_adapter(src: str | Path, dst: str | Path, to: str | None = None, dtype: torch.dtype | None = None,
-                    family: str | None = None, component: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                    family: str | Family | None = None, component: str | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
     """Convert `src` (LyCORIS/kohya file or PEFT LoKr) into `dst`; returns what was done and the check.
 
     Nothing is written unless the input is a usable adapter (no NaN/inf either: a converter
@@ -182,7 +188,7 @@ def convert_adapter(src: str | Path, dst: str | Path, to: str | None = None, dty
         raise AdapterFileError(f"{src}: {exc}") from None  # every message names the input
 
 
-def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtype | None, family: str | None,
+def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtype | None, family: str | Family | None,
              component: str | None, overwrite: bool) -> dict[str, Any]:
     dst = Path(dst)
     to = to or ("lycoris" if dst.suffix == ".safetensors" else "peft")
@@ -191,15 +197,15 @@ def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtyp
     if to == "lycoris" and dst.suffix != ".safetensors":
         raise ConfigError(f"{dst}: a LyCORIS adapter is one .safetensors file; end OUT with .safetensors")
     check_output(dst, overwrite)
-    modules, reference, metadata, layout, notes, fam = read_any(src, family, component)
-    fam = keymap.require_family(fam, str(src))
-    report: dict[str, Any] = {"input": str(src), "output": str(dst), "from": layout, "to": to, "family": fam,
+    modules, reference, metadata, layout, notes, found = read_any(src, family, component)
+    found = keymap.require_family(found, str(src))
+    report: dict[str, Any] = {"input": str(src), "output": str(dst), "from": layout, "to": to, "family": found.name,
                               "modules": len(modules), "renamed": 0, "unmatched": [], "changes": {}, "notes": notes}
     default_alpha = as_number(metadata.get("ss_network_dim"))
     out_key: dict[str, str] = {}
     plain: dict[str, FileModule] = {}
     for key, m in modules.items():
-        canonical = keymap.canonical_key(fam, key)
+        canonical = keymap.canonical_key(found.naming_family, key)
         if canonical is None:
             report["unmatched"].append(key)
             canonical = key
@@ -223,26 +229,24 @@ def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtyp
         tensors = {f"{k}.{n}": v for k, m in plain.items() for n, v in {**m.tensors, "alpha": m.alpha}.items()}
         produced = {k: plain[out_key[k]].delta() for k in reference}
         report["max_abs_diff"], report["max_rel_diff"] = _check(reference, produced, tol)
-        write_safetensors(dst, tensors, _metadata(metadata, fam, plain, dst, src))
+        write_safetensors(dst, tensors, _metadata(metadata, found.family, plain, dst, src))
     else:
-        report.update(_write_peft(dst, plain, out_key, reference, fam, component or "unet", metadata, tol, overwrite))
+        report.update(_write_peft(dst, plain, out_key, reference, found, component or "unet", metadata, tol, overwrite))
     return report
 
 
-def _peft_metadata(config: Mapping, family: str | None) -> dict[str, str]:
+def _peft_metadata(config: Mapping, family: Family | None) -> dict[str, str]:
     """The sd-scripts metadata a PEFT adapter would have had: its global r and alpha, its factor."""
     args = {"algo": "lokr", "factor": config.get("decompose_factor", -1)}
-    return training_metadata(known_family(family), args, int(config.get("r", 8)),
-                             float(config.get("alpha", 8)))
+    return training_metadata(family, args, int(config.get("r", 8)), float(config.get("alpha", 8)))
 
 
-def _metadata(metadata: Mapping[str, str], family: str, plain: Mapping[str, FileModule], dst: Path,
+def _metadata(metadata: Mapping[str, str], fam: Family | None, plain: Mapping[str, FileModule], dst: Path,
               src: str | Path) -> dict[str, str]:
     """Keep the input's metadata, adding the base-model keys A1111 needs; bare files get the minimum.
 
-    With the family known only as "SD 1.x or 2.x" no base-model version is guessed.
+    With no single family known (e.g. "SD 1.x or 2.x") no base-model version is guessed.
     """
-    fam = known_family(family)
     if metadata:
         meta = dict(metadata)
         if fam and "ss_base_model_version" not in meta:
@@ -259,7 +263,7 @@ def _metadata(metadata: Mapping[str, str], family: str, plain: Mapping[str, File
     return meta
 
 
-def _write_peft(dst: Path, plain: Mapping[str, FileModule], out_key: Mapping[str, str], reference, family: str,
+def _write_peft(dst: Path, plain: Mapping[str, FileModule], out_key: Mapping[str, str], reference, family: FileFamily,
                 component: str, metadata: Mapping[str, str], tol: float, overwrite: bool) -> dict[str, Any]:
     """One PEFT folder for one model (UNet or a text encoder), as PEFT's save_pretrained writes it."""
     chosen = {k: m for k, m in plain.items() if m.component == component}
@@ -268,9 +272,10 @@ def _write_peft(dst: Path, plain: Mapping[str, FileModule], out_key: Mapping[str
                           f"{', '.join(sorted({m.component for m in plain.values()}))} (pick one with --component)")
     paths = {}
     for key in chosen:
-        target = keymap.module_of(family, key)
+        target = keymap.module_of(family.naming_family, key)
         if target is None:
-            raise AdapterFileError(f"module {key} matches no module of an {family} model, so its PEFT path is unknown")
+            raise AdapterFileError(f"module {key} matches no module of an {family.name} model, so its PEFT path is "
+                                   "unknown")
         kernel = tuple(int(k) for k in target.module.kernel_size) if hasattr(target.module, "kernel_size") else ()
         paths[key] = (target.path, kernel)
     hint = _factor_hint(metadata)

@@ -7,7 +7,6 @@ else to a PEFT-style trainer than to the UIs.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from ..algos import lokr
+from ..families import FAMILIES, Family
 from ..fileformat import read_header, read_safetensors
 from . import peft
 from .adapterfile import (
@@ -28,14 +28,11 @@ from .adapterfile import (
     group_modules,
     lokr_factor_shapes,
     network_args,
-    strip_prefix,
 )
 from .text import counts, human_bytes, metadata_lines, shape
 
 _SAFE_FACTORS = {-1, 4, 8, 16}
-_DIFFUSERS_UNET = re.compile(r"(down_blocks|up_blocks|mid_block)_")
 _TE_ATTN = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
-_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd": "SD 1.x or 2.x", None: "unknown"}
 _COMPONENT_NAMES = {"unet": "UNet", "te": "TE", "te1": "TE1", "te2": "TE2", "unknown": "unknown"}
 
 
@@ -77,7 +74,8 @@ class _Warnings:
         return list(self.items.values())
 
 
-def _check_module(m: FileModule, info: dict, family: str | None, layout: str, dims: dict, w: _Warnings) -> None:
+def _check_module(m: FileModule, info: dict, family: Family | None, layout: str, dims: dict, w: _Warnings) -> None:
+    """Warnings about one module; `family` only when the file is certainly one family's."""
     key = m.key
     if m.algo is None:
         w.add("unknown_module", "tensors are no LoKr, LoHa or LoRA set; every loader skips these modules", key)
@@ -99,10 +97,9 @@ def _check_module(m: FileModule, info: dict, family: str | None, layout: str, di
     if m.component.startswith("te") and "text_model_" not in key:
         w.add("te_without_text_model", "text-encoder keys without `text_model_`: the UIs silently ignore them; "
               "`convert` renames them", key)
-    diffusers_style = key.startswith("lycoris_") or _DIFFUSERS_UNET.match(strip_prefix(key))
-    if family == "sdxl" and m.component == "unet" and diffusers_style:
-        w.add("sdxl_diffusers_names", "SDXL UNet keys in Diffusers style: A1111 maps them to the wrong layers (it "
-              "needs the ldm names sd-scripts writes); `convert` renames them", key)
+    misread = family.misread_denoiser_key(key) if family is not None and m.component == "unet" else None
+    if misread is not None:
+        w.add(*misread, key)
     factors = info.get("factors")
     if factors and not factors["w1_low_rank"] and not factors["w2_low_rank"] and "lokr_t2" not in m.tensors:
         dim = dims["conv"] if info.get("kernel") and info["kernel"] != [1, 1] and dims["conv"] else dims["linear"]
@@ -112,13 +109,13 @@ def _check_module(m: FileModule, info: dict, family: str | None, layout: str, di
                   "strength than the UIs will use", key)
 
 
-def _check_file(modules: Mapping[str, FileModule], family, metadata, args, layout, w: _Warnings) -> None:
+def _check_file(modules: Mapping[str, FileModule], family: Family | None, metadata, args, layout, w: _Warnings) -> None:
     if layout == "peft":
         w.add("peft_layout", "PEFT layout (base_model.model.* keys): no SD UI loads it; `convert` writes the "
               "LyCORIS layout")
-    if family == "sdxl" and metadata and "ss_base_model_version" not in metadata:
-        w.add("no_base_model_version", "SDXL file with metadata but no ss_base_model_version: A1111 hides it when "
-              "an SDXL checkpoint is loaded")
+    if family is not None and family.needs_base_model_version and metadata and "ss_base_model_version" not in metadata:
+        w.add("no_base_model_version", f"{family.title} file with metadata but no ss_base_model_version: A1111 hides "
+              f"it when an {family.title} checkpoint is loaded")
     factor = as_number(args.get("factor"))
     if args.get("algo", "lokr") == "lokr" and factor is not None and factor not in _SAFE_FACTORS:
         w.add("factor", f"factor {factor:g} is outside the safe profile (-1, 4, 8, 16): LyCORIS's loader guesses the "
@@ -186,23 +183,23 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         errors.append({"code": "non_finite", "count": len(non_finite), "modules": sorted(non_finite)[:5],
                        "message": f"{weights}: {len(non_finite)} module(s) have {NON_FINITE}, e.g. {key} "
                                   f"({', '.join(names)}); load_adapter, convert and merge refuse this file"})
-    family, family_source = detect_family(modules, metadata)
+    found = detect_family(modules, metadata)
     args = network_args(metadata)
     dims = {"linear": as_number(metadata.get("ss_network_dim")), "conv": as_number(args.get("conv_dim"))}
     w = _Warnings()
     infos = []
     for m in sorted(modules.values(), key=lambda m: (list(_COMPONENT_NAMES).index(m.component), m.key)):
         info = _module_info(m)
-        _check_module(m, info, family, layout, dims, w)
+        _check_module(m, info, found.family, layout, dims, w)
         infos.append(info)
-    _check_file(modules, family, metadata, args, layout, w)
+    _check_file(modules, found.family, metadata, args, layout, w)
     blocks: dict[str, dict[str, int]] = {}
     for i in infos:
         comp = blocks.setdefault(i["component"], {})
         comp[i["block"]] = comp.get(i["block"], 0) + 1
     return {
         "file": str(path), "file_size": weights.stat().st_size, "layout": layout,
-        "family": family, "family_source": family_source,
+        "family": found.name, "family_source": found.how,
         "components": dict(Counter(i["component"] for i in infos)),
         "algorithms": dict(Counter(i["algo"] or "unknown" for i in infos)),
         "blocks": blocks,
@@ -230,6 +227,16 @@ def _block_order(block: str) -> tuple[int, int]:
     return rank, int(index) if index.isdigit() else 0
 
 
+def _family_title(name: str | None) -> str:
+    """The people's name of the report's family (the JSON keeps `FileFamily.name`: ``sdxl``, ``sd``)."""
+    for f in FAMILIES:
+        if name == f.name:
+            return f.title
+        if name == f.shared_name:
+            return f.shared_title
+    return name or "unknown"
+
+
 def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
     if r["layout"] == "embedding":
         shapes = ", ".join(f"{k} {v[0]} x {v[1]}" for k, v in r["vectors"].items())
@@ -243,7 +250,7 @@ def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
     layout = "PEFT" if r["layout"] == "peft" else "LyCORIS/kohya"
     lines = [
         f"file:        {r['file']} ({human_bytes(r['file_size'])}, {layout} layout)",
-        f"family:      {_FAMILY_NAMES.get(r['family'], r['family'])} (from {r['family_source']})",
+        f"family:      {_family_title(r['family'])} (from {r['family_source']})",
         f"modules:     {sum(r['components'].values())} ({comps}); {counts(r['algorithms'])}",
         f"parameters:  {r['parameters']:,} ({params})",
         f"dtypes:      {counts(r['dtypes'])} tensors; alpha {counts(r['alpha_dtypes']) or 'none'}",
