@@ -189,7 +189,7 @@ def assert_restored(model, original):
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_loads_fuses_and_unloads(model, registered, tmp_path, layout, algo):
-    pipe = types.SimpleNamespace(unet=model)
+    pipe = types.SimpleNamespace(transformer=model)
     original = _state(model)
     expected = make_file(model, layout, algo, tmp_path / "a.safetensors")
     assert set(expected) == set(_linears(model))  # every layer is reachable in every layout
@@ -209,7 +209,7 @@ def test_layout_loads_fuses_and_unloads(model, registered, tmp_path, layout, alg
 @pytest.mark.parametrize("layout", ["kohya", "diffusion_model-dotted"])
 def test_unfused_forward_matches_patched_weights(model, registered, tmp_path, layout):
     """The hooks (inference rebuild and the per-call delta with grad on) give each layer W + dW."""
-    pipe = types.SimpleNamespace(unet=model)
+    pipe = types.SimpleNamespace(transformer=model)
     original = _state(model)
     expected = make_file(model, layout, "lokr-lowrank", tmp_path / "a.safetensors")
     load_adapter(pipe, tmp_path / "a.safetensors")
@@ -227,7 +227,7 @@ def test_unfused_forward_matches_patched_weights(model, registered, tmp_path, la
 
 
 def test_whole_model_forward_hooks_equal_fused(model, registered, tmp_path):
-    pipe = types.SimpleNamespace(unet=model)
+    pipe = types.SimpleNamespace(transformer=model)
     make_file(model, "kohya", "loha", tmp_path / "a.safetensors")
     g = torch.Generator().manual_seed(1)
     inputs = {"hidden_states": torch.randn(1, 4, 16, generator=g),
@@ -249,7 +249,7 @@ def test_whole_model_forward_hooks_equal_fused(model, registered, tmp_path):
 
 def test_linear1_qkv_patches_only_q_k_v(model, registered, tmp_path):
     """ComfyUI's `linear1_qkv`: the first 3H rows of linear1; proj_mlp keeps its weight."""
-    pipe = types.SimpleNamespace(unet=model)
+    pipe = types.SimpleNamespace(transformer=model)
     original = _state(model)
     g = torch.Generator().manual_seed(2)
     t = _factors("lokr-lowrank", 3 * H, H, g)
@@ -266,7 +266,7 @@ def test_linear1_qkv_patches_only_q_k_v(model, registered, tmp_path):
 
 
 def test_scale_stacking_and_unfuse_with_fused_slices(model, registered, tmp_path):
-    pipe = types.SimpleNamespace(unet=model)
+    pipe = types.SimpleNamespace(transformer=model)
     original = _state(model)
     a = make_file(model, "kohya", "lokr", tmp_path / "a.safetensors", seed=1)
     b = make_file(model, "transformer-dotted", "lora", tmp_path / "b.safetensors", seed=2)

@@ -180,3 +180,62 @@ def test_unknown_text_encoder_prefix_is_refused(tiny_flux_path, tmp_path):
     assert result.returncode != 0
     assert "network.text_encoders: 'te3' is no text encoder of Flux.1 [dev]; expected some of te1, te2" in (
         result.stdout + result.stderr)
+
+
+# -- the pipeline API on FluxPipeline --------------------------------------------------------------
+
+def _flux_adapter(pipe, path, seed=0):
+    """A LoKr file with random (non-zero) factors on the transformer and both text encoders."""
+    from lokr_diffusion.network import AdapterConfig, create_network
+
+    net = create_network(AdapterConfig(algo="lokr", preset="attn-mlp", factor=4, dim=4),
+                         unet=pipe.transformer, text_encoders=[pipe.text_encoder, pipe.text_encoder_2], family=FLUX_DEV)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    net.save(path, dtype=torch.float32)
+    net.remove()
+    return path
+
+
+def test_flux_pipeline_load_fuse_unfuse_unload(tiny_flux_path, tmp_path):
+    from lokr_diffusion.pipelines import fuse_adapter, list_adapters, load_adapter, unfuse_adapter, unload_adapter
+
+    pipe = _pipeline_parts(tiny_flux_path)
+    models = {"transformer": pipe.transformer, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+
+    def weights():
+        return {f"{n}.{k}": v.clone() for n, m in models.items() for k, v in m.state_dict().items()}
+
+    before = weights()
+    report = load_adapter(pipe, _flux_adapter(pipe, tmp_path / "a.safetensors"), adapter_name="a", strict=True)
+    assert report.patched == {"unet": 34, "te1": 12, "te2": 14}  # T5 attn-mlp: 2 layers x (q, k, v, o, wi_0, wi_1, wo)
+    assert list(list_adapters(pipe)) == ["a"]
+    fuse_adapter(pipe)
+    fused = weights()
+    changed = {k.split(".")[0] for k, v in before.items() if not torch.equal(fused[k], v)}
+    assert changed == {"transformer", "te1", "te2"}
+    unfuse_adapter(pipe)
+    unload_adapter(pipe)
+    after = weights()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # bit-exact
+
+
+def test_flux_file_on_sd_pipeline_and_back_are_clear_errors(tiny_flux_path, tiny_sd15_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from lokr_diffusion.errors import AdapterFileError
+    from lokr_diffusion.network import AdapterConfig, create_network
+    from lokr_diffusion.pipelines import load_adapter
+
+    flux = _pipeline_parts(tiny_flux_path)
+    sd = StableDiffusionPipeline.from_pretrained(str(tiny_sd15_path))
+    flux_file = _flux_adapter(flux, tmp_path / "flux.safetensors")
+    net = create_network(AdapterConfig(), unet=sd.unet, text_encoders=[sd.text_encoder])
+    sd_file = net.save(tmp_path / "sd.safetensors")
+    net.remove()
+    with pytest.raises(AdapterFileError, match=r"flux\.safetensors: the file is for Flux\.1.*but the model is SD 1\.x"):
+        load_adapter(sd, flux_file)
+    with pytest.raises(AdapterFileError, match=r"sd\.safetensors: the file is for SD 1\.x.*but the model is Flux\.1"):
+        load_adapter(flux, sd_file)
