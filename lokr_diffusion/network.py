@@ -216,6 +216,24 @@ def component_models(family: Family, unet: nn.Module | None, text_encoders: Sequ
     return out
 
 
+def chosen_text_encoders(family: Family, text_encoders: Sequence[nn.Module], config) -> list[nn.Module | None]:
+    """The text encoders a run puts adapters on (`train_text_encoder`, `text_encoders` of the
+    trainer's `[network]`), each in its family position, None where left out: by default the
+    family's choice (every CLIP tower; Flux leaves T5-XXL frozen)."""
+    if not config.train_text_encoder:
+        return []
+    prefixes = [p[len("lora_"):] for p in family.text_encoder_prefixes()]
+    if config.text_encoders is None:
+        chosen = set(family.default_trained_text_encoders)
+    else:
+        unknown = [t for t in config.text_encoders if t not in prefixes]
+        if unknown:
+            raise ConfigError(f"network.text_encoders: {', '.join(map(repr, unknown))} is no text encoder of "
+                              f"{family.title}; expected some of {', '.join(prefixes)}")
+        chosen = {prefixes.index(t) for t in config.text_encoders}
+    return [te if i in chosen else None for i, te in enumerate(text_encoders)]
+
+
 def family_of(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> Family:
     """The family of the models an adapter goes into; without a UNet, from the text encoders."""
     if unet is not None:
@@ -258,4 +276,5 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
     return network
 
 
-__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "component_models", "create_network", "family_of"]
+__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "chosen_text_encoders", "component_models",
+           "create_network", "family_of"]

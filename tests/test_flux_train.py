@@ -239,3 +239,17 @@ def test_flux_file_on_sd_pipeline_and_back_are_clear_errors(tiny_flux_path, tiny
         load_adapter(sd, flux_file)
     with pytest.raises(AdapterFileError, match=r"sd\.safetensors: the file is for SD 1\.x.*but the model is Flux\.1"):
         load_adapter(flux, sd_file)
+
+
+@pytest.mark.slow
+def test_shipped_tiny_flux_config_trains(tiny_flux_path, tmp_path):
+    """train_configs/flux_tiny.toml as shipped, with its model and output folders moved to tmp."""
+    from .test_train import ROOT
+
+    config = ROOT / "train_configs" / "flux_tiny.toml"
+    log = _ok(launch(config, "--set", f"model.pretrained_model={str(tiny_flux_path)!r}",
+                     "--set", f"output.dir={str(tmp_path / 'out')!r}", "--set", "train.max_steps=2",
+                     "--set", "output.save_every_steps=1"))
+    assert "family flux, rectified flow" in log
+    assert (tmp_path / "out" / "flux_tiny_lokr.safetensors").exists()
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1

@@ -280,7 +280,7 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
     from diffusers.training_utils import EMAModel
 
     from ..data import make_loader
-    from ..network import create_network
+    from ..network import chosen_text_encoders, create_network
     from . import checkpoint
     from .model import TrainingModel
     from .optim import build_optimizer
@@ -288,7 +288,7 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
     network = create_network(cfg.network.adapter_config(),
                              unet=models.denoiser if cfg.network.train_unet else None,
-                             text_encoders=_trained_text_encoders(cfg.network, models),
+                             text_encoders=chosen_text_encoders(models.family, models.text_encoders, cfg.network),
                              family=models.family, prediction_type=models.prediction_type)
     network.to(accelerator.device, dtype=torch.float32)
     model = TrainingModel(network, models.denoiser, models.text_encoders, models.family,
@@ -316,22 +316,6 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
     states.resume(t_cfg.resume, loader, report=print if run.main else (lambda _: None))
     return Parts(network, model, embedding, optimizer, lr_scheduler, loader, encoder, ema, progress, states,
                  max_steps, num_epochs, steps_per_epoch)
-
-
-def _trained_text_encoders(n_cfg, models: Models) -> list[nn.Module | None]:
-    """The text encoders that get adapters, each in its family position (None: left out)."""
-    if not n_cfg.train_text_encoder:
-        return []
-    prefixes = [p[len("lora_"):] for p in models.family.text_encoder_prefixes()]
-    if n_cfg.text_encoders is None:
-        chosen = set(models.family.default_trained_text_encoders)
-    else:
-        unknown = [t for t in n_cfg.text_encoders if t not in prefixes]
-        if unknown:
-            raise ConfigError(f"network.text_encoders: {', '.join(map(repr, unknown))} is no text encoder of "
-                              f"{models.family.title}; expected some of {', '.join(prefixes)}")
-        chosen = {prefixes.index(t) for t in n_cfg.text_encoders}
-    return [te if i in chosen else None for i, te in enumerate(models.text_encoders)]
 
 
 def _conditioning(t_cfg) -> dict[str, Any]:
