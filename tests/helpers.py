@@ -1,4 +1,5 @@
 """Small helpers the tests share."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,16 @@ def assert_same_files(made: Path, committed: Path) -> None:
             with Image.open(ours) as a, Image.open(theirs) as b:
                 assert a.mode == b.mode == "RGB" and a.size == b.size, name
                 assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+def wait_for(predicate, proc, timeout: float = 240.0, poll: float = 0.002) -> bool:
+    """Poll `predicate` until it holds (True) or the process `proc` ends first (False); a run
+    that makes no progress for `timeout` seconds is a TimeoutError."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise TimeoutError("the training process made no progress")

@@ -22,6 +22,7 @@ from lokr_diffusion.training import checkpoint
 from lokr_diffusion.training.lock import LOCK_NAME, acquire
 from lokr_diffusion.training.loop import main as train_main
 
+from .helpers import wait_for
 from .test_train import ROOT, write_config
 
 pytestmark = pytest.mark.slow
@@ -395,17 +396,6 @@ def _start(config: Path, *extra: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **kw)
 
 
-def _wait_for(predicate, proc, timeout=240.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    raise TimeoutError
-
-
 def _intact_states(out: Path) -> list[str]:
     names = []
     for step, path in checkpoint.complete_states(out):
@@ -418,7 +408,7 @@ def test_one_sigint_saves_and_resume_continues(tiny_sd15_path, tmp_path, capsys)
     cfg = _config(tmp_path, tiny_sd15_path, train={"max_steps": 500})
     out = tmp_path / "out"
     proc = _start(cfg)
-    assert _wait_for(lambda: (out / "config.json").exists(), proc)
+    assert wait_for(lambda: (out / "config.json").exists(), proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=300)[0]
@@ -440,7 +430,7 @@ def test_second_sigint_never_leaves_a_half_checkpoint(gap, tiny_sd15_path, tmp_p
     cfg = _config(tmp_path, tiny_sd15_path, train={"max_steps": 500}, output={"save_every_steps": 1})
     out = tmp_path / "out"
     proc = _start(cfg, env=dict(ENV, LOKR_DIFFUSION_SIGNAL_WINDOW="0"))
-    assert _wait_for(lambda: len(checkpoint.complete_states(out)) >= 2, proc)
+    assert wait_for(lambda: len(checkpoint.complete_states(out)) >= 2, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(gap)
     proc.send_signal(signal.SIGINT)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from .helpers import wait_for
 from .test_train import ROOT, write_config
 
 pytestmark = pytest.mark.slow
@@ -53,17 +54,6 @@ def assert_all_readable(out: Path) -> int:
     return checked
 
 
-def _wait_for(predicate, proc, timeout=240.0, poll=0.002):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    raise TimeoutError("the training process made no progress")
-
-
 def _steps(out: Path) -> int:
     states = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")]
     return max(states, default=0)
@@ -89,10 +79,10 @@ def test_sigkill_at_random_moments_then_resume(tiny_sd15_path, tmp_path):
         proc = _start(cfg)
         before = _steps(out)
         if not kills:  # the first kill lands inside a checkpoint write
-            hit = _wait_for(lambda: any((out / "checkpoints").glob("*.tmp")) or any(out.glob(".*.tmp")), proc)
+            hit = wait_for(lambda: any((out / "checkpoints").glob("*.tmp")) or any(out.glob(".*.tmp")), proc)
             moment = "during a checkpoint write"
         else:
-            hit = _wait_for(lambda: _steps(out) > before, proc)
+            hit = wait_for(lambda: _steps(out) > before, proc)
             time.sleep(rng.uniform(0.0, 0.6))
             moment = f"{rng.random():.2f}s after step {before + 1}"
         if proc.poll() is not None:
@@ -117,7 +107,7 @@ def test_sigterm_saves_and_prints_the_resume_hint(tiny_sd15_path, tmp_path):
     cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 400})
     out = tmp_path / "out"
     proc = _start(cfg)
-    _wait_for(lambda: (out / "config.json").exists(), proc)
+    wait_for(lambda: (out / "config.json").exists(), proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
