@@ -16,7 +16,7 @@ import torch
 
 from .dtypes import parse_dtype
 from .errors import ConfigError, ModelError
-from .families import Family, family_of_checkpoint_keys, family_of_pipeline, family_of_pipeline_class, get_family
+from .families import FAMILIES, Family, family_of_checkpoint_keys, family_of_pipeline, family_of_pipeline_class, get_family
 
 __all__ = ["load_pipeline"]
 
@@ -52,8 +52,9 @@ def _single_file_family(path: str) -> Family:
     family = family_of_checkpoint_keys(keys)
     if family is None:
         raise ModelError(
-            f"cannot tell the model family of {path}: expected an SD1/SD2/SDXL checkpoint with "
-            "cond_stage_model.* or conditioner.embedders.* keys; pass family= explicitly")
+            f"cannot tell the model family of {path}: its keys match none of "
+            f"{', '.join(f.title for f in FAMILIES)} (SD: cond_stage_model.* or conditioner.embedders.*; "
+            "Flux: double_blocks.*); pass family= explicitly")
     return family
 
 
@@ -126,7 +127,8 @@ def load_pipeline(
 def _load_single_file(name: str, family: Family | None, dtype: torch.dtype | None, revision: str | None):
     if family is None:
         if name.startswith(("http://", "https://")):
-            raise ModelError(f"cannot detect the family of remote file {name}; pass family=sd15|sd2|sdxl")
+            raise ModelError(f"cannot detect the family of remote file {name}; pass family= one of "
+                             f"{', '.join(f.name for f in FAMILIES)}")
         try:
             family = _single_file_family(name)
         except ModelError:

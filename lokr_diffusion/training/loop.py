@@ -190,10 +190,10 @@ def load_models(run: Run) -> Models:
     denoiser, vae, text_encoders = parts.denoiser, parts.vae, parts.text_encoders
     for m in (denoiser, vae, *text_encoders):
         m.requires_grad_(False).eval()
-    denoiser.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=torch.float32)  # the VAE overflows in fp16
+    _place(denoiser, accelerator.device, weight_dtype)
+    _place(vae, accelerator.device, torch.float32)  # the VAE overflows in fp16
     for te in text_encoders:
-        te.to(accelerator.device, dtype=weight_dtype)
+        _place(te, accelerator.device, weight_dtype)
     if t_cfg.xformers:
         if accelerator.device.type == "cuda":
             try:
@@ -209,6 +209,15 @@ def load_models(run: Run) -> Models:
                 te.gradient_checkpointing_enable()
     return Models(pipe, family, denoiser, vae, text_encoders, parts.tokenizers, objective, prediction_type,
                   weight_dtype)
+
+
+def _place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a frozen model, casting only when its dtype differs: Diffusers warns about every
+    cast of a model with float32-only modules, even to the dtype it already has."""
+    if next(model.parameters()).dtype == dtype:
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
 
 
 # -- 4. caches, now that the tokenizers and the VAE exist (and the trigger word's new tokens) --------
