@@ -51,6 +51,7 @@ class LoadReport:
     ignored_tensors: list[str] = field(default_factory=list)
     family: str | None = None
     fused: dict[str, int] = field(default_factory=dict)  # file key of a fused layer -> modules it patched
+    without_alpha: list[str] = field(default_factory=list)  # modules applied at scale 1 for want of an alpha
 
     def __str__(self) -> str:
         parts = ", ".join(f"{n} {c}" for c, n in sorted((c, n) for c, n in self.patched.items()))
@@ -62,6 +63,20 @@ class LoadReport:
         if self.unmatched:
             s += f"; {len(self.unmatched)} keys matched no module"
         return s
+
+
+# LoRA tensor names of Diffusers / PEFT state dicts (`transformer.<path>.lora_A.weight`, as Diffusers'
+# save_lora_weights and ai-toolkit write them) and of older Diffusers attention processors
+_LORA_TENSOR_NAMES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
+                      ".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
+
+
+def _lora_tensor_names(key: str) -> str:
+    """The LyCORIS tensor name for a Diffusers/PEFT LoRA key; other keys unchanged."""
+    for theirs, ours in _LORA_TENSOR_NAMES.items():
+        if key.endswith(theirs):
+            return key[: -len(theirs)] + ours
+    return key
 
 
 def split_key(key: str, module_keys: Container[str] = ()) -> tuple[str, str]:
@@ -202,7 +217,7 @@ def _module_params(source: str, module_key: str, group: dict[str, torch.Tensor],
     params = {n: t.to(dtype) for n, t in group.items()}
     r = algo.rank(params)
     if alpha_t is None:
-        logger.warning("%s: module %s has no alpha; using scale 1", source, module_key)
+        report.without_alpha.append(module_key)
         return algo, params, float(r) if r is not None else 1.0  # the UIs' default: scale 1
     problem = alpha_problem(alpha_t)
     if problem is not None:
@@ -237,6 +252,8 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
     finite_scale("multiplier", multiplier)
     if is_peft_layout(tensors):
         tensors = from_peft(tensors, source=source)
+    else:
+        tensors = {_lora_tensor_names(k): t for k, t in tensors.items()}
     family = family or family_of(unet, text_encoders)
     table = build_alias_table(unet, text_encoders, family)
     fused = build_fused_table(unet, family)
@@ -282,6 +299,9 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
         component = slices[0][0].component
         report.patched[component] = report.patched.get(component, 0) + 1
         report.algorithms[algo.NAME] = report.algorithms.get(algo.NAME, 0) + 1
+    if report.without_alpha:  # Diffusers / PEFT LoRA files store none: their scale is 1
+        logger.warning("%s: %d module(s) have no alpha (e.g. %s); using scale 1, as the UIs do", source,
+                       len(report.without_alpha), report.without_alpha[0])
     known = sorted(table) + sorted(fused)
     if report.unmatched:
         msg = _unmatched_message(source, report.unmatched, known, len(groups))

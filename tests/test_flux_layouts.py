@@ -444,3 +444,24 @@ def test_real_family_loads_every_layout(model, tmp_path, layout):
     network.merge()
     assert_patched(model, original, expected)
     network.remove()
+
+
+def test_diffusers_peft_lora_names_without_alpha(model, tmp_path):
+    """Diffusers' save_lora_weights / ai-toolkit layout: `transformer.<path>.lora_A.weight` and
+    `lora_B.weight`, no alpha: scale 1, dW = B @ A, as Diffusers and ComfyUI apply it."""
+    g = torch.Generator().manual_seed(3)
+    paths = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"]
+    tensors, expected = {}, {}
+    linears = _linears(model)
+    for p in paths:
+        out_f, in_f = linears[p].weight.shape
+        a, b = torch.randn(4, in_f, generator=g), torch.randn(out_f, 4, generator=g)
+        tensors[f"transformer.{p}.lora_A.weight"], tensors[f"transformer.{p}.lora_B.weight"] = a, b
+        expected[p] = linears[p].weight + b @ a
+    save_file(tensors, tmp_path / "peft_lora.safetensors")
+    network, report = load_network(tmp_path / "peft_lora.safetensors", unet=model, strict=True)
+    assert report.patched == {"unet": 2} and sorted(report.without_alpha) == sorted(f"transformer.{p}" for p in paths)
+    network.merge()
+    for p in paths:
+        torch.testing.assert_close(linears[p].weight, expected[p], rtol=1e-5, atol=1e-6)
+    network.remove()
