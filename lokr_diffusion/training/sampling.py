@@ -37,7 +37,7 @@ def sample_grids(pipe, prompts: Sequence[str], out_dir: Path, step: int, *, nega
     runs stay identical to uninterrupted ones). Returns (prompt, path, grid as HWC uint8).
     """
     out = []
-    device = device or pipe.unet.device
+    device = device or pipe.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i, prompt in enumerate(prompts):
             images = []
