@@ -54,7 +54,7 @@ def _single_file_family(path: str) -> Family:
         raise ModelError(
             f"cannot tell the model family of {path}: its keys match none of "
             f"{', '.join(f.title for f in FAMILIES)} (SD: cond_stage_model.* or conditioner.embedders.*; "
-            "Flux: double_blocks.*); pass family= explicitly")
+            "Flux: double_blocks.*; SD3: joint_blocks.*); pass family= explicitly")
     return family
 
 

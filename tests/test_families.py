@@ -75,8 +75,8 @@ def test_text_encoder_classes_and_aliases():
     assert get_family("sd21") is get_family("sd2-v") is get_family("sd2")
     assert [get_family(a).name for a in ("sd1", "SD15", "sd21", "sd2-v", "sdxl", "XL")] == \
         ["sd1", "sd1", "sd2", "sd2", "sdxl", "sdxl"]
-    with pytest.raises(ConfigError, match="sd3"):
-        get_family("sd3")
+    with pytest.raises(ConfigError, match="sd4"):
+        get_family("sd4")
 
 
 def test_every_family_declares_its_own_evidence():
@@ -88,7 +88,9 @@ def test_every_family_declares_its_own_evidence():
                        "flux": ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
                                 "guidance_in.in_layer.weight"],
                        "flux-schnell": ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-                                        "model.diffusion_model.single_blocks.0.linear1.weight"]}
+                                        "model.diffusion_model.single_blocks.0.linear1.weight"],
+                       "sd35-large": ["model.diffusion_model.joint_blocks.37.x_block.attn.qkv.weight"],
+                       "sd35-medium": ["joint_blocks.0.x_block.attn2.qkv.weight"]}
     for family in REGISTRY:
         assert family_of_checkpoint_keys(checkpoint_keys[family.name]) is family
         meta = family.file_metadata()

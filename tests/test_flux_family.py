@@ -18,6 +18,8 @@ from lokr_diffusion.families import (
     FLUX_DEV,
     FLUX_SCHNELL,
     SD1,
+    SD35_LARGE,
+    SD35_MEDIUM,
     SDXL,
     family_of_adapter,
     family_of_adapter_keys,
@@ -146,8 +148,9 @@ def test_detect_models_and_pipeline_classes(meta):
     assert family_of_text_encoders(encoders[:1]) is SD1  # a lone CLIP-L is SD 1.x's, as before
     assert family_of_pipeline_class("FluxPipeline") is FLUX_DEV
     assert family_of_pipeline_class("FluxImg2ImgPipeline") is FLUX_DEV
-    for other in ("Flux2Pipeline", "FluxKontextPipeline", "FluxFillPipeline", "StableDiffusion3Pipeline"):
+    for other in ("Flux2Pipeline", "FluxKontextPipeline", "FluxFillPipeline"):
         assert family_of_pipeline_class(other) is None, other
+    assert family_of_pipeline_class("StableDiffusion3Pipeline") is SD35_LARGE
 
 
 def test_detect_checkpoints_and_metadata():
@@ -166,11 +169,10 @@ def test_detect_checkpoints_and_metadata():
 
 
 @pytest.mark.parametrize("key", [
-    "lycoris_transformer_blocks_0_attn_to_q", "lycoris_single_transformer_blocks_1_proj_mlp",
-    "lora_transformer_transformer_blocks_0_attn_add_k_proj", "lora_unet_double_blocks_0_img_attn_qkv",
+    "lycoris_single_transformer_blocks_1_proj_mlp", "lora_unet_double_blocks_0_img_attn_qkv",
     "lora_unet_single_blocks_3_linear1", "transformer.single_transformer_blocks.0.attn.to_q",
-    "transformer_blocks.0.attn.to_q", "diffusion_model.double_blocks.0.img_attn.qkv",
-    "lora_te2_encoder_block_0_layer_0_SelfAttention_q",
+    "diffusion_model.double_blocks.0.img_attn.qkv", "lora_te2_encoder_block_0_layer_0_SelfAttention_q",
+    "lycoris_x_embedder",
 ])
 def test_adapter_files_are_recognised_as_flux(key):
     found = family_of_adapter_keys([key])
@@ -178,6 +180,19 @@ def test_adapter_files_are_recognised_as_flux(key):
     assert family_of_adapter([("unet", key, (4, 4))], {}).family is FLUX_DEV
     schnell = {"modelspec.architecture": "flux-1-schnell/lora"}
     assert family_of_adapter([("unet", key, (4, 4))], schnell).family is FLUX_SCHNELL
+
+
+@pytest.mark.parametrize("key", ["lycoris_transformer_blocks_0_attn_to_q",
+                                 "lora_transformer_transformer_blocks_0_attn_to_q", "transformer_blocks.0.attn.to_q"])
+def test_double_block_names_are_shared_with_sd3(key):
+    """SD3's joint blocks have the Diffusers names of Flux's double blocks: the names alone say
+    nothing, the attention width does (Flux.1 3072, SD3.5 Large 2432, Medium 1536)."""
+    assert family_of_adapter_keys([key]).candidates == ()
+    assert family_of_adapter([("unet", key, (3072, 3072))], {}).family is FLUX_DEV
+    schnell = {"modelspec.architecture": "flux-1-schnell/lora"}
+    assert family_of_adapter([("unet", key, (3072, 3072))], schnell).family is FLUX_SCHNELL
+    assert family_of_adapter([("unet", key, (2432, 2432))], {}).family is SD35_LARGE
+    assert family_of_adapter([("unet", key, (1536, 1536))], {}).family is SD35_MEDIUM
 
 
 def test_sd_adapter_files_are_not_flux():

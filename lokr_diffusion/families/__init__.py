@@ -1,6 +1,6 @@
 """The model families and how to tell which one a model, a checkpoint or an adapter file is.
 
-Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``) as a
+Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``, ``sd3.py``) as a
 :class:`~lokr_diffusion.families.base.Family`; this registry is the only place that lists
 them. Detection asks each family in turn whether the evidence is its own.
 """
@@ -16,13 +16,14 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from .base import Components, Family
 from .flux import FLUX_DEV, FLUX_SCHNELL
+from .sd3 import SD35_LARGE, SD35_MEDIUM
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, SD35_MEDIUM)
 
-__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "Components", "Family", "family_names", "get_family", "known_family",
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "SD35_LARGE", "SD35_MEDIUM", "Components", "Family", "family_names", "get_family", "known_family",
            "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
@@ -153,16 +154,22 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     """From key prefixes and metadata only: enough for a loader to refuse a file made for
     another family's naming before it reports every key as unmatched. A file keyed by a
     family's own module names stays open to every family sharing them (a Flux.1 [dev] adapter
-    loads on [schnell])."""
+    loads on [schnell]).
+
+    Text-encoder prefixes alone can fit several families (``lora_te1`` + ``lora_te2`` are
+    SDXL's CLIP towers and SD3's): then metadata naming another family they fit decides.
+    """
     claimed = _claiming(module_keys)
     if claimed:
         return FileFamily(_sharing_names(claimed[0]), "keys (module names)")
     prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
+    meta = family_of_metadata(metadata or {})
     for f in FAMILIES:
         te = f.text_encoder_prefixes()
         if len(te) > 1 and te[-1] in prefixes:
+            if meta is not None and meta not in _sharing_names(f) and _fits_prefixes(meta, prefixes):
+                return FileFamily(_sharing_names(meta), "metadata (the text-encoder prefixes fit it too)")
             return FileFamily(_sharing_names(f), "keys (text-encoder prefixes)")
-    meta = family_of_metadata(metadata or {})
     if meta is not None:
         return FileFamily(_sharing_names(meta), "metadata (ss_base_model_version)")
     for f in FAMILIES:
@@ -172,22 +179,51 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     return FileFamily((), "unknown")
 
 
+def _fits_prefixes(family: Family, prefixes: set[str]) -> bool:
+    """Whether every text-encoder prefix (``lora_te1``...) among ``prefixes`` is one of the family's."""
+    return {p for p in prefixes if p.startswith("lora_te")} <= set(family.text_encoder_prefixes())
+
+
+def _by_attention_width(modules: Sequence[tuple[str, str, tuple[int, ...]]],
+                        families: Sequence[Family]) -> Family | None:
+    """The family among ``families`` whose DiT hidden width is the in-features of the file's
+    attention projections (``..attn_to_q``, ``..attn.to_q``, fused ``..attn_qkv``): the first of
+    those with that width when they all share their names (Flux.1 [dev] and [schnell]), else None."""
+    widths = {shape[1] for _, key, shape in modules if len(shape) == 2 and _ATTENTION_KEY.search(key)}
+    found = [f for f in families if f.attention_width is not None and f.attention_width in widths]
+    return found[0] if found and set(found) <= set(_sharing_names(found[0])) else None
+
+
+_ATTENTION_KEY = re.compile(r"attn[._](to_q|qkv)$")
+
+
 def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
 
-    Module names only one family has decide first (Flux's blocks; then the metadata picks
-    among the families sharing them, else the first), then widths of the real models
-    (cross-attention and text-encoder widths differ per family), then the metadata sd-scripts
-    writes, then the key structure (text-encoder count, text-encoder depth, UNet levels).
+    Module names only one family has decide first (Flux's single blocks, SD3's joint blocks;
+    then the metadata or the DiT width picks among the families sharing them, else the first),
+    then widths of the real models (DiT hidden, cross-attention and text-encoder widths differ
+    per family; SDXL's CLIP widths are SD3's too, so there metadata naming SD3 wins), then the
+    metadata sd-scripts writes, then the key structure (text-encoder count, text-encoder depth,
+    UNet levels).
     """
     claimed = _claiming([k for _, k, _ in modules])
+    meta = family_of_metadata(metadata)
     if claimed:
-        meta = family_of_metadata(metadata)
         sharing = _sharing_names(claimed[0])
         if meta in sharing:
             return FileFamily((meta,), "keys (module names) and metadata")
+        wide = _by_attention_width(modules, sharing)
+        if wide is not None:
+            return FileFamily((wide,), "keys (module names) and attention width")
         return FileFamily((sharing[0],), "keys (module names)")
+    wide = _by_attention_width(modules, FAMILIES)
+    if wide is not None:
+        if meta in _sharing_names(wide):
+            return FileFamily((meta,), "keys (attention width) and metadata")
+        return FileFamily((wide,), "keys (attention width)")
+    te_prefixes = {"lora_" + c for c, _, _ in modules if c.startswith("te")}
     for component, key, shape in modules:
         if len(shape) != 2:  # not a module of a known algorithm: no width evidence
             continue
@@ -196,8 +232,9 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                     and shape[1] == getattr(f, "cross_attention_width", None)):
                 return FileFamily((f,), "keys (cross-attention width)")
             if key.endswith("self_attn_q_proj") and (component, shape[0]) in getattr(f, "text_encoder_widths", ()):
+                if meta is not None and meta is not f and _fits_prefixes(meta, te_prefixes):
+                    return FileFamily((meta,), "metadata (the text-encoder widths fit it too)")
                 return FileFamily((f,), "keys (text-encoder width)")
-    meta = family_of_metadata(metadata)
     if meta is not None:
         return FileFamily((meta,), "metadata (ss_base_model_version)")
     components = {c for c, _, _ in modules}

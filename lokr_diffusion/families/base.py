@@ -166,6 +166,9 @@ class Family:
     # -- what the toolbox reads from, and warns about in, this family's adapter files -------------
     # (file component, hidden width) per text encoder: tells a PEFT text-encoder folder's component
     text_encoder_widths: tuple[tuple[str, int], ...] = ()
+    # in-features of a DiT's attention projections (its hidden width H): tells apart DiT files
+    # keyed by names two families share (Flux's double blocks and SD3's joint blocks); None for UNets
+    attention_width: int | None = None
     needs_base_model_version = False  # A1111 hides a file with metadata but no ss_base_model_version
     shared_name = ""  # what reports call it with the families sharing its file keys ("sd"), if any
     shared_title = ""  # the same for people ("SD 1.x or 2.x")

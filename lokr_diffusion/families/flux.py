@@ -88,15 +88,16 @@ _PRESET_PARTS = {"attn-only": (ATTENTION,), "attn-mlp": (ATTENTION, MLP),
 T5_ATTENTION = re.compile(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]")
 T5_MLP = re.compile(r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo|wi)")
 
-# Adapter-file keys only Flux files have: the Diffusers names (lycoris_/lora_transformer_/dotted),
-# the original BFL names (kohya lora_unet_, dotted diffusion_model.), and T5 text-encoder keys.
+# Adapter-file keys only Flux files have: the Diffusers names of modules SD3 lacks (single-stream
+# blocks, x_embedder, guidance embedder; SD3 shares `transformer_blocks.N`, `context_embedder` and
+# the time/text embedders), the original BFL names (kohya lora_unet_, dotted diffusion_model.), and
+# T5 as te2 (SD3's te2 is CLIP-G and its T5 te3).
 _ADAPTER_KEY = re.compile(
-    r"(lycoris|lora_transformer)_(single_)?transformer_blocks_\d+_"
-    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_)"
+    r"(lycoris|lora_transformer)_(single_transformer_blocks_\d+_|x_embedder|time_text_embed_guidance_embedder_)"
     r"|lora_unet_(double|single)_blocks_\d+_"
-    r"|(transformer\.)?(single_)?transformer_blocks\.\d+\."
+    r"|(transformer\.)?single_transformer_blocks\.\d+\."
     r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
-    r"|lora_te[23]_encoder_block_\d+_layer_\d")
+    r"|lora_te2_encoder_block_\d+_layer_\d")
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 _METADATA_VERSIONS = ("flux", "flux1", "flux1dev")  # ss_base_model_version, lower case, [-_. ] dropped
@@ -197,6 +198,7 @@ class FluxFamily(Family):
     vae_shift_factor = VAE_SHIFT_FACTOR
     vae_scale_factor = VAE_SCALE
     real_text = [("CLIPTextModel", CLIP_L), ("T5EncoderModel", T5_XXL)]
+    attention_width = 3072  # 24 heads x 128: in-features of every attention projection
 
     # -- detection ----------------------------------------------------------------------------
     def matches_models(self, denoiser_config: Mapping[str, Any], text_encoders: Sequence[nn.Module]) -> bool:
@@ -228,6 +230,8 @@ class FluxFamily(Family):
         return len(kinds) == 2 and kinds[0].startswith("clip") and kinds[1] == "t5"
 
     def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """Module names no other family has; a file keyed only by the double blocks' Diffusers
+        names (which SD3's joint blocks share) is told apart by its widths and metadata."""
         return any(_ADAPTER_KEY.match(k) for k in module_keys)
 
     def matches_metadata(self, metadata: Mapping[str, str]) -> bool:

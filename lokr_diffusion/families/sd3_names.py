@@ -1,0 +1,162 @@
+"""SD3 / SD3.5 module names: Diffusers paths <-> the original (MMDiT) checkpoint names, and every
+file key the adapter tools in the wild write for them (docs: dit-families spec, sections 1 and 2).
+
+Diffusers' SD3Transformer2DModel splits what the original model fuses: the `qkv` projection of
+each joint block's image stream (`x_block.attn`), its text stream (`context_block.attn`) and,
+in SD3.5 Medium's dual-attention blocks, the second image attention (`x_block.attn2`). A file
+keyed by the Diffusers names patches each module 1:1; a file keyed by the original names
+(kohya's `lora_unet_joint_blocks_0_x_block_attn_qkv`, `diffusion_model.` dotted) patches a fused
+matrix, whose update reaches the Diffusers modules as row slices (:func:`fused_groups`).
+
+Two modulation layers are 1:1 in name but not in row order: the original `adaLN_modulation`
+of the final layer and of the last joint block's text stream (which is `context_pre_only`)
+split their output as (shift, scale), Diffusers' AdaLayerNormContinuous as (scale, shift).
+Diffusers' `convert_sd3_transformer_checkpoint_to_diffusers` and ComfyUI's `mmdit_to_diffusers`
+both swap the halves, so those two keys are two-slice fused groups, never 1:1 aliases.
+
+Everything here is a pure function of module paths and the config (H = num_attention_heads x
+attention_head_dim, the depth, the dual-attention blocks).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# inside transformer_blocks.N (Diffusers) <-> inside joint_blocks.N (original), 1:1
+BLOCK = {
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",  # halves swapped in the last block
+}
+# outside the blocks, 1:1 (`pos_embed.proj` is the 2x2 patch-embedding conv)
+OUTSIDE = {
+    "pos_embed.proj": "x_embedder.proj",
+    "context_embedder": "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "proj_out": "final_layer.linear",
+}
+# fused original module -> the Diffusers modules stacked in its rows, in order, H rows each
+FUSED = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # dual-attention blocks only
+}
+FINAL_MODULATION = "final_layer.adaLN_modulation.1"  # norm_out.linear with its halves swapped
+LAST_CONTEXT_MODULATION = "context_block.adaLN_modulation.1"  # in the last block: halves swapped
+
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
+_ORIGINAL = re.compile(r"joint_blocks\.(\d+)\.(.+)")
+_FROM_BLOCK = {v: k for k, v in BLOCK.items()}
+_FROM_OUTSIDE = {v: k for k, v in OUTSIDE.items()}
+
+
+def _config(denoiser: Any) -> Mapping[str, Any]:
+    config = getattr(denoiser, "config", denoiser)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"expected an SD3Transformer2DModel or its config, got {type(denoiser).__name__}")
+    return config
+
+
+def inner_dim(denoiser: Any) -> int:
+    """H: the width of both streams and of each of q, k and v."""
+    config = _config(denoiser)
+    return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+
+
+def depth(denoiser: Any) -> int:
+    return int(_config(denoiser)["num_layers"])
+
+
+def dual_attention_blocks(denoiser: Any) -> frozenset[int]:
+    """Indices of the blocks with a second image attention (`attn2`): SD3.5 Medium's MMDiT-X."""
+    return frozenset(int(i) for i in (_config(denoiser).get("dual_attention_layers") or ()))
+
+
+def original_path(path: str, denoiser: Any) -> str | None:
+    """The original name of a Diffusers module that maps 1:1, or None: the module is a row slice
+    of a fused original module (q/k/v, the swapped modulations) or has no counterpart."""
+    if path in OUTSIDE:
+        return OUTSIDE[path]
+    m = _BLOCK.fullmatch(path)
+    if not m:
+        return None
+    inner = BLOCK.get(m[2])
+    if inner is None or (int(m[1]) == depth(denoiser) - 1 and inner == LAST_CONTEXT_MODULATION):
+        return None
+    return f"joint_blocks.{m[1]}.{inner}"
+
+
+def diffusers_path(original: str, denoiser: Any) -> str | None:
+    """The Diffusers path of a 1:1 original module (the inverse of :func:`original_path`)."""
+    if original in _FROM_OUTSIDE:
+        return _FROM_OUTSIDE[original]
+    m = _ORIGINAL.fullmatch(original)
+    if not m or (int(m[1]) == depth(denoiser) - 1 and m[2] == LAST_CONTEXT_MODULATION):
+        return None
+    inner = _FROM_BLOCK.get(m[2])
+    return f"transformer_blocks.{m[1]}.{inner}" if inner else None
+
+
+def diffusers_keys(path: str) -> list[str]:
+    """The keys of the five Diffusers-named layouts ComfyUI reads for SD3: SimpleTuner's `lycoris_`,
+    OneTrainer's `lora_transformer_`, Diffusers/PEFT's `transformer.` dotted, DiffSynth's bare
+    dotted, and `base_model.model.` dotted (flash-sd3 and other PEFT-trained files)."""
+    flat = path.replace(".", "_")
+    return [f"lycoris_{flat}", f"lora_transformer_{flat}", f"transformer.{path}", path, f"base_model.model.{path}"]
+
+
+def original_keys(original: str) -> list[str]:
+    """The keys of the two original-named layouts: kohya's `lora_unet_` and `diffusion_model.` dotted."""
+    return [f"lora_unet_{original.replace('.', '_')}", f"diffusion_model.{original}"]
+
+
+def key_aliases(path: str, denoiser: Any) -> list[str]:
+    """Every key that names the Diffusers module `path` 1:1, over the seven layouts.
+
+    Modules that are row slices of a fused original module get only the Diffusers-named keys;
+    their original-named files are :func:`fused_groups`.
+    """
+    original = original_path(path, denoiser)
+    return diffusers_keys(path) + (original_keys(original) if original else [])
+
+
+def fused_groups(denoiser: Any) -> dict[str, list[tuple[str, int, int]]]:
+    """Every file key naming a fused original module -> [(Diffusers path, row start, row stop)].
+
+    The Diffusers module's update is the fused update's rows [start, stop); a path listed twice
+    gets its ranges concatenated in list order (the swapped modulations). `denoiser` is the
+    SD3Transformer2DModel (or its config): H, the depth and the dual-attention blocks come from it.
+    """
+    h, n, dual = inner_dim(denoiser), depth(denoiser), dual_attention_blocks(denoiser)
+    groups: dict[str, list[tuple[str, int, int]]] = {}
+
+    def add(original: str, slices: list[tuple[str, int, int]]) -> None:
+        for key in original_keys(original):
+            groups[key] = slices
+
+    swapped = [(h, 2 * h), (0, h)]
+    for i in range(n):
+        block = f"transformer_blocks.{i}"
+        for original, paths in FUSED.items():
+            if original.startswith("x_block.attn2.") and i not in dual:
+                continue
+            add(f"joint_blocks.{i}.{original}", [(f"{block}.{p}", k * h, (k + 1) * h) for k, p in enumerate(paths)])
+    add(f"joint_blocks.{n - 1}.{LAST_CONTEXT_MODULATION}",
+        [(f"transformer_blocks.{n - 1}.norm1_context.linear", a, b) for a, b in swapped])
+    add(FINAL_MODULATION, [("norm_out.linear", a, b) for a, b in swapped])
+    return groups
+
+
+__all__ = ["BLOCK", "FINAL_MODULATION", "FUSED", "LAST_CONTEXT_MODULATION", "OUTSIDE", "depth",
+           "diffusers_keys", "diffusers_path", "dual_attention_blocks", "fused_groups", "inner_dim", "key_aliases",
+           "original_keys", "original_path"]
