@@ -53,3 +53,15 @@ def tiny_pipeline_paths(tiny_sd15_path, tiny_sd2_path, tiny_sdxl_path):
 def tiny_flux_path(tmp_path_factory):
     """Folder of a tiny FLUX.1-dev-structured FluxPipeline (CLIP-L + T5, flow matching)."""
     return _build_tiny(tmp_path_factory, "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    """Folder of a tiny SD3.5-Large-structured StableDiffusion3Pipeline (CLIP-L + CLIP-G + T5, flow)."""
+    return _build_tiny(tmp_path_factory, "sd35-large")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_medium_path(tmp_path_factory):
+    """Folder of a tiny SD3.5-Medium-structured StableDiffusion3Pipeline (attn2 in its first block)."""
+    return _build_tiny(tmp_path_factory, "sd35-medium")
