@@ -244,9 +244,12 @@ class SD3Family(Family):
         return naming.module_key(naming.LYCORIS_PREFIX, path)
 
     def denoiser_key_aliases(self, path: str, denoiser: nn.Module) -> list[str]:
-        """Every 1:1 layout ComfyUI reads for SD3 (see :func:`sd3_names.key_aliases`); our key first."""
+        """Every 1:1 layout ComfyUI reads for SD3 (see :func:`sd3_names.key_aliases`), our key
+        first, and ``lora_unet_<Diffusers path>``: the name the PEFT reader gives a module of a
+        ``base_model.model.`` LoKr state dict (no kohya file uses it: kohya's are the original names)."""
         ours = self.denoiser_key(path, denoiser)
-        return [ours] + [k for k in sd3_names.key_aliases(path, denoiser) if k != ours]
+        peft = naming.module_key(naming.UNET_PREFIX, path)
+        return [ours] + [k for k in sd3_names.key_aliases(path, denoiser) if k != ours] + [peft]
 
     def fused_groups(self, denoiser: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
         """kohya / ComfyUI files over the original fused ``qkv`` layers and the swapped modulations."""
