@@ -27,6 +27,16 @@ __all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "Compon
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
 
+def markdown_table() -> str:
+    """The README's family table, from the registry (`python -m lokr_diffusion.schema --write README.md`)."""
+    rows = ["| family | config `family` | train | load | layout written | layouts read |", "|---|---|:-:|:-:|---|---|"]
+    for f in FAMILIES:
+        spellings = ", ".join(f"`{n}`" for n in (f.name, *f.aliases))
+        rows.append(f"| {f.title} | {spellings} | {'yes' if f.trains else 'no'} | yes | "
+                    f"{f.layout_written if f.trains else '-'} | {f.layouts_read} |")
+    return "\n".join(rows)
+
+
 def family_names() -> list[str]:
     """Every spelling users may type, canonical names first."""
     return [f.name for f in FAMILIES] + [a for f in FAMILIES for a in f.aliases]

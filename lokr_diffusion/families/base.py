@@ -60,6 +60,9 @@ class Family:
     denoiser_attr: str = "unet"
     default_prediction: str = "epsilon"
     objective: str = "noise"  # "noise" (DDPM epsilon / v) or "flow" (rectified flow)
+    trains = True  # the trainer trains it (False: load_adapter and the toolbox only)
+    layout_written = ""  # the file layout the trainer writes (README family table)
+    layouts_read = ""  # the layouts load_adapter reads (README family table)
     trigger_embeddings = True  # pivotal tuning of new CLIP tokens (every text encoder is a CLIP tower)
     text_cache_on_disk = False  # cache prompt embeddings on disk rather than in memory (T5: 8 MB a caption)
 

@@ -182,6 +182,10 @@ class FluxFamily(Family):
     denoiser_attr = "transformer"
     default_prediction = "flow"  # rectified flow: the target is noise - latents
     objective = "flow"
+    layout_written = "`lycoris_` + Diffusers names; CLIP-L `lora_te1_text_model_`, T5 `lora_te2_`"
+    layouts_read = ("`lycoris_`, `lora_transformer_`, `transformer.` and bare Diffusers paths, kohya `lora_unet_` and "
+                    "`diffusion_model.` original names (fused `qkv` / `linear1` as row slices), Diffusers/PEFT "
+                    "`lora_A`/`lora_B`; `lora_te1_`, `lora_te2_`/`lora_te3_` (T5)")
     trigger_embeddings = False  # T5's SentencePiece vocabulary: not built yet
     text_cache_on_disk = True  # T5 embeddings: 512 x 4096 floats (8 MB) per caption
     default_trained_text_encoders = (0,)  # CLIP-L; T5-XXL only when a config names it
