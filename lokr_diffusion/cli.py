@@ -200,13 +200,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flux_layouts() -> dict[str, tuple[str, str]]:
+    """Layout name -> (what its keys look like, who writes it), over the families that have several."""
+    from .families import FAMILIES
+
+    return {name: desc for f in FAMILIES for name, desc in f.file_layouts.items()}
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
     from .families import family_names
 
     p.add_argument("input", metavar="IN", help="adapter .safetensors (LyCORIS/kohya or PEFT keys) or a PEFT folder")
     p.add_argument("output", metavar="OUT", help="a .safetensors file (LyCORIS layout) or a folder (PEFT LoKr)")
-    p.add_argument("--to", choices=["lycoris", "peft"], default=None,
-                   help="output layout (default: lycoris for a .safetensors OUT, peft otherwise)")
+    p.add_argument("--to", choices=list(dict.fromkeys(["lycoris", "peft", *_flux_layouts()])), default=None, metavar="LAYOUT",
+                   help="output layout (default: lycoris for a .safetensors OUT, peft otherwise): lycoris, peft, "
+                        "or for Flux.1 files one of the key layouts ComfyUI reads: "
+                        + "; ".join(f"{name} = {keys} ({writers})" for name, (keys, writers) in _flux_layouts().items())
+                        + ". Between Diffusers-named layouts keys are renamed; into kohya / diffusion_model, LoRA "
+                          "modules over to_q/to_k/to_v (and proj_mlp) are stacked into qkv / linear1 (LoKr and LoHa "
+                          "cannot be: three Kronecker products are not one); out of them, fused modules are split "
+                          "into their rows")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
     p.add_argument("--family", choices=family_names(), default=None, metavar="FAMILY",
                    help="model family, when the keys and metadata cannot tell (tiny or unusual models): "
@@ -225,9 +238,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     PEFT LoKr <-> LyCORIS (PEFT's always-applied alpha/r becomes the LyCORIS scale; PEFT's
     non-swapping factorization is read from the shapes), Diffusers-style SDXL names -> the
     ldm names A1111 needs, text-encoder keys without text_model_ -> with it, Tucker LoKr
-    (lokr_t2) -> plain w2 that ComfyUI loads, a missing alpha written, and --dtype. Before
-    writing, the effective update of every module is compared with the input's; the largest
-    difference is reported.
+    (lokr_t2) -> plain w2 that ComfyUI loads, a missing alpha written, and --dtype. Flux.1 files
+    move between the six key layouts of the DiT spec (see --to). Before writing, the effective
+    update of every module (Flux.1: of every Diffusers layer) is compared with the input's; the
+    largest difference is reported.
     """
     from .tools.convert import convert_adapter, format_convert
     from .dtypes import parse_dtype

@@ -92,10 +92,13 @@ T5_MLP = re.compile(r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|
 # the original BFL names (kohya lora_unet_, dotted diffusion_model.), and T5 text-encoder keys.
 _ADAPTER_KEY = re.compile(
     r"(lycoris|lora_transformer)_(single_)?transformer_blocks_\d+_"
-    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_)"
+    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_|norm_out_linear$|proj_out$)"
     r"|lora_unet_(double|single)_blocks_\d+_"
+    r"|lora_unet_(img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_)"
     r"|(transformer\.)?(single_)?transformer_blocks\.\d+\."
+    r"|transformer\.(x_embedder|context_embedder|time_text_embed\.|norm_out\.linear$|proj_out$)"
     r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
+    r"|((model\.)?diffusion_model\.)(img_in|txt_in|time_in\.|vector_in\.|guidance_in\.|final_layer\.)"
     r"|lora_te[23]_encoder_block_\d+_layer_\d")
 _GUIDANCE_KEY = re.compile(r"guidance_in[._]|guidance_embedder[._]")  # only [dev] has this module
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
