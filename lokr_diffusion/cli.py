@@ -187,9 +187,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     """Bake one or more adapters into a base model and save the result.
 
     Each adapter is applied exactly as load_adapter applies it (W += scale * alpha/r * dW, in
-    float32). OUT as a folder gets a Diffusers pipeline; OUT ending in .safetensors gets one
-    checkpoint in the original (ldm/CompVis, SDXL: sgm) key layout that ComfyUI, A1111 and
-    Forge load. Outputs are written atomically.
+    float32; Flux.1 files in any of the six key layouts, fused kohya modules by row slices).
+    OUT as a folder gets a Diffusers pipeline; OUT ending in .safetensors gets one checkpoint in
+    the original (ldm/CompVis, SDXL: sgm) key layout that ComfyUI, A1111 and Forge load (SD
+    families only; a Flux.1 base takes a folder). Outputs are written atomically.
     """
     from .tools.merge import format_merge, merge_adapters, parse_adapter_arg
     from .dtypes import parse_dtype
