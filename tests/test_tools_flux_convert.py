@@ -281,3 +281,19 @@ def test_cli_names_the_layouts_and_refuses_them_for_sd(capsys, tiny_sd15_path, t
     with pytest.raises(SystemExit) as exit_:
         run_cli(capsys, "convert", tmp_path / "sd.safetensors", tmp_path / "o.safetensors", "--to", "nope")
     assert exit_.value.code == 2 and "choose from 'lycoris', 'peft', 'lora_transformer'" in capsys.readouterr().err
+
+
+def test_flux_peft_folders_are_refused_with_the_reason(capsys, tmp_path):
+    import json
+
+    g = torch.Generator().manual_seed(14)
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file({"base_model.model.transformer_blocks.0.attn.to_q.lokr_w1": torch.randn(4, 4, generator=g),
+               "base_model.model.transformer_blocks.0.attn.to_q.lokr_w2": torch.randn(8, 8, generator=g)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOKR", "r": 8, "alpha": 8,
+                                                            "target_modules": ["to_q"], "decompose_factor": 4}))
+    code, _, err = run_cli(capsys, "convert", folder, tmp_path / "o.safetensors", "--family", "flux")
+    assert code == 2 and "a PEFT folder of a Flux.1 [dev] model cannot be converted yet" in err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -257,6 +257,9 @@ def _convert_layout(src: str | Path, dst: Path, to: str, dtype: torch.dtype | No
     safe profile first (plain_form), then renamed, split or stacked (tools.layouts); the check
     compares the update every Diffusers layer gets before and after."""
     family = found.naming_family
+    if layout == "peft":  # its module paths would need the family's PEFT naming and alpha / r rules
+        raise ConfigError(f"{src}: a PEFT folder of a {family.title} model cannot be converted yet: convert reads "
+                          f"{family.title} adapter files in the key layouts of --to")
     report: dict[str, Any] = {"input": str(src), "output": str(dst), "from": layout, "to": to, "family": found.name,
                               "modules": len(modules), "layout": to, "changes": {}, "notes": notes}
     default_alpha = as_number(metadata.get("ss_network_dim"))
