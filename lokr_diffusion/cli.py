@@ -230,7 +230,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("input", metavar="IN", help="adapter .safetensors (LyCORIS/kohya or PEFT keys) or a PEFT folder")
     p.add_argument("output", metavar="OUT", help="a .safetensors file (LyCORIS layout) or a folder (PEFT LoKr)")
-    p.add_argument("--to", choices=list(dict.fromkeys(["lycoris", "peft", *_flux_layouts()])), default=None, metavar="LAYOUT",
+    p.add_argument("--to", choices=list(dict.fromkeys(["lycoris", "peft", *_flux_layouts()])), default=None,
+                   metavar="LAYOUT",
                    help="output layout (default: lycoris for a .safetensors OUT, peft otherwise): lycoris, peft, "
                         "or for Flux.1 files one of the key layouts ComfyUI reads: "
                         + "; ".join(f"{name} = {keys} ({writers})" for name, (keys, writers) in _flux_layouts().items())

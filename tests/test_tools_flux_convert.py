@@ -136,7 +136,8 @@ def test_fused_lokr_splits_only_on_whole_w2_blocks(capsys, model, tmp_path):
                                                             for x, d in zip("qkv", (q, k, v))})
     unaligned = _fused_lokr(4, g)  # 24-row blocks: q ends in the middle of the second one
     save_file({f"{key}.{n}": v for n, v in unaligned.items()}, str(tmp_path / "u.safetensors"))
-    code, _, err = run_cli(capsys, "convert", tmp_path / "u.safetensors", tmp_path / "u_out.safetensors", "--to", "bare")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "u.safetensors", tmp_path / "u_out.safetensors",
+                           "--to", "bare")
     assert code == 2 and "cut through blocks" in err and key in err and not (tmp_path / "u_out.safetensors").exists()
 
 
@@ -146,7 +147,8 @@ def _lora(out_dim, in_dim, rank, alpha, g):
 
 
 def _dw(t):
-    return t["lora_up.weight"].float() @ t["lora_down.weight"].float() * float(t["alpha"]) / t["lora_down.weight"].shape[0]
+    up, down = t["lora_up.weight"].float(), t["lora_down.weight"].float()
+    return up @ down * float(t["alpha"]) / down.shape[0]
 
 
 @pytest.mark.parametrize("same_scale", [True, False])
@@ -249,7 +251,8 @@ def test_text_encoder_keys_and_metadata(capsys, model, tmp_path):
     g = torch.Generator().manual_seed(13)
     t = {f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{n}": v
          for n, v in _factors("lora", 32, 32, g).items()}
-    t.update({f"lora_te2_encoder_block_0_layer_0_SelfAttention_q.{n}": v for n, v in _factors("lora", 32, 32, g).items()})
+    t.update({f"lora_te2_encoder_block_0_layer_0_SelfAttention_q.{n}": v
+              for n, v in _factors("lora", 32, 32, g).items()})
     t.update({f"lycoris_proj_out.{n}": v for n, v in _factors("lora", 64, 32, g).items()})
     save_file(t, str(tmp_path / "in.safetensors"), {"modelspec.architecture": "flux-1-dev/lora",
                                                     "modelspec.implementation": "diffusers"})

@@ -72,8 +72,8 @@ def test_merged_weights_are_base_plus_loader_updates(capsys, tiny_flux_path, ada
     # the fused kohya layers reached the Diffusers q/k/v/proj_mlp rows as the spec's math says
     lokr_only = _loader_deltas(base, lokr, s2)
     for layer, delta in restated.items():
-        got = merged["transformer"].state_dict()[f"{layer}.weight"] - base["transformer"].state_dict()[f"{layer}.weight"]
-        got = got - lokr_only.get(("transformer", layer), 0)
+        w0, w1 = (parts["transformer"].state_dict()[f"{layer}.weight"] for parts in (base, merged))
+        got = w1 - w0 - lokr_only.get(("transformer", layer), 0)
         assert torch.allclose(got, s1 * delta, atol=1e-5), layer
 
 

@@ -208,7 +208,7 @@ def layout_key(layout: str, path: str) -> str | None:
     return original_keys(original)[ORIGINAL_NAMED.index(layout)] if original else None
 
 
-__all__ = ["DIFFUSERS_NAMED", "DOUBLE_BLOCK", "DOUBLE_FUSED", "FINAL_MODULATION", "LAYOUTS", "MLP_RATIO", "ORIGINAL_NAMED",
-           "OUTSIDE", "SINGLE_BLOCK", "SINGLE_FUSED",
+__all__ = ["DIFFUSERS_NAMED", "DOUBLE_BLOCK", "DOUBLE_FUSED", "FINAL_MODULATION", "LAYOUTS", "MLP_RATIO",
+           "ORIGINAL_NAMED", "OUTSIDE", "SINGLE_BLOCK", "SINGLE_FUSED",
            "diffusers_keys", "diffusers_path", "fused_groups", "inner_dim", "key_aliases", "layout_key", "layout_of",
            "original_keys", "original_path"]

@@ -142,7 +142,8 @@ def relayout(modules: Mapping[str, FileModule], family: Family, layout: str,
             if new_key is None:  # a slice of a fused layer in this layout: stacked below
                 members = stacks.setdefault(_stack_layer(fused, family, layout, canonical), {})
                 if canonical in members:
-                    raise AdapterFileError(f"{source}: modules {members[canonical].key} and {key} both patch {canonical}")
+                    raise AdapterFileError(f"{source}: modules {members[canonical].key} and {key} both patch "
+                                           f"{canonical}")
                 members[canonical] = m
                 continue
             counts["renamed"] += new_key != key
@@ -206,7 +207,8 @@ def stack(layer: FusedLayer, members: Mapping[str, FileModule], new_key: str,
             f"{source}: {names} ({'/'.join(algos)}) cannot become the one module {new_key} over the fused rows of "
             f"{', '.join(layer.members)}: separate Kronecker (LoKr) or Hadamard (LoHa) products of these layers are "
             "not one such product of the fused layer; only LoRA stacks (lora_down rows concatenated, lora_up block-"
-            "diagonal). Convert to a layout with Diffusers names (lycoris, lora_transformer, transformer, bare) instead")
+            "diagonal). Convert to a layout with Diffusers names (lycoris, lora_transformer, transformer, bare) "
+            "instead")
     return _stack_lora(slices, members)
 
 
