@@ -44,7 +44,7 @@ class FileModule:
 
     @property
     def component(self) -> str:
-        return component_of(self.key)
+        return module_component(self.key)
 
     @property
     def rank(self) -> int | None:
@@ -76,14 +76,20 @@ class FileModule:
 
 
 def component_of(key: str) -> str:
-    """The component a module key patches: by prefix, then any family's denoiser layouts (Flux's
-    `transformer.`, `diffusion_model.`, `lora_transformer_` and bare Diffusers paths)."""
+    """The component a key's prefix names ("unknown" without one: PEFT keys have none)."""
     for prefix, component in COMPONENT_PREFIXES:
         if key.startswith(prefix):
             return component
-    if any(f.denoiser_layout(key) for f in FAMILIES):
-        return "unet"
     return "unknown"
+
+
+def module_component(key: str) -> str:
+    """The component a file's module key patches: by prefix, then any family's denoiser layouts
+    (Flux's `transformer.`, `diffusion_model.`, `lora_transformer_` and bare Diffusers paths)."""
+    component = component_of(key)
+    if component == "unknown" and any(f.denoiser_layout(key) for f in FAMILIES):
+        return "unet"
+    return component
 
 
 def split_file_key(key: str) -> tuple[str, str]:
@@ -113,7 +119,7 @@ def strip_prefix(key: str) -> str:
 def block_of(key: str) -> str:
     """The UNet block (down_blocks.1, input_blocks.4, ...) or text-encoder part a key belongs to."""
     rest = strip_prefix(key)
-    if component_of(key) == "unet":
+    if module_component(key) == "unet":
         m = _UNET_BLOCK.match(rest)
         if m:
             return m[1].replace("_blocks_", "_blocks.")
