@@ -175,9 +175,16 @@ def test_detect_checkpoints_and_metadata():
 def test_adapter_files_are_recognised_as_flux(key):
     found = family_of_adapter_keys([key])
     assert found.candidates == (FLUX_DEV, FLUX_SCHNELL) and found.allows(FLUX_SCHNELL) and not found.allows(SDXL)
-    assert family_of_adapter([("unet", key, (4, 4))], {}).family is FLUX_DEV
+    # dev and schnell share every key but the guidance embedder: without it or a modelspec.architecture
+    # naming one of them, the file is "Flux.1" (either); ss_base_model_version "flux1" is written for both
+    undecided = family_of_adapter([("unet", key, (4, 4))], {"ss_base_model_version": "flux1"})
+    assert undecided.candidates == (FLUX_DEV, FLUX_SCHNELL) and undecided.family is None
+    assert (undecided.name, undecided.title) == ("flux.1", "Flux.1 [dev] or Flux.1 [schnell]")
     schnell = {"modelspec.architecture": "flux-1-schnell/lora"}
     assert family_of_adapter([("unet", key, (4, 4))], schnell).family is FLUX_SCHNELL
+    assert family_of_adapter([("unet", key, (4, 4))], {"modelspec.architecture": "flux-1-dev/lora"}).family is FLUX_DEV
+    guidance = ("unet", "lycoris_time_text_embed_guidance_embedder_linear_1", (4, 4))
+    assert family_of_adapter([("unet", key, (4, 4)), guidance], schnell).family is FLUX_DEV  # keys win
 
 
 def test_sd_adapter_files_are_not_flux():

@@ -186,18 +186,23 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
 
-    Module names only one family has decide first (Flux's blocks; then the metadata picks
-    among the families sharing them, else the first), then widths of the real models
+    Module names only one family has decide first (Flux's blocks; then the families sharing
+    them are told apart by ``Family.adapter_evidence``, and the file stays open to all of them
+    when nothing does), then widths of the real models
     (cross-attention and text-encoder widths differ per family), then the metadata sd-scripts
     writes, then the key structure (text-encoder count, text-encoder depth, UNet levels).
     """
-    claimed = _claiming([k for _, k, _ in modules])
+    keys = [k for _, k, _ in modules]
+    claimed = _claiming(keys)
     if claimed:
-        meta = family_of_metadata(metadata)
         sharing = _sharing_names(claimed[0])
-        if meta in sharing:
-            return FileFamily((meta,), "keys (module names) and metadata")
-        return FileFamily((sharing[0],), "keys (module names)")
+        decided = [(f, why) for f in sharing for why in [f.adapter_evidence(keys, metadata)] if why]
+        if len(decided) == 1:
+            return FileFamily((decided[0][0],), decided[0][1])
+        if len(sharing) == 1:
+            return FileFamily(sharing, "keys (module names)")
+        return FileFamily(sharing, "keys (module names); no key or metadata says which of "
+                          + " or ".join(f.title for f in sharing))
     for component, key, shape in modules:
         if len(shape) != 2:  # not a module of a known algorithm: no width evidence
             continue
