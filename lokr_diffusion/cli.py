@@ -138,27 +138,38 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="a training config: plan exactly what train.py --config builds (model, [network], "
                         "train_unet / train_text_encoder); the flags below are then ignored")
     p.add_argument("--model", metavar="MODEL_OR_FAMILY", default=None,
-                   help="sd15 (sd1), sd2 or sdxl for the real architecture without weights, or a model path/folder")
+                   help="sd15 (sd1), sd2, sdxl, flux or flux-schnell for the real architecture without weights, "
+                        "or a model path/folder")
     _tool_network_args(p)
     p.add_argument("--alpha", type=float, default=None, help="alpha of Linear layers / 1x1 convs (default: dim)")
     p.add_argument("--conv-alpha", type=float, default=None, help="alpha of k x k convs (default: conv dim)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16",
+                   help="memory estimate: dtype of the frozen weights, as train.mixed_precision (default bf16)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"], default="adamw",
+                   help="memory estimate: optimizer whose states count (default adamw)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="memory estimate: training resolution (default: the family's, 1024 for SDXL and Flux.1)")
+    p.add_argument("--batch-size", type=int, default=1, help="memory estimate: images per step (default 1)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="memory estimate: without gradient checkpointing (default: with)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON, with every module")
 
 
 @command("plan", _plan_args)
 def _cmd_plan(args: argparse.Namespace) -> int:
-    """Before training: modules, trainable parameters, file size and factor shapes of a config.
+    """Before training: modules, trainable parameters, file size, factor shapes and memory of a config.
 
     Builds the network the trainer builds (same AdapterConfig, same create_network) on the
-    model's architecture, without weights when given a family name (sd15, sd2, sdxl) or a
-    Diffusers folder. Prints the module counts, the parameter total, the exact file size for
-    each save dtype (fp32/fp16/bf16), the distinct factor shapes, and how the parameter count
-    moves with --factor: a larger factor means fewer parameters.
+    model's architecture, without weights when given a family name (sd15, sd2, sdxl, flux,
+    flux-schnell) or a Diffusers folder. Prints the module counts, the parameter total, the exact
+    file size for each save dtype (fp32/fp16/bf16), the distinct factor shapes, how the parameter
+    count moves with --factor (a larger factor means fewer parameters), and an estimate of the
+    training memory: the frozen weights in the training dtype, the adapter's fp32 weights,
+    gradients and optimizer states, and a stated activation allowance (Flux.1; other families
+    have none), each line saying what it counts and what is left out.
     """
-    from .tools.plan import format_plan, plan_network
-
     from .errors import ConfigError
-    from .tools.plan import plan_config
+    from .tools.plan import TrainingSetup, format_plan, plan_config, plan_network
 
     if args.config is not None:
         _emit(plan_config(args.config), args.json, format_plan)
@@ -166,7 +177,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.model is None:
         raise ConfigError("plan: give --config TRAIN.toml, or --model with the network flags")
     config = _tool_adapter_config(args, alpha=args.alpha, conv_alpha=args.conv_alpha)
-    _emit(plan_network(args.model, config), args.json, format_plan)
+    for name in ("resolution", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    setup = TrainingSetup(mixed_precision=args.mixed_precision, optimizer=args.optimizer,
+                          resolution=(args.resolution, args.resolution) if args.resolution else None,
+                          batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing)
+    _emit(plan_network(args.model, config, training=setup), args.json, format_plan)
     return 0
 
 
@@ -187,9 +204,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     """Bake one or more adapters into a base model and save the result.
 
     Each adapter is applied exactly as load_adapter applies it (W += scale * alpha/r * dW, in
-    float32). OUT as a folder gets a Diffusers pipeline; OUT ending in .safetensors gets one
-    checkpoint in the original (ldm/CompVis, SDXL: sgm) key layout that ComfyUI, A1111 and
-    Forge load. Outputs are written atomically.
+    float32; Flux.1 files in any of the six key layouts, fused kohya modules by row slices).
+    OUT as a folder gets a Diffusers pipeline; OUT ending in .safetensors gets one checkpoint in
+    the original (ldm/CompVis, SDXL: sgm) key layout that ComfyUI, A1111 and Forge load (SD
+    families only; a Flux.1 base takes a folder). Outputs are written atomically.
     """
     from .tools.merge import format_merge, merge_adapters, parse_adapter_arg
     from .dtypes import parse_dtype
@@ -200,13 +218,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flux_layouts() -> dict[str, tuple[str, str]]:
+    """Layout name -> (what its keys look like, who writes it), over the families that have several."""
+    from .families import FAMILIES
+
+    return {name: desc for f in FAMILIES for name, desc in f.file_layouts.items()}
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
     from .families import family_names
 
     p.add_argument("input", metavar="IN", help="adapter .safetensors (LyCORIS/kohya or PEFT keys) or a PEFT folder")
     p.add_argument("output", metavar="OUT", help="a .safetensors file (LyCORIS layout) or a folder (PEFT LoKr)")
-    p.add_argument("--to", choices=["lycoris", "peft"], default=None,
-                   help="output layout (default: lycoris for a .safetensors OUT, peft otherwise)")
+    p.add_argument("--to", choices=list(dict.fromkeys(["lycoris", "peft", *_flux_layouts()])), default=None,
+                   metavar="LAYOUT",
+                   help="output layout (default: lycoris for a .safetensors OUT, peft otherwise): lycoris, peft, "
+                        "or for Flux.1 files one of the key layouts ComfyUI reads: "
+                        + "; ".join(f"{name} = {keys} ({writers})" for name, (keys, writers) in _flux_layouts().items())
+                        + ". Between Diffusers-named layouts keys are renamed; into kohya / diffusion_model, LoRA "
+                          "modules over to_q/to_k/to_v (and proj_mlp) are stacked into qkv / linear1 (LoKr and LoHa "
+                          "cannot be: three Kronecker products are not one); out of them, fused modules are split "
+                          "into their rows")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
     p.add_argument("--family", choices=family_names(), default=None, metavar="FAMILY",
                    help="model family, when the keys and metadata cannot tell (tiny or unusual models): "
@@ -225,9 +257,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     PEFT LoKr <-> LyCORIS (PEFT's always-applied alpha/r becomes the LyCORIS scale; PEFT's
     non-swapping factorization is read from the shapes), Diffusers-style SDXL names -> the
     ldm names A1111 needs, text-encoder keys without text_model_ -> with it, Tucker LoKr
-    (lokr_t2) -> plain w2 that ComfyUI loads, a missing alpha written, and --dtype. Before
-    writing, the effective update of every module is compared with the input's; the largest
-    difference is reported.
+    (lokr_t2) -> plain w2 that ComfyUI loads, a missing alpha written, and --dtype. Flux.1 files
+    move between the six key layouts of the DiT spec (see --to). Before writing, the effective
+    update of every module (Flux.1: of every Diffusers layer) is compared with the input's; the
+    largest difference is reported.
     """
     from .tools.convert import convert_adapter, format_convert
     from .dtypes import parse_dtype

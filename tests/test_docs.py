@@ -36,13 +36,24 @@ def test_config_reference_lists_every_key():
             assert f.name in documented, f"[data] {f.name} is missing from the README reference"
 
 
-def test_config_reference_is_the_generated_one():
-    """The README tables are made from the fields' help texts; refresh them with
-    `python -m lokr_diffusion.schema --write README.md`."""
-    from lokr_diffusion.schema import markdown_reference, readme_block
+def test_generated_readme_blocks_are_current():
+    """The config reference (from the fields' help texts) and the family table (from the family
+    registry) are made from code; refresh them with `python -m lokr_diffusion.schema --write README.md`."""
+    from lokr_diffusion.schema import generated_blocks, readme_block
 
-    assert readme_block(README) == markdown_reference(), \
-        "README config reference is stale: run python -m lokr_diffusion.schema --write README.md"
+    for start, end, block in generated_blocks():
+        assert readme_block(README, start, end) == block, \
+            f"README block {start!r} is stale: run python -m lokr_diffusion.schema --write README.md"
+
+
+def test_family_table_names_every_registered_family():
+    from lokr_diffusion.families import FAMILIES
+    from lokr_diffusion.schema import FAMILIES_END, FAMILIES_START, readme_block
+
+    table = readme_block(README, FAMILIES_START, FAMILIES_END)
+    rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
+    assert [r.split("|")[1].strip() for r in rows] == [f.title for f in FAMILIES]
+    assert all(f.layouts_read for f in FAMILIES) and all(f.layout_written for f in FAMILIES if f.trains)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.name)

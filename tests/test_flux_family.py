@@ -177,9 +177,16 @@ def test_detect_checkpoints_and_metadata():
 def test_adapter_files_are_recognised_as_flux(key):
     found = family_of_adapter_keys([key])
     assert found.candidates == (FLUX_DEV, FLUX_SCHNELL) and found.allows(FLUX_SCHNELL) and not found.allows(SDXL)
-    assert family_of_adapter([("unet", key, (4, 4))], {}).family is FLUX_DEV
+    # dev and schnell share every key but the guidance embedder: without it or a modelspec.architecture
+    # naming one of them, the file is "Flux.1" (either); ss_base_model_version "flux1" is written for both
+    undecided = family_of_adapter([("unet", key, (4, 4))], {"ss_base_model_version": "flux1"})
+    assert undecided.candidates == (FLUX_DEV, FLUX_SCHNELL) and undecided.family is None
+    assert (undecided.name, undecided.title) == ("flux.1", "Flux.1 [dev] or Flux.1 [schnell]")
     schnell = {"modelspec.architecture": "flux-1-schnell/lora"}
     assert family_of_adapter([("unet", key, (4, 4))], schnell).family is FLUX_SCHNELL
+    assert family_of_adapter([("unet", key, (4, 4))], {"modelspec.architecture": "flux-1-dev/lora"}).family is FLUX_DEV
+    guidance = ("unet", "lycoris_time_text_embed_guidance_embedder_linear_1", (4, 4))
+    assert family_of_adapter([("unet", key, (4, 4)), guidance], schnell).family is FLUX_DEV  # keys win
 
 
 @pytest.mark.parametrize("key", ["lycoris_transformer_blocks_0_attn_to_q",
@@ -187,8 +194,10 @@ def test_adapter_files_are_recognised_as_flux(key):
 def test_double_block_names_are_shared_with_sd3(key):
     """SD3's joint blocks have the Diffusers names of Flux's double blocks: the names alone say
     nothing, the attention width does (Flux.1 3072, SD3.5 Large 2432, Medium 1536)."""
-    assert family_of_adapter_keys([key]).candidates == ()
-    assert family_of_adapter([("unet", key, (3072, 3072))], {}).family is FLUX_DEV
+    assert family_of_adapter_keys([key]).candidates == (FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, SD35_MEDIUM)
+    assert family_of_adapter_keys([key], {"ss_base_model_version": "flux1"}).candidates == (FLUX_DEV, FLUX_SCHNELL)
+    assert family_of_adapter([("unet", key, (3072, 3072))], {}).candidates == (FLUX_DEV, FLUX_SCHNELL)
+    assert family_of_adapter([("unet", key, (4, 4))], {}).candidates == (FLUX_DEV, FLUX_SCHNELL)  # the first registered
     schnell = {"modelspec.architecture": "flux-1-schnell/lora"}
     assert family_of_adapter([("unet", key, (3072, 3072))], schnell).family is FLUX_SCHNELL
     assert family_of_adapter([("unet", key, (2432, 2432))], {}).family is SD35_LARGE

@@ -200,7 +200,14 @@ def test_detect_checkpoints_and_metadata():
 def test_adapter_files_are_recognised_as_sd3(key):
     found = family_of_adapter_keys([key])
     assert found.candidates == (SD35_LARGE, SD35_MEDIUM) and not found.allows(FLUX_DEV) and not found.allows(SDXL)
-    assert family_of_adapter([("unet", key, (4, 4))], {}).family is SD35_LARGE
+    # Large and Medium share every key but attn2: without it, metadata or a width, the file is either's
+    undecided = family_of_adapter([("unet", key, (4, 4))], {"ss_base_model_version": "sd3"})
+    if "attn2" in key:
+        assert undecided.family is SD35_MEDIUM
+    else:
+        assert undecided.candidates == (SD35_LARGE, SD35_MEDIUM) and undecided.family is None
+        assert (undecided.name, undecided.title) == ("sd3.x", "SD3.5 Large or SD3.5 Medium")
+        assert family_of_adapter([("unet", key, (4, 4))], SD35_LARGE.file_metadata()).family is SD35_LARGE
     assert family_of_adapter([("unet", key, (4, 4))], SD35_MEDIUM.file_metadata()).family is SD35_MEDIUM
 
 
@@ -209,7 +216,7 @@ def test_sd3_files_are_told_from_flux_and_sdxl_files():
     blocks); CLIP-L + CLIP-G keys alone are SDXL's unless the metadata says SD3."""
     dit = ["lycoris_transformer_blocks_0_attn_to_q", "lora_te1_text_model_encoder_layers_0_mlp_fc1"]
     clip_g = ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]
-    assert family_of_adapter_keys(dit).candidates == ()  # Flux double blocks + CLIP-L, or SD3
+    assert family_of_adapter_keys(dit).candidates == (FLUX_DEV, get_family("flux-schnell"), SD35_LARGE, SD35_MEDIUM)
     assert family_of_adapter_keys(dit + clip_g).candidates == (SD35_LARGE, SD35_MEDIUM)
     assert family_of_adapter_keys(dit, SD35_MEDIUM.file_metadata()).allows(SD35_MEDIUM)
     clips = ["lora_te1_text_model_encoder_layers_0_mlp_fc1"] + clip_g

@@ -28,6 +28,16 @@ __all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "SD35_L
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
 
+def markdown_table() -> str:
+    """The README's family table, from the registry (`python -m lokr_diffusion.schema --write README.md`)."""
+    rows = ["| family | config `family` | train | load | layout written | layouts read |", "|---|---|:-:|:-:|---|---|"]
+    for f in FAMILIES:
+        spellings = ", ".join(f"`{n}`" for n in (f.name, *f.aliases))
+        rows.append(f"| {f.title} | {spellings} | {'yes' if f.trains else 'no'} | yes | "
+                    f"{f.layout_written if f.trains else '-'} | {f.layouts_read} |")
+    return "\n".join(rows)
+
+
 def family_names() -> list[str]:
     """Every spelling users may type, canonical names first."""
     return [f.name for f in FAMILIES] + [a for f in FAMILIES for a in f.aliases]
@@ -150,6 +160,12 @@ def _claiming(module_keys: Sequence[str]) -> tuple[Family, ...]:
     return tuple(f for f in FAMILIES if f.matches_adapter_keys(module_keys))
 
 
+def _naming(module_keys: Sequence[str]) -> tuple[Family, ...]:
+    """The families whose names, own or shared, the keys use (Flux's double blocks are SD3's
+    joint blocks by name), in registry order."""
+    return tuple(f for f in FAMILIES if f.names_adapter_keys(module_keys))
+
+
 def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> FileFamily:
     """From key prefixes and metadata only: enough for a loader to refuse a file made for
     another family's naming before it reports every key as unmatched. A file keyed by a
@@ -162,8 +178,13 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     claimed = _claiming(module_keys)
     if claimed:
         return FileFamily(_sharing_names(claimed[0]), "keys (module names)")
-    prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
     meta = family_of_metadata(metadata or {})
+    named = _naming(module_keys)
+    if named:  # names several families share: the metadata's family if it is one of them, else any
+        if meta in named:
+            return FileFamily(_sharing_names(meta), "keys (module names) and metadata")
+        return FileFamily(named, "keys (module names " + " and ".join(_group_titles(named)) + " share)")
+    prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
     for f in FAMILIES:
         te = f.text_encoder_prefixes()
         if len(te) > 1 and te[-1] in prefixes:
@@ -179,19 +200,35 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     return FileFamily((), "unknown")
 
 
+def _group_titles(families: Sequence[Family]) -> list[str]:
+    """One title per group of families sharing their names (``Flux.1``, ``SD3.5 Large or Medium``)."""
+    groups = dict.fromkeys(_sharing_names(f) for f in families)
+    return [g[0].shared_title or g[0].title if len(g) > 1 else g[0].title for g in groups]
+
+
 def _fits_prefixes(family: Family, prefixes: set[str]) -> bool:
     """Whether every text-encoder prefix (``lora_te1``...) among ``prefixes`` is one of the family's."""
     return {p for p in prefixes if p.startswith("lora_te")} <= set(family.text_encoder_prefixes())
 
 
-def _by_attention_width(modules: Sequence[tuple[str, str, tuple[int, ...]]],
-                        families: Sequence[Family]) -> Family | None:
-    """The family among ``families`` whose DiT hidden width is the in-features of the file's
-    attention projections (``..attn_to_q``, ``..attn.to_q``, fused ``..attn_qkv``): the first of
-    those with that width when they all share their names (Flux.1 [dev] and [schnell]), else None."""
+def _of_attention_width(modules: Sequence[tuple[str, str, tuple[int, ...]]],
+                        families: Sequence[Family]) -> tuple[Family, ...]:
+    """The families among ``families`` whose DiT hidden width is the in-features of the file's
+    attention projections (``..attn_to_q``, ``..attn.to_q``, fused ``..attn_qkv``); () for none."""
     widths = {shape[1] for _, key, shape in modules if len(shape) == 2 and _ATTENTION_KEY.search(key)}
-    found = [f for f in families if f.attention_width is not None and f.attention_width in widths]
-    return found[0] if found and set(found) <= set(_sharing_names(found[0])) else None
+    return tuple(f for f in families if f.attention_width is not None and f.attention_width in widths)
+
+
+def _among(families: Sequence[Family], keys: Sequence[str], metadata: Mapping[str, str], how: str) -> FileFamily:
+    """One of ``families`` (which share their key names) when ``Family.adapter_evidence`` singles
+    it out, else all of them."""
+    decided = [(f, why) for f in families for why in [f.adapter_evidence(keys, metadata)] if why]
+    if len(decided) == 1:
+        return FileFamily((decided[0][0],), decided[0][1])
+    if len(families) == 1:
+        return FileFamily(tuple(families), how)
+    return FileFamily(tuple(families), how + "; no key or metadata says which of "
+                      + " or ".join(f.title for f in families))
 
 
 _ATTENTION_KEY = re.compile(r"attn[._](to_q|qkv)$")
@@ -201,28 +238,37 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
 
-    Module names only one family has decide first (Flux's single blocks, SD3's joint blocks;
-    then the metadata or the DiT width picks among the families sharing them, else the first),
-    then widths of the real models (DiT hidden, cross-attention and text-encoder widths differ
-    per family; SDXL's CLIP widths are SD3's too, so there metadata naming SD3 wins), then the
-    metadata sd-scripts writes, then the key structure (text-encoder count, text-encoder depth,
-    UNet levels).
+    Module names only one family has decide first (Flux's single blocks, SD3's joint blocks);
+    the families sharing them are told apart by ``Family.adapter_evidence`` (after narrowing
+    them to those of the file's DiT width), and the file stays open to all of them when nothing
+    does. Names two kinds of DiT share (Flux's double blocks are SD3's joint blocks) go by the
+    DiT width, then the metadata, else the first registered (Flux). Then widths of the real models (DiT hidden, cross-attention and text-encoder widths
+    differ per family; SDXL's CLIP widths are SD3's too, so there metadata naming SD3 wins), then
+    the metadata sd-scripts writes, then the key structure (text-encoder count, text-encoder
+    depth, UNet levels).
     """
-    claimed = _claiming([k for _, k, _ in modules])
+    keys = [k for _, k, _ in modules]
+    claimed = _claiming(keys)
     meta = family_of_metadata(metadata)
     if claimed:
         sharing = _sharing_names(claimed[0])
-        if meta in sharing:
-            return FileFamily((meta,), "keys (module names) and metadata")
-        wide = _by_attention_width(modules, sharing)
-        if wide is not None:
-            return FileFamily((wide,), "keys (module names) and attention width")
-        return FileFamily((sharing[0],), "keys (module names)")
-    wide = _by_attention_width(modules, FAMILIES)
-    if wide is not None:
-        if meta in _sharing_names(wide):
-            return FileFamily((meta,), "keys (attention width) and metadata")
-        return FileFamily((wide,), "keys (attention width)")
+        wide = _of_attention_width(modules, sharing)
+        if wide and len(wide) < len(sharing):
+            return _among(wide, keys, metadata, "keys (module names and attention width)")
+        return _among(sharing, keys, metadata, "keys (module names)")
+    named = _naming(keys)
+    if named:  # names several families share (Flux's double blocks, SD3's joint blocks)
+        wide = _of_attention_width(modules, named)
+        if wide:
+            return _among(wide, keys, metadata, "keys (module names and attention width)")
+        if meta in named:
+            return _among(_sharing_names(meta), keys, metadata, "keys (module names)")
+        first, *others = _group_titles(named)
+        return _among(_sharing_names(named[0]), keys, metadata, f"keys (module names; taken as {first}'s, the "
+                      f"first registered: {' and '.join(others)} has them too, and no width or metadata says which)")
+    wide = _of_attention_width(modules, FAMILIES)
+    if wide:
+        return _among(wide, keys, metadata, "keys (attention width)")
     te_prefixes = {"lora_" + c for c, _, _ in modules if c.startswith("te")}
     for component, key, shape in modules:
         if len(shape) != 2:  # not a module of a known algorithm: no width evidence

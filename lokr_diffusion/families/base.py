@@ -60,6 +60,9 @@ class Family:
     denoiser_attr: str = "unet"
     default_prediction: str = "epsilon"
     objective: str = "noise"  # "noise" (DDPM epsilon / v) or "flow" (rectified flow)
+    trains = True  # the trainer trains it (False: load_adapter and the toolbox only)
+    layout_written = ""  # the file layout the trainer writes (README family table)
+    layouts_read = ""  # the layouts load_adapter reads (README family table)
     trigger_embeddings = True  # pivotal tuning of new CLIP tokens (every text encoder is a CLIP tower)
     text_cache_on_disk = False  # cache prompt embeddings on disk rather than in memory (T5: 8 MB a caption)
 
@@ -98,6 +101,12 @@ class Family:
         single-stream blocks). Families whose keys other families share answer False and are
         told apart by widths and metadata instead."""
         return False
+
+    def names_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """Whether the keys use this family's module names, its own or shared with another family
+        (Flux's double blocks and SD3's joint blocks have the same Diffusers names): the families
+        such a file may be for. Default: only its own names (:meth:`matches_adapter_keys`)."""
+        return self.matches_adapter_keys(module_keys)
 
     # -- naming ---------------------------------------------------------------------------------
     def text_encoder_prefixes(self) -> list[str]:
@@ -177,6 +186,44 @@ class Family:
         """(warning code, message) when some UI applies this denoiser file key to the wrong layer;
         None when every tool reads it as meant."""
         return None
+
+    def adapter_evidence(self, module_keys: Sequence[str], metadata: Mapping[str, str]) -> str | None:
+        """For a file keyed by names this family shares with others (Flux.1 dev and schnell): why
+        it is this family's (a module only it has, metadata naming it exactly), or None."""
+        return None
+
+    # -- file layouts: DiT families whose files come keyed in several ways ---------------------------
+    file_layouts: Mapping[str, tuple[str, str]] = {}  # layout name -> (what its keys look like, who writes it)
+
+    def denoiser_layout(self, key: str) -> str | None:
+        """Which of :attr:`file_layouts` a denoiser module key is in; None for other keys."""
+        return None
+
+    def layout_key(self, layout: str, path: str) -> str | None:
+        """The key of denoiser module ``path`` in ``layout``; None when the layout names it only as a
+        row slice of a fused module (see :meth:`fused_groups`)."""
+        raise NotImplementedError(f"{self.title} has no file layouts to choose from")
+
+    def layout_metadata(self, layout: str) -> dict[str, str]:
+        """Metadata that must change with the layout (whose module names the file uses)."""
+        return {}
+
+    def ui_support(self, module_keys: Sequence[str]) -> list[tuple[str, str]]:
+        """(UI, what it does with these denoiser keys) for the UIs whose loaders were read for
+        this family; [] when the format spec's SD tables say it all."""
+        return []
+
+    # -- training memory ------------------------------------------------------------------------
+    def activation_allowance(self, denoiser: nn.Module, resolution: tuple[int, int], batch_size: int,
+                             dtype_bytes: int, checkpointing: bool) -> tuple[int, str] | None:
+        """(bytes, how they were estimated) of the denoiser's activations in one training step, or
+        None when the family has no estimate."""
+        return None
+
+    @property
+    def can_write_single_file(self) -> bool:
+        """Whether :meth:`to_original` is implemented (merge into one checkpoint file)."""
+        return type(self).to_original is not Family.to_original
 
     # -- architectures ----------------------------------------------------------------------------
     def build_meta(self) -> tuple[nn.Module, list[nn.Module]]:

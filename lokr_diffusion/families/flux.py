@@ -89,16 +89,49 @@ T5_ATTENTION = re.compile(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]
 T5_MLP = re.compile(r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo|wi)")
 
 # Adapter-file keys only Flux files have: the Diffusers names of modules SD3 lacks (single-stream
-# blocks, x_embedder, guidance embedder; SD3 shares `transformer_blocks.N`, `context_embedder` and
-# the time/text embedders), the original BFL names (kohya lora_unet_, dotted diffusion_model.), and
-# T5 as te2 (SD3's te2 is CLIP-G and its T5 te3).
+# blocks, x_embedder, guidance embedder; SD3 shares `transformer_blocks.N`, `context_embedder`, the
+# time/text embedders, `norm_out.linear` and `proj_out`), the original BFL names SD3 lacks (kohya
+# lora_unet_, dotted diffusion_model.; SD3's `final_layer` has Flux's names), and T5 as te2 (SD3's
+# te2 is CLIP-G and its T5 te3).
 _ADAPTER_KEY = re.compile(
-    r"(lycoris|lora_transformer)_(single_transformer_blocks_\d+_|x_embedder|time_text_embed_guidance_embedder_)"
+    r"(lycoris|lora_transformer)_(single_transformer_blocks_\d+_|x_embedder$|time_text_embed_guidance_embedder_)"
     r"|lora_unet_(double|single)_blocks_\d+_"
+    r"|lora_unet_(img_in|txt_in|time_in_|vector_in_|guidance_in_)"
     r"|(transformer\.)?single_transformer_blocks\.\d+\."
+    r"|transformer\.(x_embedder$|time_text_embed\.guidance_embedder\.)"
     r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
+    r"|((model\.)?diffusion_model\.)(img_in|txt_in|time_in\.|vector_in\.|guidance_in\.)"
     r"|lora_te2_encoder_block_\d+_layer_\d")
+# Every Flux denoiser name in the six layouts, those SD3 shares too (see names_adapter_keys)
+_NAMES_KEY = re.compile(
+    r"(lycoris|lora_transformer)_(single_)?transformer_blocks_\d+_"
+    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_|norm_out_linear$|proj_out$)"
+    r"|lora_unet_(double|single)_blocks_\d+_"
+    r"|lora_unet_(img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_)"
+    r"|(transformer\.)?(single_)?transformer_blocks\.\d+\."
+    r"|transformer\.(x_embedder|context_embedder|time_text_embed\.|norm_out\.linear$|proj_out$)"
+    r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
+    r"|((model\.)?diffusion_model\.)(img_in|txt_in|time_in\.|vector_in\.|guidance_in\.|final_layer\.)"
+    r"|lora_te2_encoder_block_\d+_layer_\d")
+_GUIDANCE_KEY = re.compile(r"guidance_in[._]|guidance_embedder[._]")  # only [dev] has this module
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+ORIGINAL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # sd-scripts' IMPL_FLUX: original names
+
+# What the UIs do with the file layouts, as read in their loaders:
+# * ComfyUI (DiT spec, section 2): all six layouts, q/k/v as row slices, linear1_qkv too.
+# * Forge (lllyasviel/stable-diffusion-webui-forge at dfdcbab, 2025-06-26): its model keeps the
+#   original names; `model_lora_keys_unet` in packages_3rdparty/comfyui_lora_collection/lora.py maps
+#   `lora_unet_` and `diffusion_model.` keys for every weight, and for Flux the `transformer.`,
+#   `lycoris_` and `lora_transformer_` Diffusers keys (q/k/v and proj_mlp as row offsets, norm_out
+#   with its halves swapped); no bare Diffusers paths, no `linear1_qkv`. It reads LoRA, LoHa and LoKr
+#   per module; T5 keys as lora_te1_/te2_/te3_ (backend/patcher/lora.py).
+# * AUTOMATIC1111: not checked; its Flux.1 request (issue #16311) is open.
+_FORGE_LAYOUTS = frozenset({"lycoris", "lora_transformer", "transformer", "kohya", "diffusion_model"})
+_FUSED_QKV_ONLY = "linear1_qkv"  # ComfyUI's key for the first 3H rows of linear1; Forge has none
+# Tensors of tokens x hidden one Flux block keeps for its backward pass (norm, q, k, v, rotated q and
+# k, attention output, projection, the 4H MLP input and its activation, residuals): an allowance
+# counted from the block's forward, not a measurement.
+BLOCK_ACTIVATIONS = 25
 _PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 _METADATA_VERSIONS = ("flux", "flux1", "flux1dev")  # ss_base_model_version, lower case, [-_. ] dropped
 
@@ -177,12 +210,18 @@ class FluxFamily(Family):
     """
 
     aliases: tuple[str, ...] = ()
+    shared_name = "flux.1"  # dev and schnell files share every key: what reports say when nothing tells
+    shared_title = "Flux.1"  # them apart (see adapter_evidence)
     pipeline_class = "FluxPipeline"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     denoiser_attr = "transformer"
     default_prediction = "flow"  # rectified flow: the target is noise - latents
     objective = "flow"
+    layout_written = "`lycoris_` + Diffusers names; CLIP-L `lora_te1_text_model_`, T5 `lora_te2_`"
+    layouts_read = ("`lycoris_`, `lora_transformer_`, `transformer.` and bare Diffusers paths, kohya `lora_unet_` and "
+                    "`diffusion_model.` original names (fused `qkv` / `linear1` as row slices), Diffusers/PEFT "
+                    "`lora_A`/`lora_B`; `lora_te1_`, `lora_te2_`/`lora_te3_` (T5)")
     trigger_embeddings = False  # T5's SentencePiece vocabulary: not built yet
     text_cache_on_disk = True  # T5 embeddings: 512 x 4096 floats (8 MB) per caption
     default_trained_text_encoders = (0,)  # CLIP-L; T5-XXL only when a config names it
@@ -234,6 +273,26 @@ class FluxFamily(Family):
         names (which SD3's joint blocks share) is told apart by its widths and metadata."""
         return any(_ADAPTER_KEY.match(k) for k in module_keys)
 
+    def names_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """Flux names in any of the six layouts, including those SD3 shares (double blocks,
+        context and time/text embedders, final layers)."""
+        return any(_NAMES_KEY.match(k) for k in module_keys)
+
+    def adapter_evidence(self, module_keys: Sequence[str], metadata: Mapping[str, str]) -> str | None:
+        """Why a file keyed by the Flux.1 names is for this model and not the other one.
+
+        Keys first: only [dev] has the guidance embedder (``guidance_in`` /
+        ``time_text_embed.guidance_embedder``), so a file patching it is [dev]'s whatever its
+        metadata says. Then ``modelspec.architecture`` ``flux-1-dev`` or ``flux-1-schnell``, which
+        sd-scripts and this project write. ``ss_base_model_version`` ``flux1`` and the architecture
+        ``flux-1`` are written for both models: no evidence, and the file is "Flux.1".
+        """
+        if any(_GUIDANCE_KEY.search(k) for k in module_keys):
+            return "keys (the guidance embedder, which only [dev] has)" if self.guidance_embeds else None
+        if metadata.get("modelspec.architecture", "").split("/")[0] == self.architecture.split("/")[0]:
+            return "keys (module names) and metadata (modelspec.architecture)"
+        return None
+
     def matches_metadata(self, metadata: Mapping[str, str]) -> bool:
         """sd-scripts writes ``modelspec.architecture`` ``flux-1-dev/lora`` or
         ``flux-1-schnell/lora`` and ``ss_base_model_version`` ``flux1`` for both; a file saying
@@ -253,8 +312,6 @@ class FluxFamily(Family):
         return naming.module_key(naming.LYCORIS_PREFIX, path)
 
     def denoiser_key_aliases(self, path: str, denoiser: nn.Module) -> list[str]:
-        """The written key and OneTrainer's ``lora_transformer_``; dotted and fused layouts are
-        the loader's (``flux_names``)."""
         """Every 1:1 layout of the spec (lycoris_, lora_transformer_, transformer. and bare dotted,
         and the original names of layers Diffusers does not split); our key first."""
         keys = flux_names.key_aliases(path, denoiser)
@@ -264,6 +321,61 @@ class FluxFamily(Family):
     def fused_groups(self, denoiser: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
         """kohya / ComfyUI files over the original fused layers (img_attn.qkv, txt_attn.qkv, linear1)."""
         return flux_names.fused_groups(denoiser)
+
+    # -- the six file layouts (flux_names.LAYOUTS) ----------------------------------------------
+    file_layouts = flux_names.LAYOUTS
+
+    def denoiser_layout(self, key: str) -> str | None:
+        return flux_names.layout_of(key)
+
+    def layout_key(self, layout: str, path: str) -> str | None:
+        return flux_names.layout_key(layout, path)
+
+    def layout_metadata(self, layout: str) -> dict[str, str]:
+        """``modelspec.implementation`` says whose module names the file uses, as sd-scripts writes
+        it: ``diffusers`` or the original BFL repository."""
+        original = layout in flux_names.ORIGINAL_NAMED
+        return {"modelspec.implementation": ORIGINAL_IMPLEMENTATION if original else self.implementation}
+
+    def ui_support(self, module_keys: Sequence[str]) -> list[tuple[str, str]]:
+        """What ComfyUI, Forge and AUTOMATIC1111 do with these transformer keys (sources: the
+        comment above ``_FORGE_LAYOUTS``)."""
+        layouts = [flux_names.layout_of(k) for k in module_keys]
+        n = sum(1 for layout in layouts if layout is not None)
+        if not n:
+            return []
+        skipped = sum(1 for k, layout in zip(module_keys, layouts) if layout is not None
+                      and (layout not in _FORGE_LAYOUTS or k.endswith(_FUSED_QKV_ONLY)))
+        forge = (f"skips {skipped} of {n} transformer modules: its key map has no bare Diffusers paths (DiffSynth "
+                 "layout) and no linear1_qkv; `lokr-diffusion convert --to transformer` (or lycoris) writes keys it "
+                 "reads" if skipped else
+                 f"applies all {n} transformer modules (it reads lycoris_, lora_transformer_, transformer., lora_unet_ "
+                 "and diffusion_model. keys; q/k/v as row slices of its fused weights)")
+        return [("ComfyUI", f"applies all {n} transformer modules: it reads all six layouts, fused qkv / linear1 as "
+                            "row slices"),
+                ("Forge", forge),
+                ("AUTOMATIC1111", "not checked: its request for Flux.1 support (issue #16311) is open and no Flux "
+                                  "LoRA loader of it was read")]
+
+    def activation_allowance(self, denoiser: nn.Module, resolution: tuple[int, int], batch_size: int,
+                             dtype_bytes: int, checkpointing: bool) -> tuple[int, str]:
+        """A stated allowance, counted in tensors of (tokens x hidden): with gradient checkpointing
+        every block keeps its input and one block at a time recomputes its activations and their
+        gradients; without, every block keeps :data:`BLOCK_ACTIVATIONS` tensors. Tokens are the
+        packed latent patches (16 x 16 pixels each) plus the T5 sequence."""
+        config = denoiser.config
+        hidden = flux_names.inner_dim(config)
+        blocks = int(config["num_layers"]) + int(config["num_single_layers"])
+        image = (resolution[0] // (2 * self.vae_scale_factor)) * (resolution[1] // (2 * self.vae_scale_factor))
+        tokens = image + self.max_sequence_length
+        units = blocks + 2 * BLOCK_ACTIVATIONS if checkpointing else (blocks + 1) * BLOCK_ACTIVATIONS
+        how = (f"{units} tensors of batch {batch_size} x {tokens} tokens ({image} image + {self.max_sequence_length} "
+               f"T5) x hidden {hidden} x {dtype_bytes} B: " +
+               (f"gradient checkpointing keeps each of the {blocks} blocks' input, plus one block's activations "
+                "and their gradients" if checkpointing else
+                f"about {BLOCK_ACTIVATIONS} per block for the backward pass ({blocks} blocks) and one block's "
+                "gradients"))
+        return units * batch_size * tokens * hidden * dtype_bytes, how
 
     def text_encoder_key(self, index: int, path: str) -> str:
         if index == 1:  # T5: its own module names, no text_model level

@@ -168,6 +168,47 @@ def fused_groups(denoiser: Any) -> dict[str, list[tuple[str, int, int]]]:
     return groups
 
 
-__all__ = ["DOUBLE_BLOCK", "DOUBLE_FUSED", "FINAL_MODULATION", "MLP_RATIO", "OUTSIDE", "SINGLE_BLOCK", "SINGLE_FUSED",
-           "diffusers_keys", "diffusers_path", "fused_groups", "inner_dim", "key_aliases", "original_keys",
-           "original_path"]
+# -- the six file layouts of the DiT spec (section 2) ----------------------------------------------
+# name -> (what a key looks like, who writes it). The first four name the Diffusers modules 1:1;
+# the last two name the original modules, whose q/k/v (and the single block's MLP input) are one
+# fused matrix. "kohya" and "lycoris" are also what people call these files.
+LAYOUTS: dict[str, tuple[str, str]] = {
+    "lycoris": ("lycoris_<Diffusers path, dots as _>", "SimpleTuner with LyCORIS; what lokr-diffusion writes"),
+    "lora_transformer": ("lora_transformer_<Diffusers path, dots as _>", "OneTrainer"),
+    "transformer": ("transformer.<Diffusers path>", "Diffusers/PEFT LoRA, ai-toolkit"),
+    "bare": ("<Diffusers path>", "DiffSynth"),
+    "kohya": ("lora_unet_<original path, dots as _>, q/k/v fused as qkv / linear1", "kohya sd-scripts"),
+    "diffusion_model": ("diffusion_model.<original path>, fused like kohya", "generic; ComfyUI's own key names"),
+}
+DIFFUSERS_NAMED = ("lycoris", "lora_transformer", "transformer", "bare")
+ORIGINAL_NAMED = ("kohya", "diffusion_model")
+_PREFIXES = (("lycoris_", "lycoris"), ("lora_transformer_", "lora_transformer"), ("transformer.", "transformer"),
+             ("lora_unet_", "kohya"), ("diffusion_model.", "diffusion_model"))
+_BARE = re.compile(r"(single_)?transformer_blocks\.\d+\..+|x_embedder|context_embedder|time_text_embed\..+"
+                   r"|norm_out\.linear|proj_out")
+
+
+def layout_of(key: str) -> str | None:
+    """Which of :data:`LAYOUTS` a denoiser module key is in (None: no Flux denoiser key, e.g. a
+    text-encoder key). Decided by the prefix alone; a bare key must be a Diffusers module path."""
+    for prefix, name in _PREFIXES:
+        if key.startswith(prefix):
+            return name
+    return "bare" if _BARE.fullmatch(key) else None
+
+
+def layout_key(layout: str, path: str) -> str | None:
+    """The key of Diffusers module `path` in `layout`; None when the layout has no key of its own
+    for it (a q/k/v, proj_mlp or norm_out.linear slice of a fused original module)."""
+    if layout in DIFFUSERS_NAMED:
+        return diffusers_keys(path)[DIFFUSERS_NAMED.index(layout)]
+    if layout not in ORIGINAL_NAMED:
+        raise ValueError(f"unknown Flux file layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    original = original_path(path)
+    return original_keys(original)[ORIGINAL_NAMED.index(layout)] if original else None
+
+
+__all__ = ["DIFFUSERS_NAMED", "DOUBLE_BLOCK", "DOUBLE_FUSED", "FINAL_MODULATION", "LAYOUTS", "MLP_RATIO",
+           "ORIGINAL_NAMED", "OUTSIDE", "SINGLE_BLOCK", "SINGLE_FUSED",
+           "diffusers_keys", "diffusers_path", "fused_groups", "inner_dim", "key_aliases", "layout_key", "layout_of",
+           "original_keys", "original_path"]

@@ -81,11 +81,13 @@ OUTSIDE_BLOCKS = re.compile(r"context_embedder|time_text_embed\.(timestep|text)_
 _PRESET_PARTS = {"attn-only": (ATTENTION,), "attn-mlp": (ATTENTION, MLP),
                  "full": (ATTENTION, MLP, MODULATION, OUTSIDE_BLOCKS)}
 
-# Adapter-file keys only SD3 files have: the original MMDiT names, Medium's attn2 under any
+# Adapter-file keys only SD3 files have: the original MMDiT names (but `final_layer`, which is
+# Flux's too; Flux's original context embedder is `txt_in`), Medium's attn2 under any
 # Diffusers-named layout, `base_model.model.` (ComfyUI reads it for SD3 alone) and T5 as te3.
 _ADAPTER_KEY = re.compile(
-    r"lora_unet_joint_blocks_\d+_"
+    r"lora_unet_(joint_blocks_\d+_|[txy]_embedder_|context_embedder$)"
     r"|((model\.)?diffusion_model\.)?joint_blocks\.\d+\."
+    r"|((model\.)?diffusion_model\.)([txy]_embedder\.|context_embedder$)"
     r"|(lycoris|lora_transformer)_transformer_blocks_\d+_attn2_"
     r"|(transformer\.|base_model\.model\.)?transformer_blocks\.\d+\.attn2\."
     r"|base_model\.model\.transformer_blocks\.\d+\."
@@ -94,6 +96,12 @@ _ADAPTER_KEY = re.compile(
 # DiT blocks): a file with both is SD3's.
 _DIT_BLOCK_KEY = re.compile(r"(lycoris_|lora_transformer_|transformer\.)?transformer_blocks[._]\d+[._]")
 _CLIP_G_KEY = re.compile(r"lora_te2_(text_model_)?encoder_layers_\d+_|text_encoder_2\.")
+# Every SD3 denoiser name, also those Flux has (joint blocks = double blocks, embedders, final layers)
+_NAMES_KEY = re.compile(
+    r"(lycoris_|lora_transformer_|transformer\.)?(transformer_blocks[._]\d+[._]|context_embedder$"
+    r"|time_text_embed[._](timestep|text)_embedder[._]|norm_out[._]linear$|proj_out$|pos_embed[._]proj$)"
+    r"|lora_unet_final_layer_|((model\.)?diffusion_model\.)final_layer\.")
+_ATTN2_KEY = re.compile(r"attn2[._]")  # Medium's second image attention, in any layout
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
 _CLIP_DOTTED = ("text_encoder", "text_encoder_2")  # ComfyUI's Diffusers-LoRA keys of the two CLIP towers
@@ -182,6 +190,14 @@ class SD3Family(Family):
     pipeline_class = "StableDiffusion3Pipeline"
     default_prediction = "flow"  # rectified flow: the target is noise - latents
     objective = "flow"
+    shared_name = "sd3.x"  # Large and Medium files share every key name: what reports say when nothing
+    shared_title = "SD3.5 Large or Medium"  # tells them apart (see adapter_evidence)
+    layout_written = ("`lycoris_` + Diffusers names; CLIP-L `lora_te1_text_model_`, CLIP-G `lora_te2_text_model_`, "
+                      "T5 `lora_te3_`")
+    layouts_read = ("`lycoris_`, `lora_transformer_`, `transformer.`, bare and `base_model.model.` Diffusers paths, "
+                    "kohya `lora_unet_` and `diffusion_model.` original names (fused `qkv` as row slices), "
+                    "Diffusers/PEFT `lora_A`/`lora_B`; `lora_te1_`/`lora_te2_` (and `text_encoder[_2].`) CLIP, "
+                    "`lora_te3_` T5")
     trigger_embeddings = False  # T5's SentencePiece vocabulary: not built yet
     text_cache_on_disk = True  # T5 embeddings: 256 x 4096 floats (4 MB) per caption
     default_trained_text_encoders = (0, 1)  # the CLIP towers; T5-XXL only when a config names it
@@ -233,8 +249,23 @@ class SD3Family(Family):
             return True
         return any(_DIT_BLOCK_KEY.match(k) for k in module_keys) and any(_CLIP_G_KEY.match(k) for k in module_keys)
 
+    def names_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """SD3 names in any layout, including those Flux shares (joint blocks, context and
+        time/text embedders, final layers)."""
+        return self.matches_adapter_keys(module_keys) or any(_NAMES_KEY.match(k) for k in module_keys)
+
     def matches_metadata(self, metadata: Mapping[str, str]) -> bool:
         return metadata_variant(metadata) == ("medium" if self.medium else "large")
+
+    def adapter_evidence(self, module_keys: Sequence[str], metadata: Mapping[str, str]) -> str | None:
+        """Why a file keyed by the SD3 names is for this model and not the other one: ``attn2``
+        keys (only Medium has the second attention), else metadata naming the variant. Without
+        either the widths may still tell (``family_of_adapter``), or the file is open to both."""
+        if any(_ATTN2_KEY.search(k) for k in module_keys):
+            return "keys (attn2, which only Medium has)" if self.medium else None
+        if self.matches_metadata(metadata):
+            return "keys (module names) and metadata (modelspec.architecture or ss_base_model_version)"
+        return None
 
     # -- naming -------------------------------------------------------------------------------
     def text_encoder_prefixes(self) -> list[str]:

@@ -66,6 +66,7 @@ class SDXL(StableDiffusionFamily):
                                                  "interpolation_type": "linear", "use_karras_sigmas": False})
     vae_scaling_factor = 0.13025
     ldm_unet_names = True
+    layout_written = "`lora_unet_` + original (sgm) names, `lora_te1_`/`lora_te2_` + `text_model_` (sd-scripts)"
     top_level_in_full = False
     checkpoint_text_prefixes = (("conditioner.embedders.0.transformer.", "clip"),
                                 ("conditioner.embedders.1.model.", "openclip"))

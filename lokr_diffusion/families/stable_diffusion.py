@@ -121,6 +121,9 @@ class StableDiffusionFamily(Family):
     metadata_versions: tuple[str, ...] = ()  # ss_base_model_version values meaning this family
     architecture = ""
     resolution = "512x512"
+    layout_written = "`lora_unet_` + Diffusers names, `lora_te_` + `text_model_` (sd-scripts)"
+    layouts_read = ("`lora_unet_` (Diffusers or original names), `lycoris_`, `lora_te`/`te1` with or without "
+                    "`text_model_`, PEFT LoKr")
     implementation = "diffusers"  # modelspec.implementation: whose module names the model uses
     checkpoint_architecture = ""  # modelspec.architecture of a merged single-file checkpoint
     shared_name = "sd"  # SD 1.x and 2.x files share their key names

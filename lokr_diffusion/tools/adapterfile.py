@@ -18,12 +18,18 @@ import torch
 
 from ..algos import ALGORITHMS, detect_algorithm
 from ..errors import AdapterFileError
-from ..families import FileFamily, family_of_adapter
+from ..families import FAMILIES, FileFamily, family_of_adapter
 
 # file-key prefix -> component, longest first so `lora_te1_` is not read as `lora_te_`
 COMPONENT_PREFIXES = (("lora_unet_", "unet"), ("lycoris_", "unet"), ("lora_te1_", "te1"),
                       ("lora_te2_", "te2"), ("lora_te_", "te"))
 _UNET_BLOCK = re.compile(r"(down_blocks_\d+|up_blocks_\d+|mid_block|input_blocks_\d+|middle_block|output_blocks_\d+)")
+_DIT_BLOCK = re.compile(r"(?:^|[._])((?:single_)?transformer_blocks|double_blocks|single_blocks)[._](\d+)[._]")
+# Tensor names a module key is followed by; the first part of a dotted one (`lora_up` of
+# `lora_up.weight`, `lora_up.bias`) marks the split too
+_TENSOR_NAMES = frozenset({n for a in ALGORITHMS.values() for n in a.TENSOR_NAMES}
+                          | {"alpha", "dora_scale", "scale", "bias", "on_input"})
+_TENSOR_HEADS = frozenset(n.split(".")[0] for n in _TENSOR_NAMES)
 
 
 @dataclass
@@ -38,7 +44,7 @@ class FileModule:
 
     @property
     def component(self) -> str:
-        return component_of(self.key)
+        return module_component(self.key)
 
     @property
     def rank(self) -> int | None:
@@ -70,10 +76,37 @@ class FileModule:
 
 
 def component_of(key: str) -> str:
+    """The component a key's prefix names ("unknown" without one: PEFT keys have none)."""
     for prefix, component in COMPONENT_PREFIXES:
         if key.startswith(prefix):
             return component
     return "unknown"
+
+
+def module_component(key: str) -> str:
+    """The component a file's module key patches: by prefix, then any family's denoiser layouts
+    (Flux's `transformer.`, `diffusion_model.`, `lora_transformer_` and bare Diffusers paths)."""
+    component = component_of(key)
+    if component == "unknown" and any(f.denoiser_layout(key) for f in FAMILIES):
+        return "unet"
+    return component
+
+
+def split_file_key(key: str) -> tuple[str, str]:
+    """(module key, tensor name) of a file key whose module key may contain dots
+    (`transformer.transformer_blocks.0.attn.to_q.lora_down.weight`).
+
+    The tensor name is the longest tail that is a known tensor name or starts with one's first
+    part (`lora_up.bias` stays one unknown tensor of its module); without one, the first dot
+    splits, as in every underscore-keyed layout.
+    """
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        tail = ".".join(parts[i:])
+        if tail in _TENSOR_NAMES or parts[i] in _TENSOR_HEADS:
+            return ".".join(parts[:i]), tail
+    module, _, tensor = key.partition(".")
+    return module, tensor
 
 
 def strip_prefix(key: str) -> str:
@@ -86,17 +119,22 @@ def strip_prefix(key: str) -> str:
 def block_of(key: str) -> str:
     """The UNet block (down_blocks.1, input_blocks.4, ...) or text-encoder part a key belongs to."""
     rest = strip_prefix(key)
-    if component_of(key) == "unet":
+    if module_component(key) == "unet":
         m = _UNET_BLOCK.match(rest)
-        return m[1].replace("_blocks_", "_blocks.") if m else "other"
-    return "encoder.layers" if "encoder_layers_" in rest else "other"
+        if m:
+            return m[1].replace("_blocks_", "_blocks.")
+        dit = _DIT_BLOCK.search(rest)
+        return f"{dit[1]}.{dit[2]}" if dit else "other"
+    if "encoder_layers_" in rest:
+        return "encoder.layers"
+    return "encoder.block" if "encoder_block_" in rest else "other"  # T5
 
 
 def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, FileModule]:
     """File-layout tensors (`<module key>.<tensor>`) per module, algorithm detected as the UIs do."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        module, _, name = key.partition(".")
+        module, name = split_file_key(key)
         groups.setdefault(module, {})[name] = t
     out = {}
     for key, group in groups.items():

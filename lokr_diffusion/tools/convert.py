@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..algos import lokr
+from ..algos import detect_algorithm, lokr
 from ..errors import AdapterFileError, ConfigError
-from ..families import Family, FileFamily, get_family
+from ..families import FAMILIES, Family, FileFamily, get_family
 from ..fileformat import (
     read_safetensors,
     require_regular_file,
@@ -27,7 +27,7 @@ from ..fileformat import (
     write_safetensors,
 )
 from ..naming import module_key
-from . import keymap, peft
+from . import keymap, layouts, peft
 from .adapterfile import (
     NON_FINITE,
     FileModule,
@@ -192,13 +192,19 @@ def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtyp
              component: str | None, overwrite: bool) -> dict[str, Any]:
     dst = Path(dst)
     to = to or ("lycoris" if dst.suffix == ".safetensors" else "peft")
-    if to not in ("lycoris", "peft"):
-        raise ConfigError(f"--to must be lycoris or peft, got {to!r}")
-    if to == "lycoris" and dst.suffix != ".safetensors":
+    if to not in ("lycoris", "peft", *file_layouts()):
+        raise ConfigError(f"--to must be lycoris, peft or a Flux.1 file layout ({', '.join(file_layouts())}), "
+                          f"got {to!r}")
+    if to != "peft" and dst.suffix != ".safetensors":
         raise ConfigError(f"{dst}: a LyCORIS adapter is one .safetensors file; end OUT with .safetensors")
     check_output(dst, overwrite)
     modules, reference, metadata, layout, notes, found = read_any(src, family, component)
     found = keymap.require_family(found, str(src))
+    if found.naming_family.file_layouts and to != "peft":
+        return _convert_layout(src, dst, to, dtype, modules, reference, metadata, layout, notes, found)
+    if to not in ("lycoris", "peft"):
+        raise ConfigError(f"--to {to} is a file layout of {_layout_families(to)}; an {found.title} file converts to "
+                          "lycoris or peft")
     report: dict[str, Any] = {"input": str(src), "output": str(dst), "from": layout, "to": to, "family": found.name,
                               "modules": len(modules), "renamed": 0, "unmatched": [], "changes": {}, "notes": notes}
     default_alpha = as_number(metadata.get("ss_network_dim"))
@@ -233,6 +239,56 @@ def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtyp
     else:
         report.update(_write_peft(dst, plain, out_key, reference, found, component or "unet", metadata, tol, overwrite))
     return report
+
+
+def file_layouts() -> list[str]:
+    """The layout names of every family with several (Flux.1's six), for --to."""
+    return list(dict.fromkeys(name for f in FAMILIES for name in f.file_layouts))
+
+
+def _layout_families(layout: str) -> str:
+    return " and ".join(dict.fromkeys(f.shared_title or f.title for f in FAMILIES if layout in f.file_layouts))
+
+
+def _convert_layout(src: str | Path, dst: Path, to: str, dtype: torch.dtype | None, modules: Mapping[str, FileModule],
+                    reference: Mapping[str, torch.Tensor], metadata: Mapping[str, str], layout: str, notes: list[str],
+                    found: FileFamily) -> dict[str, Any]:
+    """A file of a family with several key layouts (Flux.1) into layout `to`: each module in the
+    safe profile first (plain_form), then renamed, split or stacked (tools.layouts); the check
+    compares the update every Diffusers layer gets before and after."""
+    family = found.naming_family
+    if layout == "peft":  # its module paths would need the family's PEFT naming and alpha / r rules
+        raise ConfigError(f"{src}: a PEFT folder of a {family.title} model cannot be converted yet: convert reads "
+                          f"{family.title} adapter files in the key layouts of --to")
+    report: dict[str, Any] = {"input": str(src), "output": str(dst), "from": layout, "to": to, "family": found.name,
+                              "modules": len(modules), "layout": to, "changes": {}, "notes": notes}
+    default_alpha = as_number(metadata.get("ss_network_dim"))
+    plain: dict[str, FileModule] = {}
+    for key, m in modules.items():
+        t, changes = plain_form(m, default_alpha)
+        for c in changes:
+            report["changes"][c] = report["changes"].get(c, 0) + 1
+        if dtype is not None:
+            t = {n: (v if n == "alpha" else v.to(dtype)) for n, v in t.items()}
+        plain[key] = _file_module(key, t)
+    tensors, counts = layouts.relayout(plain, family, to, str(src))
+    table, fused = keymap.alias_table(family), keymap.fused_table(family)
+    report.update(renamed=counts["renamed"], split=counts["split"], stacked=counts["stacked"],
+                  rescaled=counts["rescaled"], unmatched=[k for k in modules if k not in table and k not in fused])
+    out = {k: _file_module(k, dict(t)) for k, t in tensors.items()}
+    tol = max(_REL_TOL.get(v.dtype, 1e-5) for m in out.values() for v in m.tensors.values())
+    report["max_abs_diff"], report["max_rel_diff"] = _check(
+        layouts.per_layer(reference, family), layouts.per_layer({k: m.delta() for k, m in out.items()}, family), tol)
+    meta = {**_metadata(metadata, found.family, out, dst, src), **family.layout_metadata(to)}
+    write_safetensors(dst, {f"{k}.{n}": v for k, t in tensors.items() for n, v in t.items()}, meta)
+    return report
+
+
+def _file_module(key: str, tensors: dict[str, torch.Tensor]) -> FileModule:
+    """A module from its tensors and alpha, whatever dots its key has."""
+    t = dict(tensors)
+    alpha = t.pop("alpha")
+    return FileModule(key, t, alpha, {}, detect_algorithm(set(t)))
 
 
 def _peft_metadata(config: Mapping, family: Family | None) -> dict[str, str]:
@@ -303,7 +359,15 @@ def format_convert(r: dict[str, Any]) -> str:
     lines = [(f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}), family {r['family']}, "
               f"{r['modules']} modules")]
     if r["renamed"]:
-        lines.append(f"  renamed {r['renamed']} module keys to the sd-scripts names")
+        names = f"the {r['layout']} layout" if r.get("layout") else "the sd-scripts names"
+        lines.append(f"  renamed {r['renamed']} module keys to {names}")
+    if r.get("split"):
+        lines.append(f"  split {r['split']} modules over fused original layers into one module per Diffusers layer "
+                     "(its rows of the update)")
+    if r.get("stacked"):
+        folded = f"; alpha / r folded into lora_up in {r['rescaled']} of them" if r.get("rescaled") else ""
+        lines.append(f"  stacked the LoRA modules of {r['stacked']} fused layers into one module each (lora_down rows "
+                     f"concatenated, lora_up block-diagonal{folded})")
     names = {"tucker": "Tucker layers rebuilt as plain w2", "w2_b_4d": "4-D w2_b flattened",
              "alpha_added": "alpha written where missing",
              "peft_scale_folded": "PEFT alpha/r folded into w1 (both factors full)"}
@@ -319,6 +383,7 @@ def format_convert(r: dict[str, Any]) -> str:
         lines.append(f"  {len(r['unmatched'])} keys match no module of an {r['family']} model and were kept as they "
                      f"are, e.g. {r['unmatched'][0]}")
     lines += [f"  note: {n}" for n in r["notes"]]
-    lines.append(f"check: effective weights equal, max abs diff {r['max_abs_diff']:.3g}, "
+    per = " per Diffusers layer" if r.get("layout") else ""
+    lines.append(f"check: effective weights{per} equal, max abs diff {r['max_abs_diff']:.3g}, "
                  f"max relative diff {r['max_rel_diff']:.3g}")
     return "\n".join(lines)

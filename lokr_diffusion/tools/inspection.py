@@ -193,6 +193,9 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         _check_module(m, info, found.family, layout, dims, w)
         infos.append(info)
     _check_file(modules, found.family, metadata, args, layout, w)
+    naming = found.naming_family
+    denoiser_keys = [m.key for m in sorted(modules.values(), key=lambda m: m.key) if m.component == "unet"]
+    key_layouts = _key_layouts(naming, denoiser_keys)
     blocks: dict[str, dict[str, int]] = {}
     for i in infos:
         comp = blocks.setdefault(i["component"], {})
@@ -200,6 +203,10 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     return {
         "file": str(path), "file_size": weights.stat().st_size, "layout": layout,
         "family": found.name, "family_source": found.how,
+        "denoiser": naming.denoiser_attr if naming is not None else "unet",
+        "key_layouts": key_layouts,
+        "key_layout": (next(iter(key_layouts)) if len(key_layouts) == 1 else "mixed") if key_layouts else None,
+        "ui_support": [{"ui": ui, "support": text} for ui, text in naming.ui_support(denoiser_keys)] if naming else [],
         "components": dict(Counter(i["component"] for i in infos)),
         "algorithms": dict(Counter(i["algo"] or "unknown" for i in infos)),
         "blocks": blocks,
@@ -216,8 +223,18 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _key_layouts(family: Family | None, denoiser_keys: list[str]) -> dict[str, int]:
+    """Denoiser modules per file layout of a family with several (Flux: the DiT spec's six), in the
+    family's order; "unknown" for keys in none of them. {} for families with one layout."""
+    if family is None or not family.file_layouts:
+        return {}
+    found = Counter(family.denoiser_layout(k) or "unknown" for k in denoiser_keys)
+    return {name: found[name] for name in [*family.file_layouts, "unknown"] if found[name]}
+
+
 _SHOWN_GROUPS = 10
-_BLOCK_ORDER = ("down_blocks", "input_blocks", "mid_block", "middle_block", "up_blocks", "output_blocks", "encoder")
+_BLOCK_ORDER = ("down_blocks", "input_blocks", "mid_block", "middle_block", "up_blocks", "output_blocks",
+                "transformer_blocks", "double_blocks", "single_transformer_blocks", "single_blocks", "encoder")
 
 
 def _block_order(block: str) -> tuple[int, int]:
@@ -237,6 +254,32 @@ def _family_title(name: str | None) -> str:
     return name or "unknown"
 
 
+def _layout_lines(r: dict[str, Any]) -> list[str]:
+    """The key layout of a family with several, and what each UI does with the file's keys."""
+    found = r.get("key_layouts") or {}
+    lines = []
+    if len(found) == 1:
+        name = next(iter(found))
+        described = _layout_description(name)
+        lines.append(f"key layout:  {name} ({found[name]} {r.get('denoiser', 'unet')} modules){described}")
+    elif found:
+        lines.append("key layout:  mixed: " + ", ".join(f"{name} {n}" for name, n in found.items()))
+    if r.get("ui_support"):
+        lines.append("in the UIs:")
+        width = max(len(u["ui"]) for u in r["ui_support"])
+        lines += [f"  {u['ui']:{width}s}  {u['support']}" for u in r["ui_support"]]
+    return lines
+
+
+def _layout_description(name: str) -> str:
+    """`: <what its keys look like>, written by <who>` from the family that declares the layout."""
+    for f in FAMILIES:
+        if name in f.file_layouts:
+            keys, writers = f.file_layouts[name]
+            return f": {keys}; {writers}"
+    return ""
+
+
 def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
     if r["layout"] == "embedding":
         shapes = ", ".join(f"{k} {v[0]} x {v[1]}" for k, v in r["vectors"].items())
@@ -245,12 +288,14 @@ def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
                           f"vectors:     {shapes}",
                           "load with:   lokr_diffusion.load_embedding(pipe, file) in Diffusers; "
                           "models/embeddings/ in ComfyUI, embeddings/ in AUTOMATIC1111"])
-    comps = ", ".join(f"{_COMPONENT_NAMES.get(c, c)} {n}" for c, n in r["components"].items())
-    params = ", ".join(f"{_COMPONENT_NAMES.get(c, c)} {n:,}" for c, n in r["parameters_per_component"].items())
+    names = {**_COMPONENT_NAMES, "unet": "UNet" if r.get("denoiser", "unet") == "unet" else r["denoiser"]}
+    comps = ", ".join(f"{names.get(c, c)} {n}" for c, n in r["components"].items())
+    params = ", ".join(f"{names.get(c, c)} {n:,}" for c, n in r["parameters_per_component"].items())
     layout = "PEFT" if r["layout"] == "peft" else "LyCORIS/kohya"
     lines = [
         f"file:        {r['file']} ({human_bytes(r['file_size'])}, {layout} layout)",
         f"family:      {_family_title(r['family'])} (from {r['family_source']})",
+        *_layout_lines(r),
         f"modules:     {sum(r['components'].values())} ({comps}); {counts(r['algorithms'])}",
         f"parameters:  {r['parameters']:,} ({params})",
         f"dtypes:      {counts(r['dtypes'])} tensors; alpha {counts(r['alpha_dtypes']) or 'none'}",
@@ -274,9 +319,10 @@ def format_inspection(r: dict[str, Any], verbose: bool = False) -> str:
             more = len(factor_groups) - len(shown)
             lines.append(f"  ... {more} more shapes ({rest} modules; --json or -v lists all)")
     lines.append("modules per block:")
+    width = max([5, *(len(names.get(c, c)) for c in r["blocks"])])
     for comp, blocks in r["blocks"].items():
         ordered = sorted(blocks.items(), key=lambda kv: _block_order(kv[0]))
-        lines.append(f"  {_COMPONENT_NAMES.get(comp, comp):5s} " + ", ".join(f"{b} {n}" for b, n in ordered))
+        lines.append(f"  {names.get(comp, comp):{width}s} " + ", ".join(f"{b} {n}" for b, n in ordered))
     if r.get("errors"):
         lines.append(f"ERRORS ({len(r['errors'])}): the file is not usable as it is (exit status 1):")
         lines += [f"  [{e['code']}] {e['message']}" for e in r["errors"]]

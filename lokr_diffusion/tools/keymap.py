@@ -10,6 +10,9 @@ the others'.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+
+from torch import nn
 
 from ..errors import ConfigError
 from ..families import FAMILIES, Family, FileFamily, get_family
@@ -23,10 +26,53 @@ def alias_table(family: Family | str) -> dict[str, tuple[Target, str]]:
 
 
 @functools.lru_cache(maxsize=None)
+def _meta(family: Family) -> tuple[nn.Module, list[nn.Module]]:
+    """The family's real architecture without weights, built once: it takes a while for SDXL."""
+    return family.build_meta()
+
+
+@functools.lru_cache(maxsize=None)
 def _alias_table(family: Family) -> dict[str, tuple[Target, str]]:
-    """Built once per family: the meta build and the walk over every module take a while for SDXL."""
-    unet, encoders = family.build_meta()
+    unet, encoders = _meta(family)
     return build_alias_table(unet, encoders, family)
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One fused layer of the original model that the Diffusers model splits (Flux's
+    ``img_attn.qkv``, ``linear1``), at the real model's widths."""
+
+    keys: tuple[str, ...]  # the file keys naming it, one per layout with original names
+    slices: tuple[tuple[str, int, int], ...]  # (key we write for the Diffusers layer, row start, row stop)
+
+    @property
+    def rows(self) -> int:
+        return max(stop for _, _, stop in self.slices)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The Diffusers layers' keys, each once, in row order of their first slice."""
+        return tuple(dict.fromkeys(key for key, _, _ in self.slices))
+
+
+def fused_table(family: Family | str) -> dict[str, FusedLayer]:
+    """Every file key of a fused original layer (``Family.fused_groups`` on the real
+    architecture) -> the layer; the keys of one layer in different layouts share one object."""
+    return _fused_table(get_family(family))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_table(family: Family) -> dict[str, FusedLayer]:
+    denoiser = _meta(family)[0]
+    keys_by_slices: dict[tuple[tuple[str, int, int], ...], list[str]] = {}
+    for key, slices in family.fused_groups(denoiser).items():
+        canonical = tuple((family.denoiser_key(path, denoiser), start, stop) for path, start, stop in slices)
+        keys_by_slices.setdefault(canonical, []).append(key)
+    table = {}
+    for slices, keys in keys_by_slices.items():
+        layer = FusedLayer(tuple(keys), slices)
+        table.update(dict.fromkeys(keys, layer))
+    return table
 
 
 def canonical_key(family: Family, key: str) -> str | None:

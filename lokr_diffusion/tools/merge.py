@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterFileError, ConfigError
-from ..families import Family, family_of_pipeline, prediction_type_of
+from ..families import Family, family_of_pipeline, family_of_pipeline_class, prediction_type_of
 from ..fileformat import write_safetensors
 from ..loading import finite_scale, network_from_tensors
 from ..models import load_pipeline
@@ -49,8 +49,10 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
         tensors = {f"{k}.{n}": t for k, m in modules.items()
                    for n, t in {**m.tensors, **m.extras, **({"alpha": m.alpha} if m.alpha is not None else {})}.items()}
         files.append((path, scale, tensors, metadata))
+    _refuse_single_file(out, _family_of_folder(base))  # before minutes of model loading
     pipe = load_pipeline(base, torch_dtype=torch.float32)
     family = family_of_pipeline(pipe)
+    _refuse_single_file(out, family)
     prediction = prediction_type_of(pipe)
     unet, encoders = pipeline_components(pipe)
     reports = []
@@ -73,8 +75,8 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
         layout = "single-file (original keys)"
     else:
         if dtype is not None:
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                module = getattr(pipe, name, None)
+            parts = family.components(pipe)
+            for module in (parts.denoiser, parts.vae, *parts.text_encoders):
                 if module is not None:  # plain cast: ModelMixin.to warns about fp32 modules SD does not have
                     torch.nn.Module.to(module, dtype=dtype)
         with atomic_folder(out, overwrite) as tmp:
@@ -82,6 +84,22 @@ def merge_adapters(base: str, adapters: list[tuple[str, float]], out: str | Path
         layout = "diffusers folder"
     return {"base": str(base), "family": family.variant(prediction), "output": str(out), "layout": layout,
             "dtype": str(dtype or torch.float32).replace("torch.", ""), "adapters": reports}
+
+
+def _family_of_folder(base: str) -> Family | None:
+    """The family a Diffusers folder's model_index.json names, without loading anything."""
+    index = Path(base).expanduser() / "model_index.json"
+    try:
+        return family_of_pipeline_class(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _refuse_single_file(out: Path, family: Family | None) -> None:
+    """A single-file OUT needs the family's original checkpoint layout (``Family.to_original``)."""
+    if family is not None and out.suffix == ".safetensors" and not family.can_write_single_file:
+        raise ConfigError(f"{out}: merge cannot write {family.title} as one original-layout checkpoint file yet; "
+                          f"give a folder as OUT for a Diffusers pipeline (e.g. {out.with_suffix('')})")
 
 
 def _checkpoint_metadata(family: Family, prediction: str | None, out: Path, reports: list[dict]) -> dict[str, str]:

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,33 +22,72 @@ from torch import nn
 from ..algos import get_algorithm
 from ..errors import ConfigError, ModelError
 from ..dtypes import SAFETENSORS_NAMES, SHORT_NAMES
-from ..families import get_family
+from ..families import Family, family_of_pipeline_class, get_family
 from ..models import load_pipeline
 from ..network import AdapterConfig, AdapterNetwork, create_network, family_of
 from ..pipelines import _components as pipeline_components
 from .text import counts, human_bytes, shape
 
 SAVE_DTYPES = {name: dtype for dtype, name in SHORT_NAMES.items()}
+WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}  # frozen weights per train.mixed_precision, as the trainer casts them
+# bytes per trainable parameter each optimizer keeps: AdamW two fp32 moments, 8-bit AdamW two bytes,
+# Prodigy four fp32 tensors, Adafactor at most one (factored second moments), plain SGD none
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4, "sgd": 0}
 _COMPARE_FACTORS = (-1, 4, 8, 16)
 FACTOR_NOTE = ("--factor sets the small Kronecker factor w1 (a x c) and --dim is a rank: a larger factor means a "
                "bigger w1, a smaller w2 and so fewer parameters while w2 is full; --dim only matters where w2 is "
                "stored low-rank (dim < max(b, d) / 2), and there a larger dim means more parameters.")
 
 
-def _meta_from_folder(folder: Path) -> tuple[nn.Module, list[nn.Module]]:
-    """The folder's UNet and text encoders from their configs alone, on the meta device."""
-    import transformers
-    from diffusers import UNet2DConditionModel
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What the memory estimate assumes about a run (from a config's [train] and [data], or flags)."""
 
+    mixed_precision: str = "bf16"
+    optimizer: str = "adamw"
+    resolution: tuple[int, int] | None = None  # None: the family's (modelspec.resolution), else 512
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+    ema: bool = False
+
+
+def _folder_parts(folder: Path) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """(denoiser subfolder, text-encoder subfolders, model_index.json) of a Diffusers folder, as its
+    pipeline class's family names them (SD's unet / text_encoder(_2) when the class is unknown)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    family = family_of_pipeline_class(str(index.get("_class_name", "")))
+    if family is None:
+        return "unet", ("text_encoder", "text_encoder_2"), index
+    return family.denoiser_attr, family.text_encoder_attrs, index
+
+
+def _meta_from_folder(folder: Path) -> tuple[nn.Module, list[nn.Module]]:
+    """The folder's denoiser and text encoders from their configs alone, on the meta device."""
+    import diffusers
+    import transformers
+
+    denoiser_dir, encoder_dirs, index = _folder_parts(folder)
+    cls_name = (index.get(denoiser_dir) or [None, "UNet2DConditionModel"])[1]
+    denoiser_cls = getattr(diffusers, cls_name)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        denoiser = denoiser_cls.from_config(denoiser_cls.load_config(folder / denoiser_dir))
         encoders = []
-        for sub in ("text_encoder", "text_encoder_2"):
+        for sub in encoder_dirs:
             if (folder / sub / "config.json").is_file():
                 cfg = transformers.AutoConfig.from_pretrained(folder / sub)
-                cls = getattr(transformers, (cfg.architectures or ["CLIPTextModel"])[0])
+                cls = getattr(transformers, (index.get(sub) or [None, None])[1]
+                              or (cfg.architectures or ["CLIPTextModel"])[0])
                 encoders.append(cls(cfg))
-    return unet, encoders
+    return denoiser, encoders
+
+
+def _is_configs_folder(path: Path) -> bool:
+    if not (path.is_dir() and (path / "model_index.json").is_file()):
+        return False
+    try:
+        return (path / _folder_parts(path)[0] / "config.json").is_file()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def models_for(model: str) -> tuple[nn.Module, list[nn.Module], str]:
@@ -60,7 +101,7 @@ def models_for(model: str) -> tuple[nn.Module, list[nn.Module], str]:
         if family:
             unet, encoders = family.build_meta()
             return unet, encoders, f"the {family.name} architecture without weights"
-    if path.is_dir() and (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
+    if _is_configs_folder(path):
         try:
             unet, encoders = _meta_from_folder(path)
         except Exception as exc:  # malformed configs: report the folder, not a traceback
@@ -85,11 +126,24 @@ def plan_config(config_path: str | Path) -> dict[str, Any]:
         model = str((cfg.base_dir / model).resolve())
     elif cfg.model.family != "auto" and not Path(model).expanduser().exists():
         model = get_family(cfg.model.family).name
+    t = cfg.train
+    setup = TrainingSetup(mixed_precision=t.mixed_precision, optimizer=t.optimizer, resolution=_largest_resolution(cfg),
+                          batch_size=t.batch_size, gradient_checkpointing=t.gradient_checkpointing,
+                          ema=t.ema_decay is not None)
     result = plan_network(model, cfg.network.adapter_config(), title=cfg.output.name,
-                          train_unet=cfg.network.train_unet, train_text_encoder=cfg.network.train_text_encoder)
+                          train_unet=cfg.network.train_unet, train_text_encoder=cfg.network.train_text_encoder,
+                          text_encoders=cfg.network.text_encoders, training=setup)
     result["config_file"] = str(config_path)
     result["save_dtype"] = cfg.output.save_dtype
     return result
+
+
+def _largest_resolution(cfg: Any) -> tuple[int, int]:
+    """The largest (width, height) of the config's datasets: the memory a step needs at most."""
+    from ..data.config import dataset_configs_from_toml
+
+    sizes = [tuple(c.resolution) for c in dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir)]
+    return max(sizes, key=lambda wh: wh[0] * wh[1])
 
 
 def safetensors_size(network: AdapterNetwork, dtype: torch.dtype, metadata: dict[str, str]) -> int:
@@ -134,12 +188,26 @@ def _factor_comparison(network: AdapterNetwork, config: AdapterConfig) -> dict[s
     return out
 
 
+def trained_text_encoders(family: Family, encoders: list[nn.Module], train_text_encoder: bool,
+                          names: list[str] | None = None) -> list[nn.Module | None]:
+    """The text encoders the trainer puts adapters on, None in place of the others: those
+    `network.text_encoders` names (te1, te2...), else the family's default (Flux: CLIP-L only)."""
+    from ..training.loop import _trained_text_encoders
+
+    chosen = _trained_text_encoders(SimpleNamespace(train_text_encoder=train_text_encoder, text_encoders=names),
+                                    SimpleNamespace(family=family, text_encoders=encoders))
+    return chosen if any(te is not None for te in chosen) else []
+
+
 def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, train_unet: bool = True,
-                 train_text_encoder: bool = True) -> dict[str, Any]:
-    """Everything the trainer will build for `config` on `model`, as plain data."""
+                 train_text_encoder: bool = True, text_encoders: list[str] | None = None,
+                 training: TrainingSetup | None = None) -> dict[str, Any]:
+    """Everything the trainer will build for `config` on `model`, as plain data, and the training
+    memory it needs under `training` (defaults: bf16, AdamW, batch 1, gradient checkpointing)."""
     unet, encoders, source = models_for(model)
-    network = create_network(config, unet if train_unet else None, encoders if train_text_encoder else (),
-                             family=family_of(unet, encoders))
+    family = family_of(unet, encoders)
+    trained = trained_text_encoders(family, encoders, train_text_encoder, text_encoders)
+    network = create_network(config, unet if train_unet else None, trained, family=family)
     per_module = network.num_parameters(per_module=True)
     modules, groups = [], {}
     for info in network.modules_info():
@@ -166,8 +234,52 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, t
         result["notes"].append(FACTOR_NOTE)
     if config.conv_dim is None and config.preset == "full":
         result["notes"].append("k x k convolutions of preset full are skipped: give --conv-dim to train them")
+    result["memory"] = training_memory(family, unet, encoders, [te for te in trained if te is not None],
+                                       network.num_parameters(), training or TrainingSetup())
     network.remove()
     return result
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_memory(family: Family, denoiser: nn.Module, encoders: list[nn.Module], trained: list[nn.Module],
+                    trainable: int, setup: TrainingSetup) -> dict[str, Any]:
+    """Device memory of one training step, in bytes, and what the estimate includes.
+
+    The trainer casts the frozen denoiser (and the text encoders) to the training dtype and keeps
+    the adapters in fp32 with fp32 gradients and optimizer states. Text encoders without adapters
+    are parked off the device once their outputs are cached, so they count only while caching.
+    Activations are the family's stated allowance (``Family.activation_allowance``), not measured.
+    """
+    if setup.optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ConfigError(f"unknown optimizer {setup.optimizer!r}: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if setup.mixed_precision not in WEIGHT_BYTES:
+        raise ConfigError(f"unknown mixed precision {setup.mixed_precision!r}: expected one of "
+                          f"{', '.join(WEIGHT_BYTES)}")
+    wb = WEIGHT_BYTES[setup.mixed_precision]
+    resolution = setup.resolution or _family_resolution(family)
+    frozen_params = _count(denoiser) + sum(_count(te) for te in trained)
+    per_param = 4 + 4 + OPTIMIZER_STATE_BYTES[setup.optimizer] + (4 if setup.ema else 0)
+    allowance = family.activation_allowance(denoiser, resolution, setup.batch_size, wb, setup.gradient_checkpointing)
+    parts = {"frozen_weights": frozen_params * wb, "adapter": trainable * per_param,
+             "activations": allowance[0] if allowance else 0}
+    return {
+        "assumes": {"mixed_precision": setup.mixed_precision, "weight_bytes": wb, "optimizer": setup.optimizer,
+                    "resolution": list(resolution), "batch_size": setup.batch_size,
+                    "gradient_checkpointing": setup.gradient_checkpointing, "ema": setup.ema},
+        **parts, "total": sum(parts.values()),
+        "frozen_parameters": frozen_params, "adapter_bytes_per_parameter": per_param,
+        "activations_how": allowance[1] if allowance else "no allowance known for this family: not included",
+        "caching_text_encoders": sum(_count(te) for te in encoders if not any(te is t for t in trained)) * wb,
+    }
+
+
+def _family_resolution(family: Family) -> tuple[int, int]:
+    """The resolution the family's files record (Flux, SDXL: 1024x1024), else 512."""
+    width, _, height = str(getattr(family, "resolution", "512x512")).partition("x")
+    return int(width), int(height or width)
 
 
 
@@ -195,5 +307,34 @@ def format_plan(r: dict[str, Any]) -> str:
         by_factor = (f"{f}: {n:,}{' (this plan)' if int(f) == cfg['factor'] else ''}"
                      for f, n in r["factor_comparison"].items())
         lines.append("parameters by --factor at this dim: " + ", ".join(by_factor))
+    if "memory" in r:
+        lines += memory_lines(r["memory"])
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def memory_lines(m: dict[str, Any]) -> list[str]:
+    """The memory estimate, with what it includes and what it leaves out."""
+    a = m["assumes"]
+    dtype = "fp32" if a["mixed_precision"] == "no" else a["mixed_precision"]
+    checkpointing = "gradient checkpointing" if a["gradient_checkpointing"] else "no gradient checkpointing"
+    lines = [
+        (f"training memory (estimate, {dtype}, {a['optimizer']}, batch {a['batch_size']}, "
+         f"{a['resolution'][0]}x{a['resolution'][1]}, {checkpointing}): {gib(m['total'])} "
+         f"({m['total'] / 1e9:.1f} GB), of which"),
+        (f"  frozen weights:  {gib(m['frozen_weights'])}: {m['frozen_parameters']:,} parameters (denoiser and "
+         f"trained text encoders) x {a['weight_bytes']} B ({dtype})"),
+        (f"  adapter:         {gib(m['adapter'])}: {m['adapter_bytes_per_parameter']} B per trainable parameter (fp32 "
+         f"weight 4 + gradient 4 + {a['optimizer']} states {OPTIMIZER_STATE_BYTES[a['optimizer']]}"
+         + (" + EMA 4" if a["ema"] else "") + ")"),
+        f"  activations:     {gib(m['activations'])}: {m['activations_how']}",
+    ]
+    if m["caching_text_encoders"]:
+        lines.append(f"  not included: text encoders without adapters ({gib(m['caching_text_encoders'])} in {dtype}), "
+                     "on the device only while captions are cached and at sampling")
+    lines.append("  not included: the CUDA context and allocator slack (about 1 GiB), the VAE while latents are cached")
+    return lines

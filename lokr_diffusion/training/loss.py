@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 
 def make_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
@@ -41,6 +40,8 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
     loss before the mean: the prior-preservation weight of regularisation images."""
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
+        from diffusers.training_utils import compute_snr  # imported here: the config imports this module
+
         snr = compute_snr(scheduler, timesteps).float()
         clipped = torch.clamp(snr, max=min_snr_gamma)
         weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr.clamp_min(1e-8)
