@@ -93,8 +93,11 @@ def test_plan_config_equals_what_the_trainer_builds(config):
         unet, encoders, _ = models_for(str(local.resolve()))
     else:
         unet, encoders = get_family(cfg.model.family).build_meta()
+    from lokr_diffusion.network import chosen_text_encoders, family_of
+
+    family = family_of(unet, encoders)
     network = create_network(cfg.network.adapter_config(), unet=unet if cfg.network.train_unet else None,
-                             text_encoders=encoders if cfg.network.train_text_encoder else ())
+                             text_encoders=chosen_text_encoders(family, encoders, cfg.network), family=family)
     assert result["parameters"] == network.num_parameters()
     assert sum(result["modules"].values()) == len(network.module_keys())
     assert result["parameters"] > 0

@@ -24,7 +24,7 @@ from ..errors import ConfigError, ModelError
 from ..dtypes import SAFETENSORS_NAMES, SHORT_NAMES
 from ..families import Family, family_of_pipeline_class, get_family
 from ..models import load_pipeline
-from ..network import AdapterConfig, AdapterNetwork, create_network, family_of
+from ..network import AdapterConfig, AdapterNetwork, chosen_text_encoders, create_network, family_of
 from ..pipelines import _components as pipeline_components
 from .text import counts, human_bytes, shape
 
@@ -192,10 +192,8 @@ def trained_text_encoders(family: Family, encoders: list[nn.Module], train_text_
                           names: list[str] | None = None) -> list[nn.Module | None]:
     """The text encoders the trainer puts adapters on, None in place of the others: those
     `network.text_encoders` names (te1, te2...), else the family's default (Flux: CLIP-L only)."""
-    from ..training.loop import _trained_text_encoders
-
-    chosen = _trained_text_encoders(SimpleNamespace(train_text_encoder=train_text_encoder, text_encoders=names),
-                                    SimpleNamespace(family=family, text_encoders=encoders))
+    chosen = chosen_text_encoders(family, encoders, SimpleNamespace(train_text_encoder=train_text_encoder,
+                                                                    text_encoders=names))
     return chosen if any(te is not None for te in chosen) else []
 
 
