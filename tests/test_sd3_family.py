@@ -7,6 +7,7 @@ DiT spec (536 Linears, 8.06 B parameters for SD3.5 Large).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ from lokr_diffusion.families import sd3_names
 from lokr_diffusion.fileformat import training_metadata
 from lokr_diffusion.loading import build_alias_table
 from lokr_diffusion.text import tokenize
+
+from .test_tools_helpers import run_json
 
 TEXT = [123_650_304, 694_659_840, 4_762_310_656]  # CLIP-L with projection, CLIP-G, T5-XXL encoder
 # (transformer parameters, Linears in it)
@@ -369,3 +372,21 @@ def test_cli_tiny_model(tmp_path):
     assert isinstance(pipe.transformer, SD3Transformer2DModel)
     assert main(["tiny-model", "--family", "sd35-medium", "--out", str(tmp_path / "med")]) == 0
     assert load_pipeline(str(tmp_path / "med"), family="sd3-medium").transformer.config.dual_attention_layers == [0]
+
+
+def test_sd35_lokr_config_and_its_comment(capsys):
+    """train_configs/sd35_lokr.toml: the numbers its comment quotes are the ones plan --config
+    reports on the real SD3.5 Large architecture (no download: the meta device)."""
+    path = Path(__file__).resolve().parent.parent / "train_configs" / "sd35_lokr.toml"
+    r = run_json(capsys, "plan", "--config", path)
+    assert r["family"] == "sd35-large" and r["modules"] == {"unet": PRESET_COUNTS["sd35-large"]["attn-mlp"][0]}
+    m = r["memory"]
+    assert m["frozen_weights"] == 2 * REAL["sd35-large"][0]  # text encoders frozen, parked after caching
+    text = path.read_text()
+    for number in (r["parameters"], r["file_size"]["bf16"], r["file_size"]["fp16"], r["file_size"]["fp32"],
+                   REAL["sd35-large"][0]):
+        assert f"{number:,}" in text, number
+    for gib in (m["total"], m["frozen_weights"], m["adapter"], m["activations"], m["caching_text_encoders"]):
+        assert f"{gib / 2**30:.1f} GiB" in text, gib
+    assert f"({m['total'] / 1e9:.1f} GB)" in text
+    assert "4429 tokens (4096 image + 333 text) x hidden 2432" in m["activations_how"]
