@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import naming
+from ..errors import ConfigError
 
 # CLIP text-encoder layers per preset (LyCORIS: CLIPAttention, and CLIPMLP outside attn-only).
 CLIP_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -203,6 +204,13 @@ class Family:
         """The key of denoiser module ``path`` in ``layout``; None when the layout names it only as a
         row slice of a fused module (see :meth:`fused_groups`)."""
         raise NotImplementedError(f"{self.title} has no file layouts to choose from")
+
+    def require_layout(self, layout: str) -> None:
+        """Refuse a layout name another family has but this one does not (SD3's ``base_model``
+        asked of a Flux file) with the choices, before a key function meets it."""
+        if layout not in self.file_layouts:
+            raise ConfigError(f"{self.title} files have no {layout!r} key layout: expected one of "
+                              f"{', '.join(self.file_layouts) or 'none'}")
 
     def layout_metadata(self, layout: str) -> dict[str, str]:
         """Metadata that must change with the layout (whose module names the file uses)."""

@@ -329,6 +329,7 @@ class FluxFamily(Family):
         return flux_names.layout_of(key)
 
     def layout_key(self, layout: str, path: str) -> str | None:
+        self.require_layout(layout)
         return flux_names.layout_key(layout, path)
 
     def layout_metadata(self, layout: str) -> dict[str, str]:

@@ -104,6 +104,13 @@ _NAMES_KEY = re.compile(
     r"|time_text_embed[._](timestep|text)_embedder[._]|norm_out[._]linear$|proj_out$|pos_embed[._]proj$)"
     r"|lora_unet_final_layer_|((model\.)?diffusion_model\.)final_layer\.")
 _ATTN2_KEY = re.compile(r"attn2[._]")  # Medium's second image attention, in any layout
+ORIGINAL_IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"  # the reference code: the original names
+# What ComfyUI does with the layouts, read in comfy/lora.py (model_lora_keys_unet) and comfy/utils.py
+# (mmdit_to_diffusers): the original names of every weight (lora_unet_, diffusion_model.), and for SD3
+# the Diffusers names of mmdit_to_diffusers' table under transformer., base_model.model.,
+# lora_transformer_ and lycoris_ (q/k/v as row offsets, the two modulations with halves swapped).
+# That table has no bare Diffusers paths and no attn2 (Medium's second attention) entries.
+_COMFY_DIFFUSERS = frozenset({"lycoris", "lora_transformer", "transformer", "base_model"})
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
 _CLIP_DOTTED = ("text_encoder", "text_encoder_2")  # ComfyUI's Diffusers-LoRA keys of the two CLIP towers
@@ -288,6 +295,40 @@ class SD3Family(Family):
     def fused_groups(self, denoiser: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
         """kohya / ComfyUI files over the original fused ``qkv`` layers and the swapped modulations."""
         return sd3_names.fused_groups(denoiser)
+
+    # -- the seven file layouts (sd3_names.LAYOUTS) -------------------------------------------
+    file_layouts = sd3_names.LAYOUTS
+
+    def denoiser_layout(self, key: str) -> str | None:
+        return sd3_names.layout_of(key)
+
+    def layout_key(self, layout: str, path: str) -> str | None:
+        """On the real architecture (the toolbox works on it): its last block decides which
+        text modulation is a swapped-halves slice."""
+        self.require_layout(layout)
+        return sd3_names.layout_key(layout, path, self.real_transformer)
+
+    def layout_metadata(self, layout: str) -> dict[str, str]:
+        """``modelspec.implementation``: ``diffusers`` or the reference code, whose names a file uses."""
+        original = layout in sd3_names.ORIGINAL_NAMED
+        return {"modelspec.implementation": ORIGINAL_IMPLEMENTATION if original else self.implementation}
+
+    def ui_support(self, module_keys: Sequence[str]) -> list[tuple[str, str]]:
+        """What ComfyUI does with these transformer keys (source: the comment above
+        ``_COMFY_DIFFUSERS``); Forge and AUTOMATIC1111 were not checked for SD3."""
+        layouts = [sd3_names.layout_of(k) for k in module_keys]
+        n = sum(1 for layout in layouts if layout is not None)
+        if not n:
+            return []
+        skipped = sum(1 for k, layout in zip(module_keys, layouts) if layout is not None and (
+            layout == "bare" or (layout in _COMFY_DIFFUSERS and _ATTN2_KEY.search(k))))
+        comfy = (f"skips {skipped} of {n} transformer modules: its SD3 key map has no bare Diffusers paths and no "
+                 "Diffusers names for attn2; `lokr-diffusion convert --to lycoris` renames bare keys, and attn2 "
+                 "is read under the original names (--to kohya; LoRA only, LoKr and LoHa cannot be stacked)"
+                 if skipped else
+                 f"applies all {n} transformer modules (lycoris_, lora_transformer_, transformer., "
+                 "base_model.model. and original names; q/k/v as row slices of its fused weights)")
+        return [("ComfyUI", comfy), ("Forge", "not checked for SD3"), ("AUTOMATIC1111", "not checked for SD3")]
 
     def text_encoder_key(self, index: int, path: str) -> str:
         if index == 2:  # T5: its own module names, no text_model level

@@ -157,6 +157,56 @@ def fused_groups(denoiser: Any) -> dict[str, list[tuple[str, int, int]]]:
     return groups
 
 
-__all__ = ["BLOCK", "FINAL_MODULATION", "FUSED", "LAST_CONTEXT_MODULATION", "OUTSIDE", "depth",
-           "diffusers_keys", "diffusers_path", "dual_attention_blocks", "fused_groups", "inner_dim", "key_aliases",
-           "original_keys", "original_path"]
+# -- the seven file layouts ComfyUI reads for SD3 (DiT spec, section 2) ------------------------------
+# name -> (what a key looks like, who writes it). The first five name the Diffusers modules 1:1
+# (in the order of diffusers_keys); the last two the original modules, q/k/v fused as qkv.
+LAYOUTS: dict[str, tuple[str, str]] = {
+    "lycoris": ("lycoris_<Diffusers path, dots as _>", "SimpleTuner with LyCORIS; what lokr-diffusion writes"),
+    "lora_transformer": ("lora_transformer_<Diffusers path, dots as _>", "OneTrainer"),
+    "transformer": ("transformer.<Diffusers path>", "Diffusers/PEFT LoRA"),
+    "bare": ("<Diffusers path>", "DiffSynth"),
+    "base_model": ("base_model.model.<Diffusers path>", "PEFT-trained files (flash-sd3)"),
+    "kohya": ("lora_unet_<original path, dots as _>, q/k/v fused as qkv", "kohya sd-scripts"),
+    "diffusion_model": ("diffusion_model.<original path>, fused like kohya", "generic; ComfyUI's own key names"),
+}
+DIFFUSERS_NAMED = ("lycoris", "lora_transformer", "transformer", "bare", "base_model")
+ORIGINAL_NAMED = ("kohya", "diffusion_model")
+_DIFFUSERS_PATH = re.compile(r"transformer_blocks\.\d+\..+|context_embedder|time_text_embed\..+|norm_out\.linear"
+                             r"|proj_out|pos_embed\.proj")
+_ORIGINAL_PATH = re.compile(r"joint_blocks\.\d+\..+|final_layer\..+|context_embedder|[txy]_embedder\..+")
+_ORIGINAL_FLAT = re.compile(r"joint_blocks_\d+_.+|final_layer_.+|context_embedder|[txy]_embedder_.+")
+_FLAT_PREFIXES = (("lycoris_", "lycoris"), ("lora_transformer_", "lora_transformer"))
+_DOTTED_PREFIXES = (("base_model.model.", "base_model"), ("transformer.", "transformer"))
+
+
+def layout_of(key: str) -> str | None:
+    """Which of :data:`LAYOUTS` a denoiser module key is in; None for other keys (text encoders,
+    other families' names). `lora_unet_` is kohya's only over original names (the Diffusers-path
+    form is the PEFT reader's, no layout of its own)."""
+    for prefix, name in _FLAT_PREFIXES:
+        if key.startswith(prefix):
+            return name
+    for prefix, name in _DOTTED_PREFIXES:
+        if key.startswith(prefix):
+            return name if _DIFFUSERS_PATH.fullmatch(key[len(prefix):]) else None
+    if key.startswith("lora_unet_"):
+        return "kohya" if _ORIGINAL_FLAT.fullmatch(key[len("lora_unet_"):]) else None
+    if key.startswith("diffusion_model."):
+        return "diffusion_model" if _ORIGINAL_PATH.fullmatch(key[len("diffusion_model."):]) else None
+    return "bare" if _DIFFUSERS_PATH.fullmatch(key) else None
+
+
+def layout_key(layout: str, path: str, denoiser: Any) -> str | None:
+    """The key of Diffusers module `path` in `layout`; None when the layout names it only as a
+    row slice of a fused module (q/k/v, the swapped modulations)."""
+    if layout in DIFFUSERS_NAMED:
+        return diffusers_keys(path)[DIFFUSERS_NAMED.index(layout)]
+    if layout not in ORIGINAL_NAMED:
+        raise ValueError(f"unknown SD3 file layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    original = original_path(path, denoiser)
+    return original_keys(original)[ORIGINAL_NAMED.index(layout)] if original else None
+
+
+__all__ = ["BLOCK", "DIFFUSERS_NAMED", "FINAL_MODULATION", "FUSED", "LAST_CONTEXT_MODULATION", "LAYOUTS",
+           "ORIGINAL_NAMED", "OUTSIDE", "depth", "diffusers_keys", "diffusers_path", "dual_attention_blocks",
+           "fused_groups", "inner_dim", "key_aliases", "layout_key", "layout_of", "original_keys", "original_path"]
