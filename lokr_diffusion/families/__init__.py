@@ -1,6 +1,7 @@
 """The model families and how to tell which one a model, a checkpoint or an adapter file is.
 
-Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``) as a
+Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``; the
+loading-only ``flux2.py``, ``qwen_image.py``, ``z_image.py``) as a
 :class:`~lokr_diffusion.families.base.Family`; this registry is the only place that lists
 them. Detection asks each family in turn whether the evidence is its own.
 """
@@ -16,13 +17,16 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from .base import Components, Family
 from .flux import FLUX_DEV, FLUX_SCHNELL
+from .flux2 import FAMILY as FLUX2
+from .qwen_image import FAMILY as QWEN_IMAGE
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
+from .z_image import FAMILY as Z_IMAGE
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL)
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL, FLUX2, QWEN_IMAGE, Z_IMAGE)
 
-__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "Components", "Family", "family_names", "get_family", "known_family",
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "FLUX2", "QWEN_IMAGE", "Z_IMAGE", "Components", "Family", "family_names", "get_family", "known_family",
            "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
@@ -149,14 +153,22 @@ class FileFamily:
 
 def _sharing_names(family: Family) -> tuple[Family, ...]:
     """The families whose files use the same key prefixes as ``family`` (same kind of
-    denoiser, same text-encoder prefixes: SD 1.x and 2.x; Flux.1 dev and schnell)."""
-    return tuple(f for f in FAMILIES if (f.denoiser_attr, f.text_encoder_prefixes())
-                 == (family.denoiser_attr, family.text_encoder_prefixes()))
+    denoiser, same text-encoder prefixes, one shared name: SD 1.x and 2.x; Flux.1 dev and schnell)."""
+    return tuple(f for f in FAMILIES if f is family or (
+        family.shared_name and f.shared_name == family.shared_name
+        and (f.denoiser_attr, f.text_encoder_prefixes()) == (family.denoiser_attr, family.text_encoder_prefixes())))
 
 
 def _claiming(module_keys: Sequence[str]) -> tuple[Family, ...]:
-    """The families whose own module names (e.g. Flux's blocks) the keys use."""
-    return tuple(f for f in FAMILIES if f.matches_adapter_keys(module_keys))
+    """The families whose own module names (e.g. Flux's blocks) name the most of the keys, with the
+    families sharing their names. DiT families share many names (``transformer_blocks.0.attn.to_q``
+    is Flux.1's, Flux.2's and Qwen-Image's): a file naming a module only one of them has goes to
+    it, a file of shared names only stays open to all of them."""
+    counts = {f: sum(1 for k in module_keys if f.names_adapter_key(k)) for f in FAMILIES}
+    best = max(counts.values(), default=0)
+    if not best:
+        return ()
+    return tuple(dict.fromkeys(s for f in FAMILIES if counts[f] == best for s in _sharing_names(f)))
 
 
 def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> FileFamily:
@@ -166,7 +178,7 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     loads on [schnell])."""
     claimed = _claiming(module_keys)
     if claimed:
-        return FileFamily(_sharing_names(claimed[0]), "keys (module names)")
+        return FileFamily(claimed, "keys (module names)")
     prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
     for f in FAMILIES:
         te = f.text_encoder_prefixes()
@@ -182,6 +194,17 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     return FileFamily((), "unknown")
 
 
+def _by_widths(claimed: tuple[Family, ...], modules: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[Family, ...]:
+    """Among families claiming the same keys, those the weight shapes do not rule out (Flux.2's
+    SwiGLU MLP is 6H rows where Flux.1's is 4H)."""
+    fits = {f: f.adapter_widths_fit(modules) for f in claimed}
+    if any(v is True for v in fits.values()):
+        yes = [f for f, v in fits.items() if v is True]
+        return tuple(dict.fromkeys(s for f in yes for s in _sharing_names(f)))
+    no = {f for f, v in fits.items() if v is False}
+    return tuple(f for f in claimed if f not in no) or claimed
+
+
 def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
@@ -195,7 +218,7 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
     keys = [k for _, k, _ in modules]
     claimed = _claiming(keys)
     if claimed:
-        sharing = _sharing_names(claimed[0])
+        sharing = _by_widths(claimed, modules)
         decided = [(f, why) for f in sharing for why in [f.adapter_evidence(keys, metadata)] if why]
         if len(decided) == 1:
             return FileFamily((decided[0][0],), decided[0][1])

@@ -102,6 +102,21 @@ class Family:
         told apart by widths and metadata instead."""
         return False
 
+    def names_adapter_key(self, key: str) -> bool:
+        """Whether one adapter-file module key names a module of this family (in any layout it
+        reads): the registry counts these to choose among families whose names overlap."""
+        return self.matches_adapter_keys([key])
+
+    def adapter_widths_fit(self, modules: Sequence[tuple[str, str, tuple[int, ...]]]) -> bool | None:
+        """For a file whose keys other families name too: whether its weight shapes ``(component,
+        key, (out, in))`` are this family's (True), another's (False), or say nothing (None)."""
+        return None
+
+    def unmatched_reason(self, key: str) -> str | None:
+        """Why a file key matches no module of this family's models, when the family knows (e.g. a
+        text encoder it does not load); None otherwise."""
+        return None
+
     # -- naming ---------------------------------------------------------------------------------
     def text_encoder_prefixes(self) -> list[str]:
         """File-key prefix of each text encoder, in order."""

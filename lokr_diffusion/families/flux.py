@@ -88,17 +88,29 @@ _PRESET_PARTS = {"attn-only": (ATTENTION,), "attn-mlp": (ATTENTION, MLP),
 T5_ATTENTION = re.compile(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]")
 T5_MLP = re.compile(r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo|wi)")
 
-# Adapter-file keys only Flux files have: the Diffusers names (lycoris_/lora_transformer_/dotted),
-# the original BFL names (kohya lora_unet_, dotted diffusion_model.), and T5 text-encoder keys.
+# Adapter-file module keys that name a Flux.1 module (whole keys: Flux.2 and Qwen-Image share the block
+# prefixes and many inner names, see families.flux2 / qwen_image): the Diffusers names
+# (lycoris_/lora_transformer_/dotted), the original BFL names (kohya lora_unet_, dotted
+# diffusion_model.), and T5 text-encoder keys.
+_DIFFUSERS_NAME = (rf"{_DOUBLE}(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)"
+                   rf"|norm1(_context)?\.linear)|{_SINGLE}(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)"
+                   r"|x_embedder|context_embedder|time_text_embed\.(timestep|guidance|text)_embedder\.linear_[12]"
+                   r"|norm_out\.linear|proj_out")
+_ORIGINAL_BLOCK = (r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"
+                   r"|single_blocks\.\d+\.(linear1|linear1_qkv|linear2|modulation\.lin)")
+_ORIGINAL_NAME = rf"{_ORIGINAL_BLOCK}|img_in|txt_in|(time|vector|guidance)_in\.(in|out)_layer|final_layer\.(linear|adaLN_modulation\.1)"
+
+
+def _flat(names: str) -> str:
+    return names.replace(r"\.", "_")
+
+
 _ADAPTER_KEY = re.compile(
-    r"(lycoris|lora_transformer)_(single_)?transformer_blocks_\d+_"
-    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_|norm_out_linear$|proj_out$)"
-    r"|lora_unet_(double|single)_blocks_\d+_"
-    r"|lora_unet_(img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_)"
-    r"|(transformer\.)?(single_)?transformer_blocks\.\d+\."
-    r"|transformer\.(x_embedder|context_embedder|time_text_embed\.|norm_out\.linear$|proj_out$)"
-    r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
-    r"|((model\.)?diffusion_model\.)(img_in|txt_in|time_in\.|vector_in\.|guidance_in\.|final_layer\.)"
+    rf"((lycoris|lora_transformer)_({_flat(_DIFFUSERS_NAME)})"
+    rf"|(transformer\.)?({_DIFFUSERS_NAME})"
+    rf"|lora_unet_({_flat(_ORIGINAL_NAME)})"
+    rf"|((model\.)?diffusion_model\.)?({_ORIGINAL_BLOCK})"
+    rf"|(model\.)?diffusion_model\.({_ORIGINAL_NAME}))$"
     r"|lora_te[23]_encoder_block_\d+_layer_\d")
 _GUIDANCE_KEY = re.compile(r"guidance_in[._]|guidance_embedder[._]")  # only [dev] has this module
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
