@@ -60,8 +60,8 @@ Z_IMAGE_TRANSFORMER: dict[str, Any] = {
     "axes_dims": [32, 48, 48],
     "axes_lens": [1024, 512, 512],
 }
-TINY_TRANSFORMER = {"dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "in_channels": 4,
-                    "cap_feat_dim": 16, "axes_dims": [4, 6, 6], "axes_lens": [64, 32, 32]}
+TINY_TRANSFORMER = {"dim": 48, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "in_channels": 4,
+                    "cap_feat_dim": 16, "axes_dims": [8, 8, 8], "axes_lens": [64, 32, 32]}
 
 _BLOCK = r"(?:layers|noise_refiner|context_refiner)\.\d+\."
 _SHARED = rf"{_BLOCK}(?:feed_forward\.w[123]|adaLN_modulation\.0)|t_embedder\.mlp\.[02]|cap_embedder\.1"
