@@ -146,7 +146,8 @@ def test_detect_models_and_pipeline_classes(meta):
     assert family_of_text_encoders(encoders[:1]) is SD1  # a lone CLIP-L is SD 1.x's, as before
     assert family_of_pipeline_class("FluxPipeline") is FLUX_DEV
     assert family_of_pipeline_class("FluxImg2ImgPipeline") is FLUX_DEV
-    for other in ("Flux2Pipeline", "FluxKontextPipeline", "FluxFillPipeline", "StableDiffusion3Pipeline"):
+    assert family_of_pipeline_class("Flux2Pipeline").name == "flux2"  # another architecture: a family of its own
+    for other in ("FluxKontextPipeline", "FluxFillPipeline", "StableDiffusion3Pipeline"):
         assert family_of_pipeline_class(other) is None, other
 
 
@@ -173,8 +174,17 @@ def test_detect_checkpoints_and_metadata():
     "lora_te2_encoder_block_0_layer_0_SelfAttention_q",
 ])
 def test_adapter_files_are_recognised_as_flux(key):
+    from lokr_diffusion.families import FLUX2, QWEN_IMAGE
+
     found = family_of_adapter_keys([key])
-    assert found.candidates == (FLUX_DEV, FLUX_SCHNELL) and found.allows(FLUX_SCHNELL) and not found.allows(SDXL)
+    # names Flux.2 (and Qwen-Image) use too leave the file open to them: a lone key cannot tell
+    shared = {"lycoris_transformer_blocks_0_attn_to_q": (FLUX2, QWEN_IMAGE), "transformer_blocks.0.attn.to_q":
+              (FLUX2, QWEN_IMAGE), "lora_transformer_transformer_blocks_0_attn_add_k_proj": (FLUX2,),
+              "lora_unet_double_blocks_0_img_attn_qkv": (FLUX2,), "lora_unet_single_blocks_3_linear1": (FLUX2,),
+              "diffusion_model.double_blocks.0.img_attn.qkv": (FLUX2,)}.get(key, ())
+    assert set(found.candidates) == {FLUX_DEV, FLUX_SCHNELL, *shared}
+    assert found.allows(FLUX_SCHNELL) and not found.allows(SDXL)
+    assert family_of_adapter_keys([key], {"ss_base_model_version": "flux1"}).candidates == (FLUX_DEV, FLUX_SCHNELL)
     # dev and schnell share every key but the guidance embedder: without it or a modelspec.architecture
     # naming one of them, the file is "Flux.1" (either); ss_base_model_version "flux1" is written for both
     undecided = family_of_adapter([("unet", key, (4, 4))], {"ss_base_model_version": "flux1"})

@@ -24,7 +24,9 @@ from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
 from .z_image import FAMILY as Z_IMAGE
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL, FLUX2, QWEN_IMAGE, Z_IMAGE)
+# Flux.2 before Flux.1: its original checkpoints have every block name Flux.1's detection looks for
+# (double_blocks, single_blocks, guidance_in in [dev]), plus its own global modulation.
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX2, FLUX_DEV, FLUX_SCHNELL, QWEN_IMAGE, Z_IMAGE)
 
 __all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "FLUX2", "QWEN_IMAGE", "Z_IMAGE", "Components", "Family", "family_names", "get_family", "known_family",
            "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
@@ -144,8 +146,14 @@ class FileFamily:
 
     @property
     def naming_family(self) -> Family | None:
-        """A family whose module names cover every candidate (the last: SD2 covers SD1's)."""
-        return self.candidates[-1] if self.candidates else None
+        """A family whose module names cover every candidate sharing its keys (the last: SD2 covers
+        SD1's). When a file's names are shared by families that name their modules differently
+        (``transformer_blocks.0.attn.to_q``: Flux.1, Flux.2, Qwen-Image), the names of the first one
+        lokr-diffusion trains (Flux.1), as before the loading-only families existed."""
+        if not self.candidates:
+            return None
+        first = next((f for f in self.candidates if f.trains), self.candidates[0])
+        return [f for f in self.candidates if f in _sharing_names(first)][-1]
 
     def allows(self, family: Family) -> bool:
         return not self.candidates or family in self.candidates
@@ -178,7 +186,9 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     loads on [schnell])."""
     claimed = _claiming(module_keys)
     if claimed:
-        return FileFamily(claimed, "keys (module names)")
+        narrowed = _by_metadata(claimed, metadata or {})
+        return FileFamily(narrowed, "keys (module names)" if narrowed == claimed else
+                          "keys (module names) and metadata")
     prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
     for f in FAMILIES:
         te = f.text_encoder_prefixes()
@@ -205,6 +215,14 @@ def _by_widths(claimed: tuple[Family, ...], modules: Sequence[tuple[str, str, tu
     return tuple(f for f in claimed if f not in no) or claimed
 
 
+def _by_metadata(candidates: tuple[Family, ...], metadata: Mapping[str, str]) -> tuple[Family, ...]:
+    """Among families whose names a file shares, those its metadata names (with the families sharing
+    their keys: ``ss_base_model_version`` ``flux1`` leaves Flux.1 [dev] or [schnell]); all of them
+    when the metadata names none."""
+    named = [f for f in candidates if f.matches_metadata(metadata)]
+    return tuple(dict.fromkeys(s for f in named for s in _sharing_names(f) if s in candidates)) or candidates
+
+
 def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
@@ -222,6 +240,10 @@ def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
         decided = [(f, why) for f in sharing for why in [f.adapter_evidence(keys, metadata)] if why]
         if len(decided) == 1:
             return FileFamily((decided[0][0],), decided[0][1])
+        narrowed = _by_metadata(sharing, metadata)
+        if len(narrowed) == 1 and len(sharing) > 1:
+            return FileFamily(narrowed, "keys (module names) and metadata")
+        sharing = narrowed
         if len(sharing) == 1:
             return FileFamily(sharing, "keys (module names)")
         return FileFamily(sharing, "keys (module names); no key or metadata says which of "
