@@ -43,9 +43,11 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-def family_names() -> list[str]:
-    """Every spelling users may type, canonical names first."""
-    return [f.name for f in FAMILIES] + [a for f in FAMILIES for a in f.aliases]
+def family_names(trainable: bool = False) -> list[str]:
+    """Every spelling users may type, canonical names first (only the trained families' with
+    `trainable`: what a training config may name)."""
+    chosen = [f for f in FAMILIES if f.trains or not trainable]
+    return [f.name for f in chosen] + [a for f in chosen for a in f.aliases]
 
 
 def get_family(name: str | Family) -> Family:
