@@ -66,8 +66,10 @@ class LoadReport:
 
 
 # LoRA tensor names of Diffusers / PEFT state dicts (`transformer.<path>.lora_A.weight`, as Diffusers'
-# save_lora_weights and ai-toolkit write them) and of older Diffusers attention processors
+# save_lora_weights and ai-toolkit write them; `lora_A.default.weight`, PEFT's adapter name kept, which
+# ComfyUI reads for Qwen-Image) and of older Diffusers attention processors
 _LORA_TENSOR_NAMES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight",
+                     ".lora_A.default.weight": ".lora_down.weight", ".lora_B.default.weight": ".lora_up.weight",
                       ".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
 
@@ -240,9 +242,14 @@ def _module_params(source: str, module_key: str, group: dict[str, torch.Tensor],
     return algo, params, alpha
 
 
-def _unmatched_message(source: str, unmatched: list[str], known: list[str], total: int) -> str:
+def _unmatched_message(source: str, unmatched: list[str], known: list[str], total: int,
+                       family: Family | None = None) -> str:
     hints = []
     for k in unmatched[:10]:
+        reason = family.unmatched_reason(k) if family is not None else None
+        if reason:
+            hints.append(f"  {k} ({reason})")
+            continue
         close = difflib.get_close_matches(k, known, n=2, cutoff=0.6)
         hints.append(f"  {k}" + (f" (closest: {', '.join(close)})" if close else ""))
     more = f"\n  ... and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
@@ -316,7 +323,7 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
                        len(report.without_alpha), report.without_alpha[0])
     known = sorted(table) + sorted(fused)
     if report.unmatched:
-        msg = _unmatched_message(source, report.unmatched, known, len(groups))
+        msg = _unmatched_message(source, report.unmatched, known, len(groups), family)
         if strict:
             raise AdapterFileError(msg)
         logger.warning(msg)

@@ -90,7 +90,12 @@ def test_every_family_declares_its_own_evidence():
                        "flux-schnell": ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
                                         "model.diffusion_model.single_blocks.0.linear1.weight"],
                        "sd35-large": ["model.diffusion_model.joint_blocks.37.x_block.attn.qkv.weight"],
-                       "sd35-medium": ["joint_blocks.0.x_block.attn2.qkv.weight"]}
+                       "sd35-medium": ["joint_blocks.0.x_block.attn2.qkv.weight"],
+                       "flux2": ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                                 "double_stream_modulation_img.lin.weight", "guidance_in.in_layer.weight"],
+                       "qwen-image": ["transformer_blocks.0.img_mod.1.weight", "txt_in.weight"],
+                       "z-image": ["model.diffusion_model.noise_refiner.0.attention.qkv.weight",
+                                   "model.diffusion_model.cap_pad_token"]}
     for family in REGISTRY:
         assert family_of_checkpoint_keys(checkpoint_keys[family.name]) is family
         meta = family.file_metadata()

@@ -148,7 +148,8 @@ def test_detect_models_and_pipeline_classes(meta):
     assert family_of_text_encoders(encoders[:1]) is SD1  # a lone CLIP-L is SD 1.x's, as before
     assert family_of_pipeline_class("FluxPipeline") is FLUX_DEV
     assert family_of_pipeline_class("FluxImg2ImgPipeline") is FLUX_DEV
-    for other in ("Flux2Pipeline", "FluxKontextPipeline", "FluxFillPipeline"):
+    assert family_of_pipeline_class("Flux2Pipeline").name == "flux2"  # another architecture: a family of its own
+    for other in ("FluxKontextPipeline", "FluxFillPipeline"):
         assert family_of_pipeline_class(other) is None, other
     assert family_of_pipeline_class("StableDiffusion3Pipeline") is SD35_LARGE
 
@@ -175,8 +176,15 @@ def test_detect_checkpoints_and_metadata():
     "lycoris_x_embedder",
 ])
 def test_adapter_files_are_recognised_as_flux(key):
+    from lokr_diffusion.families import FLUX2
+
     found = family_of_adapter_keys([key])
-    assert found.candidates == (FLUX_DEV, FLUX_SCHNELL) and found.allows(FLUX_SCHNELL) and not found.allows(SDXL)
+    # names Flux.2 uses too leave the file open to it: a lone key cannot tell
+    shared = {"lora_unet_double_blocks_0_img_attn_qkv": (FLUX2,), "lora_unet_single_blocks_3_linear1": (FLUX2,),
+              "diffusion_model.double_blocks.0.img_attn.qkv": (FLUX2,), "lycoris_x_embedder": (FLUX2,)}.get(key, ())
+    assert set(found.candidates) == {FLUX_DEV, FLUX_SCHNELL, *shared}
+    assert found.allows(FLUX_SCHNELL) and not found.allows(SDXL)
+    assert family_of_adapter_keys([key], {"ss_base_model_version": "flux1"}).candidates == (FLUX_DEV, FLUX_SCHNELL)
     # dev and schnell share every key but the guidance embedder: without it or a modelspec.architecture
     # naming one of them, the file is "Flux.1" (either); ss_base_model_version "flux1" is written for both
     undecided = family_of_adapter([("unet", key, (4, 4))], {"ss_base_model_version": "flux1"})
@@ -192,12 +200,18 @@ def test_adapter_files_are_recognised_as_flux(key):
 @pytest.mark.parametrize("key", ["lycoris_transformer_blocks_0_attn_to_q",
                                  "lora_transformer_transformer_blocks_0_attn_to_q", "transformer_blocks.0.attn.to_q"])
 def test_double_block_names_are_shared_with_sd3(key):
-    """SD3's joint blocks have the Diffusers names of Flux's double blocks: the names alone say
-    nothing, the attention width does (Flux.1 3072, SD3.5 Large 2432, Medium 1536)."""
-    assert family_of_adapter_keys([key]).candidates == (FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, SD35_MEDIUM)
+    """SD3's joint blocks have the Diffusers names of Flux's double blocks (and Flux.2's and, but in
+    OneTrainer's lora_transformer_ layout, Qwen-Image's blocks): the names alone say nothing, the
+    attention width does (Flux.1, Flux.2 [klein] and Qwen-Image 3072, SD3.5 Large 2432, Medium 1536)."""
+    from lokr_diffusion.families import FLUX2, QWEN_IMAGE
+
+    named = (FLUX2, FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, SD35_MEDIUM) + (() if key.startswith("lora_transformer_")
+                                                                        else (QWEN_IMAGE,))
+    assert family_of_adapter_keys([key]).candidates == named
     assert family_of_adapter_keys([key], {"ss_base_model_version": "flux1"}).candidates == (FLUX_DEV, FLUX_SCHNELL)
-    assert family_of_adapter([("unet", key, (3072, 3072))], {}).candidates == (FLUX_DEV, FLUX_SCHNELL)
-    assert family_of_adapter([("unet", key, (4, 4))], {}).candidates == (FLUX_DEV, FLUX_SCHNELL)  # the first registered
+    wide = tuple(f for f in named if f.attention_width == 3072)
+    assert family_of_adapter([("unet", key, (3072, 3072))], {}).candidates == wide
+    assert family_of_adapter([("unet", key, (4, 4))], {}).candidates == named  # no width or metadata: open to all
     schnell = {"modelspec.architecture": "flux-1-schnell/lora"}
     assert family_of_adapter([("unet", key, (3072, 3072))], schnell).family is FLUX_SCHNELL
     assert family_of_adapter([("unet", key, (2432, 2432))], {}).family is SD35_LARGE

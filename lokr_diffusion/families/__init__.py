@@ -1,8 +1,11 @@
 """The model families and how to tell which one a model, a checkpoint or an adapter file is.
 
-Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``, ``sd3.py``) as a
+Each family lives in its own module (``sd1.py``, ``sd2.py``, ``sdxl.py``, ``flux.py``, ``sd3.py``; the
+loading-only ``flux2.py``, ``qwen_image.py``, ``z_image.py``) as a
 :class:`~lokr_diffusion.families.base.Family`; this registry is the only place that lists
-them. Detection asks each family in turn whether the evidence is its own.
+them. Detection asks each family in turn whether the evidence is its own; an adapter file goes to
+the families naming the most of its keys (``Family.names_adapter_key``), told apart by widths
+(``Family.adapter_widths_fit``), key evidence (``Family.adapter_evidence``), then metadata.
 """
 from __future__ import annotations
 
@@ -16,14 +19,23 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from .base import Components, Family
 from .flux import FLUX_DEV, FLUX_SCHNELL
+from .flux2 import FAMILY as FLUX2
+from .qwen_image import FAMILY as QWEN_IMAGE
 from .sd3 import SD35_LARGE, SD35_MEDIUM
 from .sd1 import FAMILY as SD1
 from .sd2 import FAMILY as SD2
 from .sdxl import FAMILY as SDXL
+from .z_image import FAMILY as Z_IMAGE
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, SD35_MEDIUM)
+# Flux.2 before Flux.1: its original checkpoints have every block name Flux.1's detection looks for
+# (double_blocks, single_blocks, guidance_in in [dev]), plus its own global modulation.
+# Shared adapter-file names leave a file open to every family naming them, listed in this order; the
+# first trained one among them names its keys for the toolbox (FileFamily.naming_family).
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, FLUX2, FLUX_DEV, FLUX_SCHNELL, SD35_LARGE, SD35_MEDIUM,
+                                QWEN_IMAGE, Z_IMAGE)
 
-__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "SD35_LARGE", "SD35_MEDIUM", "Components", "Family", "family_names", "get_family", "known_family",
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "FLUX_DEV", "FLUX_SCHNELL", "FLUX2", "SD35_LARGE", "SD35_MEDIUM",
+           "QWEN_IMAGE", "Z_IMAGE", "Components", "Family", "family_names", "get_family", "known_family",
            "family_of_models", "family_of_pipeline", "family_of_text_encoders", "prediction_type_of", "family_of_checkpoint_keys", "family_of_pipeline_class",
            "family_of_metadata", "FileFamily", "family_of_adapter", "family_of_adapter_keys"]
 
@@ -38,9 +50,11 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-def family_names() -> list[str]:
-    """Every spelling users may type, canonical names first."""
-    return [f.name for f in FAMILIES] + [a for f in FAMILIES for a in f.aliases]
+def family_names(trainable: bool = False) -> list[str]:
+    """Every spelling users may type, canonical names first (only the trained families' with
+    `trainable`: what a training config may name)."""
+    chosen = [f for f in FAMILIES if f.trains or not trainable]
+    return [f.name for f in chosen] + [a for f in chosen for a in f.aliases]
 
 
 def get_family(name: str | Family) -> Family:
@@ -141,8 +155,14 @@ class FileFamily:
 
     @property
     def naming_family(self) -> Family | None:
-        """A family whose module names cover every candidate (the last: SD2 covers SD1's)."""
-        return self.candidates[-1] if self.candidates else None
+        """A family whose module names cover every candidate sharing its keys (the last: SD2 covers
+        SD1's). When a file's names are shared by families that name their modules differently
+        (``transformer_blocks.0.attn.to_q``: Flux.1, Flux.2, Qwen-Image), the names of the first one
+        lokr-diffusion trains (Flux.1), as before the loading-only families existed."""
+        if not self.candidates:
+            return None
+        first = next((f for f in self.candidates if f.trains), self.candidates[0])
+        return [f for f in self.candidates if f in _sharing_names(first)][-1]
 
     def allows(self, family: Family) -> bool:
         return not self.candidates or family in self.candidates
@@ -150,40 +170,43 @@ class FileFamily:
 
 def _sharing_names(family: Family) -> tuple[Family, ...]:
     """The families whose files use the same key prefixes as ``family`` (same kind of
-    denoiser, same text-encoder prefixes: SD 1.x and 2.x; Flux.1 dev and schnell)."""
-    return tuple(f for f in FAMILIES if (f.denoiser_attr, f.text_encoder_prefixes())
-                 == (family.denoiser_attr, family.text_encoder_prefixes()))
+    denoiser, same text-encoder prefixes, one shared name: SD 1.x and 2.x; Flux.1 dev and schnell)."""
+    return tuple(f for f in FAMILIES if f is family or (
+        family.shared_name and f.shared_name == family.shared_name
+        and (f.denoiser_attr, f.text_encoder_prefixes()) == (family.denoiser_attr, family.text_encoder_prefixes())))
 
 
 def _claiming(module_keys: Sequence[str]) -> tuple[Family, ...]:
-    """The families whose own module names (e.g. Flux's blocks) the keys use."""
-    return tuple(f for f in FAMILIES if f.matches_adapter_keys(module_keys))
-
-
-def _naming(module_keys: Sequence[str]) -> tuple[Family, ...]:
-    """The families whose names, own or shared, the keys use (Flux's double blocks are SD3's
-    joint blocks by name), in registry order."""
-    return tuple(f for f in FAMILIES if f.names_adapter_keys(module_keys))
+    """The families whose module names (``Family.names_adapter_key``) name the most of the keys, with
+    the families sharing their names. DiT families share many names (``transformer_blocks.0.attn.to_q``
+    is Flux.1's, Flux.2's, SD3's and Qwen-Image's): a file naming a module only one of them has goes
+    to it, a file of shared names only stays open to all of them. Only families keyed by their names at
+    all (``Family.matches_adapter_keys``) count: CLIP keys alone make no Flux or SD3 file."""
+    counts = {f: sum(1 for k in module_keys if f.names_adapter_key(k)) if f.matches_adapter_keys(module_keys) else 0
+              for f in FAMILIES}
+    best = max(counts.values(), default=0)
+    if not best:
+        return ()
+    return tuple(dict.fromkeys(s for f in FAMILIES if counts[f] == best for s in _sharing_names(f)))
 
 
 def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> FileFamily:
     """From key prefixes and metadata only: enough for a loader to refuse a file made for
     another family's naming before it reports every key as unmatched. A file keyed by a
     family's own module names stays open to every family sharing them (a Flux.1 [dev] adapter
-    loads on [schnell]).
+    loads on [schnell]), and one keyed by names several families have to all of them, unless
+    the metadata names one.
 
     Text-encoder prefixes alone can fit several families (``lora_te1`` + ``lora_te2`` are
     SDXL's CLIP towers and SD3's): then metadata naming another family they fit decides.
     """
+    metadata = metadata or {}
     claimed = _claiming(module_keys)
     if claimed:
-        return FileFamily(_sharing_names(claimed[0]), "keys (module names)")
-    meta = family_of_metadata(metadata or {})
-    named = _naming(module_keys)
-    if named:  # names several families share: the metadata's family if it is one of them, else any
-        if meta in named:
-            return FileFamily(_sharing_names(meta), "keys (module names) and metadata")
-        return FileFamily(named, "keys (module names " + " and ".join(_group_titles(named)) + " share)")
+        narrowed = _by_metadata(claimed, metadata)
+        return FileFamily(narrowed, "keys (module names) and metadata" if narrowed != claimed
+                          else _names_how(claimed))
+    meta = family_of_metadata(metadata)
     prefixes = {k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in module_keys if k.count("_") >= 2}
     for f in FAMILIES:
         te = f.text_encoder_prefixes()
@@ -200,6 +223,12 @@ def family_of_adapter_keys(module_keys: Sequence[str], metadata: Mapping[str, st
     return FileFamily((), "unknown")
 
 
+def _names_how(families: Sequence[Family]) -> str:
+    """How a file keyed by module names was told: theirs, or which groups of families share them."""
+    groups = _group_titles(families)
+    return "keys (module names)" if len(groups) == 1 else f"keys (module names {' and '.join(groups)} share)"
+
+
 def _group_titles(families: Sequence[Family]) -> list[str]:
     """One title per group of families sharing their names (``Flux.1``, ``SD3.5 Large or Medium``)."""
     groups = dict.fromkeys(_sharing_names(f) for f in families)
@@ -211,64 +240,56 @@ def _fits_prefixes(family: Family, prefixes: set[str]) -> bool:
     return {p for p in prefixes if p.startswith("lora_te")} <= set(family.text_encoder_prefixes())
 
 
-def _of_attention_width(modules: Sequence[tuple[str, str, tuple[int, ...]]],
-                        families: Sequence[Family]) -> tuple[Family, ...]:
-    """The families among ``families`` whose DiT hidden width is the in-features of the file's
-    attention projections (``..attn_to_q``, ``..attn.to_q``, fused ``..attn_qkv``); () for none."""
-    widths = {shape[1] for _, key, shape in modules if len(shape) == 2 and _ATTENTION_KEY.search(key)}
-    return tuple(f for f in families if f.attention_width is not None and f.attention_width in widths)
+def _by_widths(claimed: Sequence[Family], modules: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[Family, ...]:
+    """Among families naming the same keys, those the weight shapes say are theirs (the DiT
+    attention width: Flux.1 3072, SD3.5 Large 2432, Medium 1536; Flux.2's SwiGLU MLP, 6H rows
+    where Flux.1's is 4H); without such a family, all but those the shapes rule out."""
+    fits = {f: f.adapter_widths_fit(modules) for f in claimed}
+    yes = tuple(f for f in claimed if fits[f] is True)
+    return yes or tuple(f for f in claimed if fits[f] is not False) or tuple(claimed)
+
+
+def _by_metadata(candidates: tuple[Family, ...], metadata: Mapping[str, str]) -> tuple[Family, ...]:
+    """Among families whose names a file shares, those its metadata names (with the families sharing
+    their keys: ``ss_base_model_version`` ``flux1`` leaves Flux.1 [dev] or [schnell]); all of them
+    when the metadata names none."""
+    named = [f for f in candidates if f.matches_metadata(metadata)]
+    return tuple(dict.fromkeys(s for f in named for s in _sharing_names(f) if s in candidates)) or candidates
 
 
 def _among(families: Sequence[Family], keys: Sequence[str], metadata: Mapping[str, str], how: str) -> FileFamily:
-    """One of ``families`` (which share their key names) when ``Family.adapter_evidence`` singles
-    it out, else all of them."""
+    """One of ``families`` when ``Family.adapter_evidence`` singles it out (Flux.1 [dev]'s guidance
+    embedder, SD3.5 Medium's attn2), else those the metadata names, else all of them."""
     decided = [(f, why) for f in families for why in [f.adapter_evidence(keys, metadata)] if why]
     if len(decided) == 1:
         return FileFamily((decided[0][0],), decided[0][1])
-    if len(families) == 1:
-        return FileFamily(tuple(families), how)
-    return FileFamily(tuple(families), how + "; no key or metadata says which of "
-                      + " or ".join(f.title for f in families))
-
-
-_ATTENTION_KEY = re.compile(r"attn[._](to_q|qkv)$")
+    narrowed = _by_metadata(tuple(families), metadata)
+    if len(narrowed) == 1:
+        return FileFamily(narrowed, how + (" and metadata" if len(families) > 1 else ""))
+    return FileFamily(narrowed, how + "; no key or metadata says which of " + " or ".join(f.title for f in narrowed))
 
 
 def family_of_adapter(modules: Sequence[tuple[str, str, tuple[int, ...]]],
                       metadata: Mapping[str, str]) -> FileFamily:
     """From a whole adapter file: ``(component, key, flat weight shape or ())`` per module.
 
-    Module names only one family has decide first (Flux's single blocks, SD3's joint blocks);
-    the families sharing them are told apart by ``Family.adapter_evidence`` (after narrowing
-    them to those of the file's DiT width), and the file stays open to all of them when nothing
-    does. Names two kinds of DiT share (Flux's double blocks are SD3's joint blocks) go by the
-    DiT width, then the metadata, else the first registered (Flux). Then widths of the real models (DiT hidden, cross-attention and text-encoder widths
-    differ per family; SDXL's CLIP widths are SD3's too, so there metadata naming SD3 wins), then
-    the metadata sd-scripts writes, then the key structure (text-encoder count, text-encoder
-    depth, UNet levels).
+    The families naming the most keys decide first (see :func:`_claiming`): among them the
+    weight shapes (:func:`_by_widths`), then ``Family.adapter_evidence`` and the metadata tell
+    them apart, and the file stays open to all of them when nothing does. Then widths of the
+    real models (DiT attention, cross-attention and text-encoder widths differ per family;
+    SDXL's CLIP widths are SD3's too, so there metadata naming SD3 wins), then the metadata
+    sd-scripts writes, then the key structure (text-encoder count, text-encoder depth, UNet levels).
     """
     keys = [k for _, k, _ in modules]
     claimed = _claiming(keys)
-    meta = family_of_metadata(metadata)
     if claimed:
-        sharing = _sharing_names(claimed[0])
-        wide = _of_attention_width(modules, sharing)
-        if wide and len(wide) < len(sharing):
-            return _among(wide, keys, metadata, "keys (module names and attention width)")
-        return _among(sharing, keys, metadata, "keys (module names)")
-    named = _naming(keys)
-    if named:  # names several families share (Flux's double blocks, SD3's joint blocks)
-        wide = _of_attention_width(modules, named)
-        if wide:
-            return _among(wide, keys, metadata, "keys (module names and attention width)")
-        if meta in named:
-            return _among(_sharing_names(meta), keys, metadata, "keys (module names)")
-        first, *others = _group_titles(named)
-        return _among(_sharing_names(named[0]), keys, metadata, f"keys (module names; taken as {first}'s, the "
-                      f"first registered: {' and '.join(others)} has them too, and no width or metadata says which)")
-    wide = _of_attention_width(modules, FAMILIES)
+        wide = _by_widths(claimed, modules)
+        return _among(wide, keys, metadata, "keys (module names)" if wide == claimed else
+                      "keys (module names and weight shapes)")
+    wide = tuple(f for f in FAMILIES if f.adapter_widths_fit(modules))
     if wide:
         return _among(wide, keys, metadata, "keys (attention width)")
+    meta = family_of_metadata(metadata)
     te_prefixes = {"lora_" + c for c, _, _ in modules if c.startswith("te")}
     for component, key, shape in modules:
         if len(shape) != 2:  # not a module of a known algorithm: no width evidence

@@ -8,6 +8,7 @@ family is one module that subclasses :class:`Family` and registers an instance i
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from torch import nn
 
 from .. import naming
 from ..errors import ConfigError
+
+# A DiT attention projection in any layout (``..attn_to_q``, ``..attn.to_q``, fused ``..attn_qkv``):
+# its in-features are the hidden width (see Family.attention_width)
+_ATTENTION_KEY = re.compile(r"attn[._](to_q|qkv)$")
 
 # CLIP text-encoder layers per preset (LyCORIS: CLIPAttention, and CLIPMLP outside attn-only).
 CLIP_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -97,17 +102,33 @@ class Family:
         """Whether text encoders alone (no denoiser) look like this family's."""
         return False
 
-    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
-        """Whether an adapter file's module keys name modules only this family has (e.g. Flux's
-        single-stream blocks). Families whose keys other families share answer False and are
-        told apart by widths and metadata instead."""
+    def names_adapter_key(self, key: str) -> bool:
+        """Whether one adapter-file module key names a module of this family in a layout it reads,
+        its own name or one other families share (Flux.1's double blocks are SD3's joint blocks and
+        Flux.2's and Qwen-Image's blocks by name), text-encoder keys included. The registry counts
+        these: the families naming the most keys of a file are the ones it may be for."""
         return False
 
-    def names_adapter_keys(self, module_keys: Sequence[str]) -> bool:
-        """Whether the keys use this family's module names, its own or shared with another family
-        (Flux's double blocks and SD3's joint blocks have the same Diffusers names): the families
-        such a file may be for. Default: only its own names (:meth:`matches_adapter_keys`)."""
-        return self.matches_adapter_keys(module_keys)
+    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """Whether a file is keyed by this family's names at all, so that its :meth:`names_adapter_key`
+        count is asked. Default: any key it names. A family naming keys that families outside the
+        count have too (CLIP ``lora_te1_`` keys: SD's) needs one of its other names as well."""
+        return any(self.names_adapter_key(k) for k in module_keys)
+
+    def adapter_widths_fit(self, modules: Sequence[tuple[str, str, tuple[int, ...]]]) -> bool | None:
+        """For a file whose keys other families name too: whether its weight shapes ``(component,
+        key, (out, in))`` are this family's (True), another's (False), or say nothing (None).
+        Default: True when an attention projection's in-features are :attr:`attention_width`;
+        another width says nothing (a variant or a tiny test model may have it)."""
+        if self.attention_width is None:
+            return None
+        widths = {shape[1] for _, key, shape in modules if len(shape) == 2 and _ATTENTION_KEY.search(key)}
+        return True if self.attention_width in widths else None
+
+    def unmatched_reason(self, key: str) -> str | None:
+        """Why a file key matches no module of this family's models, when the family knows (e.g. a
+        text encoder it does not load); None otherwise."""
+        return None
 
     # -- naming ---------------------------------------------------------------------------------
     def text_encoder_prefixes(self) -> list[str]:
@@ -177,7 +198,7 @@ class Family:
     # (file component, hidden width) per text encoder: tells a PEFT text-encoder folder's component
     text_encoder_widths: tuple[tuple[str, int], ...] = ()
     # in-features of a DiT's attention projections (its hidden width H): tells apart DiT files
-    # keyed by names two families share (Flux's double blocks and SD3's joint blocks); None for UNets
+    # keyed by names several families share (Flux.1 3072, SD3.5 Large 2432, Medium 1536); None for UNets
     attention_width: int | None = None
     needs_base_model_version = False  # A1111 hides a file with metadata but no ss_base_model_version
     shared_name = ""  # what reports call it with the families sharing its file keys ("sd"), if any

@@ -88,31 +88,33 @@ _PRESET_PARTS = {"attn-only": (ATTENTION,), "attn-mlp": (ATTENTION, MLP),
 T5_ATTENTION = re.compile(r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]")
 T5_MLP = re.compile(r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo|wi)")
 
-# Adapter-file keys only Flux files have: the Diffusers names of modules SD3 lacks (single-stream
-# blocks, x_embedder, guidance embedder; SD3 shares `transformer_blocks.N`, `context_embedder`, the
-# time/text embedders, `norm_out.linear` and `proj_out`), the original BFL names SD3 lacks (kohya
-# lora_unet_, dotted diffusion_model.; SD3's `final_layer` has Flux's names), and T5 as te2 (SD3's
-# te2 is CLIP-G and its T5 te3).
+# Adapter-file module keys that name a Flux.1 module (whole keys: SD3, Flux.2 and Qwen-Image share the
+# block prefixes and many inner names, see families.sd3 / flux2 / qwen_image): the Diffusers names
+# (lycoris_/lora_transformer_/dotted), the original BFL names (kohya lora_unet_, dotted
+# diffusion_model.), and T5 as te2 (SD3's te2 is CLIP-G).
+_DIFFUSERS_NAME = (rf"{_DOUBLE}(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)"
+                   rf"|norm1(_context)?\.linear)|{_SINGLE}(attn\.to_[qkv]|proj_mlp|proj_out|norm\.linear)"
+                   r"|x_embedder|context_embedder|time_text_embed\.(timestep|guidance|text)_embedder\.linear_[12]"
+                   r"|norm_out\.linear|proj_out")
+_ORIGINAL_BLOCK = (r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"
+                   r"|single_blocks\.\d+\.(linear1|linear1_qkv|linear2|modulation\.lin)")
+_ORIGINAL_NAME = rf"{_ORIGINAL_BLOCK}|img_in|txt_in|(time|vector|guidance)_in\.(in|out)_layer|final_layer\.(linear|adaLN_modulation\.1)"
+
+
+def _flat(names: str) -> str:
+    return names.replace(r"\.", "_")
+
+
 _ADAPTER_KEY = re.compile(
-    r"(lycoris|lora_transformer)_(single_transformer_blocks_\d+_|x_embedder$|time_text_embed_guidance_embedder_)"
-    r"|lora_unet_(double|single)_blocks_\d+_"
-    r"|lora_unet_(img_in|txt_in|time_in_|vector_in_|guidance_in_)"
-    r"|(transformer\.)?single_transformer_blocks\.\d+\."
-    r"|transformer\.(x_embedder$|time_text_embed\.guidance_embedder\.)"
-    r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
-    r"|((model\.)?diffusion_model\.)(img_in|txt_in|time_in\.|vector_in\.|guidance_in\.)"
+    rf"((lycoris|lora_transformer)_({_flat(_DIFFUSERS_NAME)})"
+    rf"|(transformer\.)?({_DIFFUSERS_NAME})"
+    rf"|lora_unet_({_flat(_ORIGINAL_NAME)})"
+    rf"|((model\.)?diffusion_model\.)?({_ORIGINAL_BLOCK})"
+    rf"|(model\.)?diffusion_model\.({_ORIGINAL_NAME}))$"
     r"|lora_te2_encoder_block_\d+_layer_\d")
-# Every Flux denoiser name in the six layouts, those SD3 shares too (see names_adapter_keys)
-_NAMES_KEY = re.compile(
-    r"(lycoris|lora_transformer)_(single_)?transformer_blocks_\d+_"
-    r"|(lycoris|lora_transformer)_(x_embedder|context_embedder|time_text_embed_|norm_out_linear$|proj_out$)"
-    r"|lora_unet_(double|single)_blocks_\d+_"
-    r"|lora_unet_(img_in|txt_in|time_in_|vector_in_|guidance_in_|final_layer_)"
-    r"|(transformer\.)?(single_)?transformer_blocks\.\d+\."
-    r"|transformer\.(x_embedder|context_embedder|time_text_embed\.|norm_out\.linear$|proj_out$)"
-    r"|((model\.)?diffusion_model\.)?(double|single)_blocks\.\d+\."
-    r"|((model\.)?diffusion_model\.)(img_in|txt_in|time_in\.|vector_in\.|guidance_in\.|final_layer\.)"
-    r"|lora_te2_encoder_block_\d+_layer_\d")
+# Text-encoder keys Flux.1 reads that are not its alone: CLIP-L (SD's and SD3's too) and T5 as te3
+# (SD3's T5): counted with its names, but on their own no sign of a Flux file
+_SHARED_TEXT_KEY = re.compile(r"lora_te1_(text_model_)?encoder_layers_\d+_|lora_te3_encoder_block_\d+_layer_\d")
 _GUIDANCE_KEY = re.compile(r"guidance_in[._]|guidance_embedder[._]")  # only [dev] has this module
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 ORIGINAL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # sd-scripts' IMPL_FLUX: original names
@@ -268,15 +270,14 @@ class FluxFamily(Family):
         kinds = [str(getattr(getattr(te, "config", None), "model_type", "")) for te in text_encoders]
         return len(kinds) == 2 and kinds[0].startswith("clip") and kinds[1] == "t5"
 
-    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
-        """Module names no other family has; a file keyed only by the double blocks' Diffusers
-        names (which SD3's joint blocks share) is told apart by its widths and metadata."""
-        return any(_ADAPTER_KEY.match(k) for k in module_keys)
+    def names_adapter_key(self, key: str) -> bool:
+        """Flux.1 module names in any of the six layouts (those SD3, Flux.2 and Qwen-Image share
+        too) and its text encoders' keys."""
+        return bool(_ADAPTER_KEY.match(key) or _SHARED_TEXT_KEY.match(key))
 
-    def names_adapter_keys(self, module_keys: Sequence[str]) -> bool:
-        """Flux names in any of the six layouts, including those SD3 shares (double blocks,
-        context and time/text embedders, final layers)."""
-        return any(_NAMES_KEY.match(k) for k in module_keys)
+    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """A denoiser name or T5 as te2: CLIP-L and te3 T5 keys alone are SD's or SD3's files."""
+        return any(_ADAPTER_KEY.match(k) for k in module_keys)
 
     def adapter_evidence(self, module_keys: Sequence[str], metadata: Mapping[str, str]) -> str | None:
         """Why a file keyed by the Flux.1 names is for this model and not the other one.

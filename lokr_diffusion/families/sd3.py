@@ -83,26 +83,23 @@ OUTSIDE_BLOCKS = re.compile(r"context_embedder|time_text_embed\.(timestep|text)_
 _PRESET_PARTS = {"attn-only": (ATTENTION,), "attn-mlp": (ATTENTION, MLP),
                  "full": (ATTENTION, MLP, MODULATION, OUTSIDE_BLOCKS)}
 
-# Adapter-file keys only SD3 files have: the original MMDiT names (but `final_layer`, which is
-# Flux's too; Flux's original context embedder is `txt_in`), Medium's attn2 under any
-# Diffusers-named layout, `base_model.model.` (ComfyUI reads it for SD3 alone) and T5 as te3.
-_ADAPTER_KEY = re.compile(
-    r"lora_unet_(joint_blocks_\d+_|[txy]_embedder_|context_embedder$)"
-    r"|((model\.)?diffusion_model\.)?joint_blocks\.\d+\."
-    r"|((model\.)?diffusion_model\.)([txy]_embedder\.|context_embedder$)"
-    r"|(lycoris|lora_transformer)_transformer_blocks_\d+_attn2_"
-    r"|(transformer\.|base_model\.model\.)?transformer_blocks\.\d+\.attn2\."
-    r"|base_model\.model\.transformer_blocks\.\d+\."
+# Adapter-file module keys that name an SD3 module, whole keys (Flux.1, Flux.2 and Qwen-Image share the
+# block prefix and many inner names): the Diffusers names under lycoris_ / lora_transformer_ /
+# transformer. / base_model.model. or bare, the original MMDiT names under kohya lora_unet_ and
+# (model.)diffusion_model. (joint blocks bare too), lora_unet_ + Diffusers names (what the PEFT reader
+# makes of base_model.model. LoKr keys), and T5 as te3 (Flux's te2 is T5).
+_DIFFUSERS_NAME = "|".join(p.pattern for p in (ATTENTION, MLP, MODULATION, OUTSIDE_BLOCKS)) + r"|pos_embed\.proj"
+_ORIGINAL_NAME = r"joint_blocks\.\d+\..+|final_layer\..+|context_embedder|[txy]_embedder\..+"
+_DIFFUSERS_FLAT, _ORIGINAL_FLAT = (n.replace(r"\.", "_") for n in (_DIFFUSERS_NAME, _ORIGINAL_NAME))
+_NAME_KEY = re.compile(
+    rf"((lycoris|lora_transformer)_({_DIFFUSERS_FLAT})"
+    rf"|(transformer\.|base_model\.model\.)?({_DIFFUSERS_NAME})"
+    rf"|lora_unet_({_ORIGINAL_FLAT}|{_DIFFUSERS_FLAT})"
+    rf"|((model\.)?diffusion_model\.)({_ORIGINAL_NAME})|((model\.)?diffusion_model\.)?joint_blocks\.\d+\..+)$"
     r"|lora_te3_encoder_block_\d+_layer_\d")
-# Keys SD3 shares with Flux's double blocks, and CLIP-G's te2 keys (Flux's te2 is T5, SDXL has no
-# DiT blocks): a file with both is SD3's.
-_DIT_BLOCK_KEY = re.compile(r"(lycoris_|lora_transformer_|transformer\.)?transformer_blocks[._]\d+[._]")
-_CLIP_G_KEY = re.compile(r"lora_te2_(text_model_)?encoder_layers_\d+_|text_encoder_2\.")
-# Every SD3 denoiser name, also those Flux has (joint blocks = double blocks, embedders, final layers)
-_NAMES_KEY = re.compile(
-    r"(lycoris_|lora_transformer_|transformer\.)?(transformer_blocks[._]\d+[._]|context_embedder$"
-    r"|time_text_embed[._](timestep|text)_embedder[._]|norm_out[._]linear$|proj_out$|pos_embed[._]proj$)"
-    r"|lora_unet_final_layer_|((model\.)?diffusion_model\.)final_layer\.")
+# CLIP-L and CLIP-G keys (te1, te2, ComfyUI's dotted text_encoder[_2].): SD3's too, but SD's and
+# Flux's (CLIP-L) as well; counted with its names, on their own no sign of an SD3 file
+_CLIP_KEY = re.compile(r"lora_te[12]_(text_model_)?encoder_layers_\d+_|text_encoder(_2)?\.")
 _ATTN2_KEY = re.compile(r"attn2[._]")  # Medium's second image attention, in any layout
 ORIGINAL_IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"  # the reference code: the original names
 # What ComfyUI does with the layouts, read in comfy/lora.py (model_lora_keys_unet) and comfy/utils.py
@@ -252,17 +249,15 @@ class SD3Family(Family):
         kinds = [str(getattr(getattr(te, "config", None), "model_type", "")) for te in text_encoders]
         return len(kinds) == 3 and kinds[0].startswith("clip") and kinds[1].startswith("clip") and kinds[2] == "t5"
 
-    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
-        """SD3-only names (original MMDiT names, ``attn2``, ``base_model.model.``, T5 as te3), or
-        DiT block keys together with CLIP-G keys (Flux's te2 is T5; SDXL has no DiT blocks)."""
-        if any(_ADAPTER_KEY.match(k) for k in module_keys):
-            return True
-        return any(_DIT_BLOCK_KEY.match(k) for k in module_keys) and any(_CLIP_G_KEY.match(k) for k in module_keys)
+    def names_adapter_key(self, key: str) -> bool:
+        """SD3 module names in any of the seven layouts (those Flux.1, Flux.2 and Qwen-Image share
+        too) and its text encoders' keys: DiT block keys with CLIP-G keys outcount Flux's (whose te2
+        is T5) and the DiT-only families'."""
+        return bool(_NAME_KEY.match(key) or _CLIP_KEY.match(key))
 
-    def names_adapter_keys(self, module_keys: Sequence[str]) -> bool:
-        """SD3 names in any layout, including those Flux shares (joint blocks, context and
-        time/text embedders, final layers)."""
-        return self.matches_adapter_keys(module_keys) or any(_NAMES_KEY.match(k) for k in module_keys)
+    def matches_adapter_keys(self, module_keys: Sequence[str]) -> bool:
+        """A denoiser name or T5 as te3: CLIP keys alone are SD's files (SDXL: te1 + te2)."""
+        return any(_NAME_KEY.match(k) for k in module_keys)
 
     def matches_metadata(self, metadata: Mapping[str, str]) -> bool:
         return metadata_variant(metadata) == ("medium" if self.medium else "large")

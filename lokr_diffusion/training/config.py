@@ -32,7 +32,7 @@ OPTIONAL_OPTIMIZERS = {
     "prodigy": ("prodigyopt", "pip install prodigyopt (and set learning_rate = 1.0, as Prodigy finds the step "
                               "size itself)"),
 }
-FAMILIES = ("auto", *family_names())  # every spelling the family registry accepts
+FAMILIES = ("auto", *family_names(trainable=True))  # every spelling of a family the trainer trains
 MAX_SEED = 2**31 - 1  # each process adds its index before NumPy's seed(), which stops at 2**32 - 1
 MAX_STEPS = 10**9  # far beyond any run; a larger number is a typo
 # diffusers' polynomial schedule decays to lr_end = 1e-7 and refuses a peak rate not above it
