@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algos.common import Algorithm, apply_weight
+from .errors import ConfigError
+from .storage import FP8, StoredLayer
 
 
 class _Holder(nn.Module):
@@ -42,6 +44,9 @@ class _Dispatch:
         self.had_own_forward = "forward" in base.__dict__
         self.original = base.forward
         self.adapters: list[AdapterModule] = []
+        # a weight stored narrower than it computes (fp8...): adapters add their output, also in
+        # inference, rather than patching a full-size copy of the weight
+        self.stored = isinstance(base, StoredLayer)
         self._merged_key: tuple | None = None
         self._merged_weight: torch.Tensor | None = None
 
@@ -62,12 +67,12 @@ class _Dispatch:
         if not active:
             return self.original(x, *args, **kwargs)
         training = torch.is_grad_enabled() and any(p.requires_grad for a in active for p in a.parameters())
-        if not training:
+        if not training and not self.stored:
             return self._merged(x, active)
         out = self.original(x, *args, **kwargs)
         compiling = torch.compiler.is_compiling()
         for a in active:
-            if a.training and a.module_dropout:
+            if training and a.training and a.module_dropout:
                 keep = torch.rand(()) >= a.module_dropout  # drawn before the delta's own draws
                 if compiling:  # no host sync: a dropped module adds 0 (its gradient is 0, not None)
                     out = out + a.delta(x).to(out.dtype) * keep
@@ -223,6 +228,10 @@ class AdapterModule(nn.Module):
         """Add multiplier * scale * dW into the base weight (fp32 math, cast to its dtype)."""
         if self.merged:
             return
+        if self.base.weight.dtype == FP8:
+            raise ConfigError(f"{self.key}: cannot fuse into a base weight stored in fp8 (3 mantissa bits: the "
+                              "update would mostly round away); apply the adapter unfused, or load the base in "
+                              "bf16 or fp32 to fuse")
         m = self.multiplier if multiplier is None else float(multiplier)
         w = self.base.weight
         w.copy_((w.float() + m * self.delta_weight().float().to(w.device)).to(w.dtype))
