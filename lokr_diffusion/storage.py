@@ -54,14 +54,49 @@ class StoredLayer:
         raise NotImplementedError
 
 
+class _WidenedOp(torch.autograd.Function):
+    """`layer`'s op on x with its weight widened to `dtype`, the widened copy not kept for the
+    backward pass (autograd would keep one per layer: the whole model at full width); the
+    backward widens the stored weight again. The frozen weight and bias get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer, dtype):
+        ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
+        w = layer.dense_weight(dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        if isinstance(layer, nn.Conv2d):
+            return layer._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        layer = ctx.layer
+        w = layer.dense_weight(ctx.dtype)
+        if isinstance(layer, nn.Conv2d):
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, w, g, layer.stride, layer.padding, layer.dilation,
+                                            layer.groups)
+        else:
+            gx = g @ w
+        return gx, None, None
+
+
+def _widened(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(x)
+    plain_conv = isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str))
+    if torch.is_grad_enabled() and x.requires_grad and not plain_conv and not torch.compiler.is_compiling():
+        return _WidenedOp.apply(x, layer, dtype)
+    # no backward to feed (or the compiler plans what to keep): the plain op
+    w = layer.dense_weight(dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return layer._conv_forward(x, w, bias) if isinstance(layer, nn.Conv2d) else F.linear(x, w, bias)
+
+
 class CastLinear(nn.Linear, StoredLayer):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, self.dense_weight(dtype), bias)
+        return _widened(self, x)
 
 
 class CastConv2d(nn.Conv2d, StoredLayer):
@@ -69,9 +104,7 @@ class CastConv2d(nn.Conv2d, StoredLayer):
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return self._conv_forward(x, self.dense_weight(dtype), bias)
+        return _widened(self, x)
 
 
 class Fp8Linear(nn.Linear, StoredLayer):
@@ -81,9 +114,7 @@ class Fp8Linear(nn.Linear, StoredLayer):
         return (self.weight.float() * self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, self.dense_weight(dtype), bias)
+        return _widened(self, x)
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

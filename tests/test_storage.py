@@ -121,3 +121,38 @@ def test_fp8_base_with_adapters_compiles_without_breaks():
             assert dynamo.explain(model)(x).graph_break_count == 0
     finally:
         dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_backward_keeps_no_widened_weight(dtype):
+    """Gradients through a stored layer equal the dense layer's, and what autograd keeps for the
+    backward pass is the input, not an fp32 copy of the weight."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 512).requires_grad_(False)
+    conv = nn.Conv2d(4, 8, 3, padding=1).requires_grad_(False)
+    from lokr_diffusion.storage import store_layer
+    store_layer(layer, dtype)
+    dense = nn.Linear(256, 512).requires_grad_(False)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight(torch.float32))
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(3, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert max(saved, default=0) < 512 * 256
+    y.square().sum().backward()
+    gx, x.grad = x.grad, None
+    dense(x).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+    if dtype != FP8:
+        ref = nn.Conv2d(4, 8, 3, padding=1).requires_grad_(False)
+        store_layer(conv, dtype)
+        with torch.no_grad():
+            ref.weight.copy_(conv.dense_weight(torch.float32))
+            ref.bias.copy_(conv.bias)
+        xc = torch.randn(2, 4, 6, 6, requires_grad=True)
+        conv(xc).square().sum().backward()
+        g1, xc.grad = xc.grad, None
+        ref(xc).square().sum().backward()
+        torch.testing.assert_close(g1, xc.grad, rtol=1e-5, atol=1e-6)

@@ -45,8 +45,8 @@ def test_flux_fp8_and_bf16_bases_train_and_save_the_same_format(tiny_flux_path, 
     for base, extra in (("fp8", {"gradient_checkpointing": True}), ("bf16", {}), ("fp32", {})):
         run = tmp_path / base
         run.mkdir()
-        cfg = write_config(run, tiny_flux_path, model={"base_dtype": base}, train={"max_steps": 2, **extra},
-                           sample={**SAMPLE, "every_steps": 2})
+        cfg = write_config(run, tiny_flux_path, train={"max_steps": 2, **extra}, sample={**SAMPLE, "every_steps": 2})
+        cfg.write_text(cfg.read_text().replace("[model]\n", f'[model]\nbase_dtype = "{base}"\n', 1))
         logs[base] = _ok(launch(cfg))
         files[base] = run / "out" / "t.safetensors"
     assert "layers stored in fp8" in logs["fp8"] and "layers stored in bf16" in logs["bf16"]
