@@ -24,6 +24,10 @@ Orders (all give the same result; ``lokr.plan`` picks one per layer from the sha
 Convolutions use NCHW, where both contractions are plain batched matrix products over large
 matrices; the k x k kernel of w2 runs as one convolution over the c (or a) groups, stacked
 along the batch axis.
+
+Under torch.compile both functions run as plain differentiable tensor operations in the same
+order instead: the compiler derives the backward pass and plans its memory itself, and the
+shared-input cache (a module global, updated as a side effect) has no place in a graph.
 """
 from __future__ import annotations
 
@@ -164,6 +168,20 @@ class _KronLinear(torch.autograd.Function):
         return gx, gw1, gw2, None
 
 
+def _linear_traced(x, w1, w2, order):
+    """y for a 2-D x as plain matmuls (for torch.compile): w1 first for "in" and "tok", w2 first
+    for "out"; the compiler picks the layouts."""
+    n = x.shape[0]
+    a, c = w1.shape
+    b, d = w2.shape
+    x3 = x.view(n, c, d)
+    if order == "out":
+        y = torch.matmul(w1, torch.matmul(x3, w2.t()))  # (n, c, b) -> (n, a, b)
+    else:
+        y = torch.matmul(torch.matmul(w1, x3), w2.t())  # (n, a, d) -> (n, a, b)
+    return y.reshape(n, a * b)
+
+
 def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str = "in") -> torch.Tensor:
     """(w1 (x) w2) applied to the last axis of x, as F.linear(x, kron(w1, w2)) without forming it.
 
@@ -171,6 +189,9 @@ def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str 
     a dtype. `order` is "in" (mix with w1 on the input side first) or "out".
     """
     x2 = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        y = _linear_traced(x2, w1, w2, order)
+        return y.view(*x.shape[:-1], y.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if torch.is_grad_enabled() and (x2.requires_grad or w1.requires_grad or w2.requires_grad):
@@ -302,6 +323,8 @@ def kron_conv2d(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride=(1, 
         return y.permute(0, 3, 1, 2)
     if not x.is_contiguous():
         x = x.contiguous()
+    if torch.compiler.is_compiling():  # the same operations, differentiated by the compiler
+        return _conv_fwd(x, w1, w2, geom, order)[0]
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
         return _KronConv.apply(x, w1, w2, geom, order)
     return _conv_fwd(x, w1, w2, geom, order)[0]

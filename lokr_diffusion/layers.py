@@ -14,6 +14,11 @@ Two ways to add the adapters, chosen per call:
   of one extra copy of each patched weight (fusing avoids that copy).
 While no adapter of a layer is active (all fused, disabled or at multiplier 0) the layer's own
 forward is put back, so a fused model runs exactly the base's code.
+
+Under torch.compile the forward has no host sync and no Python branch on tensor values: alpha,
+the rank and the scale are plain numbers cached when set, module dropout multiplies by a random
+0/1 instead of skipping, and the inference path rebuilds W + dW inside the graph instead of
+keeping a cached copy, so the compiled graph is one graph per path, stable across steps.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algos.common import Algorithm, apply_weight
+from .errors import ConfigError
+from .storage import FP8, StoredLayer
 
 
 class _Holder(nn.Module):
@@ -37,6 +44,9 @@ class _Dispatch:
         self.had_own_forward = "forward" in base.__dict__
         self.original = base.forward
         self.adapters: list[AdapterModule] = []
+        # a weight stored narrower than it computes (fp8...): adapters add their output, also in
+        # inference, rather than patching a full-size copy of the weight
+        self.stored = isinstance(base, StoredLayer)
         self._merged_key: tuple | None = None
         self._merged_weight: torch.Tensor | None = None
 
@@ -57,27 +67,43 @@ class _Dispatch:
         if not active:
             return self.original(x, *args, **kwargs)
         training = torch.is_grad_enabled() and any(p.requires_grad for a in active for p in a.parameters())
-        if not training:
+        if not training and not self.stored:
             return self._merged(x, active)
         out = self.original(x, *args, **kwargs)
+        compiling = torch.compiler.is_compiling()
         for a in active:
-            if a.training and a.module_dropout and torch.rand(()) < a.module_dropout:
-                continue
+            if training and a.training and a.module_dropout:
+                keep = torch.rand(()) >= a.module_dropout  # drawn before the delta's own draws
+                if compiling:  # no host sync: a dropped module adds 0 (its gradient is 0, not None)
+                    out = out + a.delta(x).to(out.dtype) * keep
+                    continue
+                if not keep:
+                    continue
             out = out + a.delta(x).to(out.dtype)
         return out
 
+    def _build_merged(self, active: list[AdapterModule]) -> torch.Tensor:
+        """W + sum of multiplier * scale * dW, rebuilt in float32, in the weight's dtype."""
+        weight = self.base.weight
+        w = weight.float()
+        for a in active:
+            w = w + a.multiplier * a.delta_weight().to(w.device, torch.float32)
+        return w.to(weight.dtype)
+
     def _merged(self, x: torch.Tensor, active: list[AdapterModule]) -> torch.Tensor:
         base = self.base
-        key = (id(base.weight), base.weight._version, base.weight.device, base.weight.dtype,
-               tuple((id(a), a.multiplier, a.alpha._version, tuple(p._version for p in a.parameters())) for a in active))
-        if key != self._merged_key:
-            self._merged_weight = None  # free the old copy before building the new one
-            with torch.no_grad():
-                w = base.weight.float()
-                for a in active:
-                    w = w + a.multiplier * a.delta_weight().to(w.device, torch.float32)
-            self._merged_weight, self._merged_key = w.to(base.weight.dtype), key
-        w = self._merged_weight
+        if torch.compiler.is_compiling():
+            w = self._build_merged(active)  # part of the graph: no cache keyed on tensor versions
+        else:
+            key = (id(base.weight), base.weight._version, base.weight.device, base.weight.dtype,
+                   tuple((id(a), a.multiplier, a.alpha._version, tuple(p._version for p in a.parameters()))
+                         for a in active))
+            if key != self._merged_key:
+                self._merged_weight = None  # free the old copy before building the new one
+                with torch.no_grad():
+                    self._merged_weight = self._build_merged(active)
+                self._merged_key = key
+            w = self._merged_weight
         if isinstance(base, nn.Conv2d):
             return base._conv_forward(x, w, base.bias)
         return F.linear(x, w, base.bias)
@@ -112,6 +138,8 @@ class AdapterModule(nn.Module):
             # a Parameter is kept as given: the row slices of one fused file module share theirs
             owner.register_parameter(leaf, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        self._rank = algo.rank(self.tensors())  # from shapes only: fixed for the module's life
+        self._cache_scale()
         self._attached = False
         self._state = {"multiplier": float(multiplier), "enabled": True, "merged": False}
         self.rank_dropout = float(rank_dropout)
@@ -125,10 +153,21 @@ class AdapterModule(nn.Module):
         """Tensors under their file names (e.g. 'lokr_w1', 'lora_down.weight')."""
         return {n: self.get_parameter(n) for n in self.tensor_names}
 
+    def _cache_scale(self) -> None:
+        """alpha as a Python number: the forward reads it without a host sync (Tensor.item() is
+        a device sync and a graph break under torch.compile). Kept in step with the buffer,
+        which is what files and state dicts hold, whenever a state dict is loaded."""
+        self._alpha = float(self.alpha)
+        self._scale = 1.0 if self._rank is None else self._alpha / self._rank
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._cache_scale()
+
     @property
     def scale(self) -> float:
-        r = self.algo.rank(self.tensors())
-        return 1.0 if r is None else float(self.alpha) / r
+        """alpha / rank (1 where the algorithm has no rank), a Python float."""
+        return self._scale
 
     def delta_weight(self) -> torch.Tensor:
         """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight."""
@@ -171,9 +210,8 @@ class AdapterModule(nn.Module):
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)  # adapter math in the adapter's dtype (fp32), cast back by the caller
-        r = self.algo.rank(t)
-        alpha = float(self.alpha) if self.alpha.device.type == "cpu" else self.alpha  # no device sync
-        s = self.multiplier if r is None else alpha * (self.multiplier / r)
+        r = self._rank
+        s = self.multiplier if r is None else self._alpha * (self.multiplier / r)
         y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
@@ -190,6 +228,10 @@ class AdapterModule(nn.Module):
         """Add multiplier * scale * dW into the base weight (fp32 math, cast to its dtype)."""
         if self.merged:
             return
+        if self.base.weight.dtype == FP8:
+            raise ConfigError(f"{self.key}: cannot fuse into a base weight stored in fp8 (3 mantissa bits: the "
+                              "update would mostly round away); apply the adapter unfused, or load the base in "
+                              "bf16 or fp32 to fuse")
         m = self.multiplier if multiplier is None else float(multiplier)
         w = self.base.weight
         w.copy_((w.float() + m * self.delta_weight().float().to(w.device)).to(w.dtype))

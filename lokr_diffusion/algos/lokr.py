@@ -234,8 +234,9 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     else:
         n_in = n_out = x.numel() // in_dim
     training = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in t.values()))
-    order = _forced_path or plan("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
-                                 x.element_size(), dev)
+    choose = plan.__wrapped__ if torch.compiler.is_compiling() else plan  # traced: a constant of the graph
+    order = _forced_path or choose("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
+                                   x.element_size(), dev)
     if order == "rebuild":
         return None
     if is_conv and order == "tok":  # the token-major order exists for linear layers only

@@ -22,6 +22,7 @@ from .. import naming
 from . import flux_names
 from .base import Family
 from .stable_diffusion import CLIP_L, TINY_TEXT, text_encoder
+from ..storage import model_dtype
 
 __all__ = ["FLUX_DEV", "FLUX_SCHNELL", "FluxFamily", "T5_XXL", "image_ids", "pack_latents", "unpack_latents"]
 
@@ -432,7 +433,7 @@ class FluxFamily(Family):
         """
         b, _, h, w = noisy.shape
         device = noisy.device
-        dtype = next(denoiser.parameters()).dtype
+        dtype = model_dtype(denoiser)  # not an fp8-stored weight's
         prompt = embeds["prompt_embeds"].to(device=device, dtype=dtype)
         t = (torch.as_tensor(timesteps, device=device).float().flatten() / 1000).to(dtype)
         out = denoiser(hidden_states=pack_latents(noisy.to(dtype)), timestep=t.expand(b) if t.numel() == 1 else t,

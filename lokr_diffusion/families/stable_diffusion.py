@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import naming
 from .base import Family
+from ..storage import model_dtype
 
 SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -202,7 +203,7 @@ class StableDiffusionFamily(Family):
 
     def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 embeds: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
-        dtype = next(denoiser.parameters()).dtype
+        dtype = model_dtype(denoiser)  # not an fp8-stored weight's
         return denoiser(noisy.to(dtype), timesteps, encoder_hidden_states=embeds["prompt_embeds"].to(noisy.device),
                         **self.added_conditions(embeds, batch, noisy.device)).sample
 

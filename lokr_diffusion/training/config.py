@@ -35,6 +35,8 @@ OPTIONAL_OPTIMIZERS = {
 FAMILIES = ("auto", *family_names(trainable=True))  # every spelling of a family the trainer trains
 MAX_SEED = 2**31 - 1  # each process adds its index before NumPy's seed(), which stops at 2**32 - 1
 MAX_STEPS = 10**9  # far beyond any run; a larger number is a typo
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # diffusers' polynomial schedule decays to lr_end = 1e-7 and refuses a peak rate not above it
 POLYNOMIAL_LR_END = 1e-7
 
@@ -50,6 +52,11 @@ class ModelSection:
                                    help="what the UNet predicts (`auto`: from the model's scheduler config)")
     revision: str | None = setting(None, help="hub revision (branch, tag or commit)")
     variant: str | None = setting(None, help="hub weight variant, e.g. `fp16`")
+    base_dtype: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16", "fp8"),
+                              default_doc="`auto` (the `mixed_precision` dtype)",
+                              help="dtype the frozen denoiser's weights are stored in (adapters stay fp32): "
+                                   "`bf16`/`fp16` halve it, `fp8` stores each Linear weight as float8 with a "
+                                   "per-row scale (a quarter), each widened per layer in the forward")
 
     def check(self) -> None:
         if not self.pretrained_model:
@@ -115,6 +122,14 @@ class TrainSection:
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"),
                                    help="`fp16` needs a GPU (with a gradient scaler); adapter weights stay fp32")
     gradient_checkpointing: bool = setting(False, help="trade compute for memory")
+    compile: bool = setting(False, help="torch.compile the denoiser once the adapters are attached (the first "
+                                        "steps and the first sample compile; later ones run the compiled code)")
+    compile_mode: str = setting("default", choices=COMPILE_MODES,
+                                help="torch.compile mode (inductor): `reduce-overhead` adds CUDA graphs, "
+                                     "`max-autotune` searches kernels longer")
+    compile_backend: str = setting("inductor", choices=COMPILE_BACKENDS,
+                                   help="torch.compile backend: `aot_eager` traces the same graphs without "
+                                        "generating code (fast to compile, eager speed: for checking a setup)")
     seed: int = setting(42, ge=0, le=MAX_SEED, help="seeds data order, augmentation, noise and initial weights")
     min_snr_gamma: float | None = setting(None, gt=0, help="min-SNR loss weighting (5.0 is common)")
     noise_offset: float = setting(0.0, ge=0, le=1, help="offset noise (0.03-0.1 helps very dark / bright images)")
@@ -165,6 +180,13 @@ class TrainSection:
         if self.lr_scheduler == "polynomial" and not self.learning_rate > POLYNOMIAL_LR_END:
             raise ConfigError(f"train.lr_scheduler: 'polynomial' decays to {POLYNOMIAL_LR_END} and needs a larger "
                               f"train.learning_rate, got {self.learning_rate}")
+        if self.compile and self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(f"train.compile_mode = {self.compile_mode!r} is an inductor mode; with "
+                              f"train.compile_backend = {self.compile_backend!r} leave it at 'default'")
+        if self.compile and self.xformers:
+            raise ConfigError("train.compile and train.xformers: choose one. torch.compile does not trace into "
+                              "xformers' kernels; PyTorch's own attention (the default) is memory-efficient and "
+                              "compiles")
         if self.optimizer in OPTIONAL_OPTIMIZERS:
             module, install = OPTIONAL_OPTIMIZERS[self.optimizer]
             if importlib.util.find_spec(module) is None:

@@ -190,7 +190,7 @@ def load_models(run: Run) -> Models:
     denoiser, vae, text_encoders = parts.denoiser, parts.vae, parts.text_encoders
     for m in (denoiser, vae, *text_encoders):
         m.requires_grad_(False).eval()
-    _place(denoiser, accelerator.device, weight_dtype)
+    _place_denoiser(denoiser, accelerator.device, weight_dtype, cfg.model.base_dtype)
     _place(vae, accelerator.device, torch.float32)  # the VAE overflows in fp16
     for te in text_encoders:
         _place(te, accelerator.device, weight_dtype)
@@ -209,6 +209,27 @@ def load_models(run: Run) -> Models:
                 te.gradient_checkpointing_enable()
     return Models(pipe, family, denoiser, vae, text_encoders, parts.tokenizers, objective, prediction_type,
                   weight_dtype)
+
+
+def _place_denoiser(denoiser: nn.Module, device: torch.device, compute: torch.dtype, base_dtype: str) -> None:
+    """Move the frozen denoiser to the device with its weights stored as `[model] base_dtype` says.
+
+    `auto`, `fp32`, or the compute dtype itself: the whole model in that dtype (fp32 under
+    mixed precision: autocast computes in the narrower one). A narrower storage than the
+    compute dtype: Linear (and for bf16/fp16 Conv2d) weights are stored, on the CPU and one
+    layer at a time, before the model moves, and widened per layer in the forward
+    (lokr_diffusion.storage)."""
+    from ..storage import BASE_DTYPES, store_frozen_weights, stored_bytes
+
+    base = BASE_DTYPES.get(base_dtype, compute)
+    if base in (compute, torch.float32):
+        _place(denoiser, device, base)
+        return
+    if next(denoiser.parameters()).dtype != compute:
+        denoiser.to(dtype=compute)
+    layers = store_frozen_weights(denoiser, base)
+    denoiser.to(device)
+    logger.info("denoiser: %d layers stored in %s, %.2f GiB in all", layers, base_dtype, stored_bytes(denoiser) / 2**30)
 
 
 def _place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -300,6 +321,8 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
                              text_encoders=chosen_text_encoders(models.family, models.text_encoders, cfg.network),
                              family=models.family, prediction_type=models.prediction_type)
     network.to(accelerator.device, dtype=torch.float32)
+    if t_cfg.compile:
+        _compile(models.denoiser, t_cfg)
     model = TrainingModel(network, models.denoiser, models.text_encoders, models.family,
                           cfg.network.train_text_encoder, embedding, conditioning=_conditioning(t_cfg))
     if cache_text(run, dataset, models, model) and all(c.cache_latents != "off" for c in dataset.configs):
@@ -325,6 +348,18 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
     states.resume(t_cfg.resume, loader, report=print if run.main else (lambda _: None))
     return Parts(network, model, embedding, optimizer, lr_scheduler, loader, encoder, ema, progress, states,
                  max_steps, num_epochs, steps_per_epoch)
+
+
+def _compile(denoiser: nn.Module, t_cfg) -> None:
+    """Compile the denoiser in place (`nn.Module.compile`), adapters attached: the module, its
+    state dict and the pipeline holding it stay as they are, only its calls run compiled. The
+    first training step compiles the training graph, the first sample the inference one."""
+    options: dict[str, Any] = {"backend": t_cfg.compile_backend}
+    if t_cfg.compile_backend == "inductor":
+        options["mode"] = t_cfg.compile_mode
+    denoiser.compile(**options)
+    logger.info("denoiser compiled (backend %s%s)", t_cfg.compile_backend,
+                f", mode {t_cfg.compile_mode}" if "mode" in options else "")
 
 
 def _conditioning(t_cfg) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""The trainer with `[train] compile`, `[model] base_dtype` and gradient checkpointing, through
+real `accelerate launch` runs on the tiny models."""
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lokr_diffusion.errors import ConfigError
+from lokr_diffusion.training.config import config_from_dict
+
+from .test_train import _ok, launch, write_config
+
+SAMPLE = {"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1, "width": 64, "height": 64}
+
+
+@pytest.mark.slow
+def test_compiled_sd15_trains_samples_and_saves(tiny_sd15_path, tmp_path):
+    """compile_backend "aot_eager": the same graph capture as inductor without generating C++
+    (inductor compiles for minutes on this CPU)."""
+    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "compile": True, "compile_backend": "aot_eager"},
+                       output={"save_every_steps": 2}, sample=SAMPLE)
+    log = _ok(launch(cfg))
+    out = tmp_path / "out"
+    assert "denoiser compiled (backend aot_eager)" in log
+    assert (out / "t.safetensors").exists() and (out / "t-step000002.safetensors").exists()
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
+    sd = load_file(out / "t.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lokr_w2" in k)
+
+
+def _format(path):
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    return shapes, sorted(k for k in meta if not k.startswith("ss_training_started") and "hash" not in k)
+
+
+@pytest.mark.slow
+def test_flux_fp8_and_bf16_bases_train_and_save_the_same_format(tiny_flux_path, tmp_path):
+    """fp8 (with gradient checkpointing on the DiT blocks) and bf16 stored bases, fp32 compute:
+    both train and write the same tensors, shapes, dtypes and metadata keys as an fp32 base."""
+    files, logs = {}, {}
+    for base, extra in (("fp8", {"gradient_checkpointing": True}), ("bf16", {}), ("fp32", {})):
+        run = tmp_path / base
+        run.mkdir()
+        cfg = write_config(run, tiny_flux_path, train={"max_steps": 2, **extra}, sample={**SAMPLE, "every_steps": 2})
+        cfg.write_text(cfg.read_text().replace("[model]\n", f'[model]\nbase_dtype = "{base}"\n', 1))
+        logs[base] = _ok(launch(cfg))
+        files[base] = run / "out" / "t.safetensors"
+    assert "layers stored in fp8" in logs["fp8"] and "layers stored in bf16" in logs["bf16"]
+    assert _format(files["fp8"]) == _format(files["bf16"]) == _format(files["fp32"])
+    for base in ("fp8", "bf16"):
+        sd = load_file(files[base])
+        assert all(torch.isfinite(v).all() for v in sd.values())
+        assert any(v.abs().sum() > 0 for k, v in sd.items() if "lokr_w2" in k), base
+        assert (tmp_path / base / "out" / "samples" / "step000002-00-a-red-circle.png").exists()
+
+
+def test_compile_config_refusals():
+    base = {"model": {"pretrained_model": "x"}, "train": {"max_steps": 1, "compile": True},
+            "data": {"datasets": [{"dir": "."}]}}
+    with pytest.raises(ConfigError, match="train.compile and train.xformers"):
+        config_from_dict({**base, "train": {**base["train"], "xformers": True}})
+    with pytest.raises(ConfigError, match="inductor mode"):
+        config_from_dict({**base, "train": {**base["train"], "compile_backend": "aot_eager",
+                                            "compile_mode": "max-autotune"}})
+    with pytest.raises(ConfigError, match="model.base_dtype"):
+        config_from_dict({**base, "model": {**base["model"], "base_dtype": "int4"}})
