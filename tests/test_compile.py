@@ -58,8 +58,14 @@ def _breaks(model, kwargs) -> tuple[int, list[str]]:
     return ex.graph_break_count, [str(r.reason)[:200] for r in ex.break_reasons]
 
 
+# The UNets take Dynamo minutes to trace on a 2-core CPU (sd15 320 s, sdxl 257 s measured under
+# load); the suite checks the Flux transformer and every algorithm on a small model (below), and
+# LOKR_TEST_UNET_COMPILE=1 adds the UNets.
+_UNETS = ["sd15", "sdxl"] if __import__("os").environ.get("LOKR_TEST_UNET_COMPILE") else []
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family_name", ["sd15", "sdxl", "flux"])
+@pytest.mark.parametrize("family_name", ["flux", *_UNETS])
 def test_no_graph_breaks_with_adapters(family_name):
     """The denoiser's forward with LoKr attached is one graph, training and inference."""
     family, model, kwargs = tiny_denoiser(family_name)
@@ -139,10 +145,11 @@ def test_alpha_is_a_number_kept_in_step_with_the_state_dict():
 
 
 @pytest.mark.slow
-def test_compiled_training_equals_eager_without_recompiles():
-    """20 training steps of the tiny SD1.5 UNet with LoKr, compiled: one compile, and the first
+@pytest.mark.parametrize("family_name", ["flux", *_UNETS])
+def test_compiled_training_equals_eager_without_recompiles(family_name):
+    """20 training steps of a tiny denoiser with LoKr, compiled: one compile, and the first
     step's adapter gradients equal eager's within 1e-5 relative (fp32)."""
-    family, model, kwargs = tiny_denoiser("sd15")
+    family, model, kwargs = tiny_denoiser(family_name)
     network = create_network(AdapterConfig(dim=4, alpha=2), model, family=family)
     _nonzero(network)
     params = list(network.parameters())
@@ -161,9 +168,10 @@ def test_compiled_training_equals_eager_without_recompiles():
     worst = max(((g - e).norm() / e.norm().clamp_min(1e-30)).item() for g, e in zip(got, eager))
     assert worst < 1e-5, worst
     opt = torch.optim.AdamW(params, lr=1e-3)
+    latent = "hidden_states" if "hidden_states" in kwargs else "sample"
     for step in range(20):
-        kwargs["sample"] = torch.randn_like(kwargs["sample"])
-        kwargs["timestep"] = torch.tensor([10 * step + 1])
+        kwargs[latent] = torch.randn_like(kwargs[latent])
+        kwargs["timestep"] = kwargs["timestep"] * 0 + (step + 1) / 21 * (1 if latent == "hidden_states" else 1000)
         grads(compiled)
         opt.step()
     assert counter.frame_count == 1, "recompiled during training"

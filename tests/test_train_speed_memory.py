@@ -14,10 +14,11 @@ SAMPLE = {"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images
 
 
 @pytest.mark.slow
-def test_compiled_sd15_trains_samples_and_saves(tiny_sd15_path, tmp_path):
+def test_compiled_flux_trains_samples_and_saves(tiny_flux_path, tmp_path):
     """compile_backend "aot_eager": the same graph capture as inductor without generating C++
-    (inductor compiles for minutes on this CPU)."""
-    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "compile": True, "compile_backend": "aot_eager"},
+    (inductor compiles for minutes on this CPU; the tiny UNets take Dynamo minutes too, so the
+    suite compiles the tiny Flux transformer)."""
+    cfg = write_config(tmp_path, tiny_flux_path, train={"max_steps": 3, "compile": True, "compile_backend": "aot_eager"},
                        output={"save_every_steps": 2}, sample=SAMPLE)
     log = _ok(launch(cfg))
     out = tmp_path / "out"
