@@ -27,11 +27,11 @@ from .layers import AdapterModule, RowSliceAdapter
 from .network import AdapterNetwork, component_models, family_of
 from .targets import Target
 from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name
-from .tools.peft import PEFT_PREFIX, from_peft, is_peft_layout, split_peft_key
+from .tools.peft import from_peft, is_peft_layout
 
 # from_peft lives in tools.peft, the one PEFT reader
 __all__ = ["FusedTarget", "LoadReport", "build_alias_table", "build_fused_table", "check_module_tensors",
-           "finite_scale", "from_peft", "is_peft_state_dict", "load_network", "network_from_tensors", "split_key"]
+           "finite_scale", "from_peft", "load_network", "network_from_tensors", "split_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +79,6 @@ def _lora_tensor_names(key: str) -> str:
         if key.endswith(theirs):
             return key[: -len(theirs)] + ours
     return key
-
-
-def is_peft_state_dict(keys: Sequence[str]) -> bool:
-    """PEFT's LoKr layout (scaled by its config), not a file-layout file that uses PEFT's prefix.
-
-    ComfyUI reads `base_model.model.<Diffusers path>` keys of SD3 files with the file layout's
-    tensors and math (alpha, LoHa, LoRA; LoKr scale 1 when both factors are full). A PEFT LoKr
-    state dict holds `lokr_*` tensors only, so any other tensor under the prefix says which.
-    """
-    if not is_peft_layout(keys):
-        return False
-    return not any(k.startswith(PEFT_PREFIX) and split_peft_key(k) is None for k in keys)
 
 
 def split_key(key: str, module_keys: Container[str] = ()) -> tuple[str, str]:
@@ -269,7 +257,7 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
     """
     text_encoders = tuple(text_encoders)
     finite_scale("multiplier", multiplier)
-    if is_peft_state_dict(list(tensors)):
+    if is_peft_layout(list(tensors)):
         tensors = from_peft(tensors, source=source)
     else:
         tensors = {_lora_tensor_names(k): t for k, t in tensors.items()}

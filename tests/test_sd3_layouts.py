@@ -22,7 +22,8 @@ from lokr_diffusion import families
 from lokr_diffusion.errors import AdapterFileError
 from lokr_diffusion.families import SD35_LARGE, SD35_MEDIUM, sd3_names
 from lokr_diffusion.layers import RowSliceAdapter
-from lokr_diffusion.loading import is_peft_state_dict, load_network
+from lokr_diffusion.loading import load_network
+from lokr_diffusion.tools.peft import is_peft_layout
 from lokr_diffusion.pipelines import (fuse_adapter, list_adapters, load_adapter, set_adapter_scale, unfuse_adapter,
                                       unload_adapter)
 
@@ -249,7 +250,7 @@ def test_base_model_prefix_with_diffusers_lora_names_and_no_alpha(model, tmp_pat
         a, b = torch.randn(4, in_f, generator=g), torch.randn(out_f, 4, generator=g)
         tensors[f"base_model.model.{p}.lora_A.weight"], tensors[f"base_model.model.{p}.lora_B.weight"] = a, b
         expected[p] = b @ a
-    assert not is_peft_state_dict(list(tensors))
+    assert not is_peft_layout(list(tensors))
     save_file(tensors, tmp_path / "a.safetensors")
     original = _state(model)
     network, report = load_network(tmp_path / "a.safetensors", unet=model, strict=True)
@@ -268,7 +269,7 @@ def test_peft_lokr_state_dict_still_reads_as_peft(model, tmp_path):
     low = _factors("lokr-lowrank", linears["proj_out"].out_features, H, g)
     tensors = {f"base_model.model.transformer_blocks.0.attn.to_v.{n}": v for n, v in full.items() if n != "alpha"}
     tensors.update({f"base_model.model.proj_out.{n}": v for n, v in low.items() if n != "alpha"})
-    assert is_peft_state_dict(list(tensors))
+    assert is_peft_layout(list(tensors))
     original = _state(model)
     network, report = load_network(tensors, unet=model, strict=True)
     assert report.patched == {"unet": 2}

@@ -60,12 +60,8 @@ def _loads_as(model, path, expected):
     model.load_state_dict(original)
 
 
-_PEFT_PREFIX_GAP = pytest.mark.xfail(strict=True, reason="tools.peft.is_peft_layout takes every base_model.model. "
-                                     "file for PEFT LoKr; the loader's is_peft_state_dict does not (tools/: another session)")
 
-
-@pytest.mark.parametrize("layout", [pytest.param(n, marks=_PEFT_PREFIX_GAP) if n == "base_model-dotted" else n
-                                    for n in sorted(NAMES)])
+@pytest.mark.parametrize("layout", sorted(NAMES))
 def test_inspect_names_family_layout_and_comfyui_support(capsys, model, tmp_path, layout):
     from .test_sd3_layouts import make_file
 

@@ -42,14 +42,16 @@ def split_peft_key(key: str) -> tuple[str, str] | None:
 
 
 def is_peft_layout(keys: Iterable[str]) -> bool:
-    """PEFT keys: the `base_model.model.` prefix, or only `<path>.lokr_*` keys with no file-layout prefix.
+    """PEFT's LoKr state dict (scaled by its config): only `<path>.lokr_*` keys, under the
+    `base_model.model.` prefix or with no file-layout prefix.
 
     A file-layout file keyed by dotted module paths (`transformer.transformer_blocks.0.attn.to_q.lokr_w1`
-    beside its `.alpha`, or LoHa/LoRA tensors) has other keys too, so it is not PEFT's.
+    beside its `.alpha`, or LoHa/LoRA tensors) has other keys too, so it is not PEFT's; nor is an
+    SD3 file that uses PEFT's prefix with the file layout's tensors, which ComfyUI reads as a file.
     """
     keys = list(keys)
     if any(k.startswith(PEFT_PREFIX) for k in keys):
-        return True
+        return all(split_peft_key(k) is not None for k in keys if k.startswith(PEFT_PREFIX))
     return bool(keys) and all(component_of(k) == "unknown" and split_peft_key(k) is not None for k in keys)
 
 
