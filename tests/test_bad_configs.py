@@ -64,7 +64,9 @@ CASES = {
                             "train.lr_scheduler: 'piecewise_constant' is not one of"),
     "polynomial below lr_end": ({"train": {"lr_scheduler": "polynomial", "learning_rate": 1e-8}},
                                 "train.lr_scheduler: 'polynomial' decays to 1e-07"),
-    "family sd3": ({"model": {"family": "sd3"}}, "model.family: 'sd3' is not one of auto, sd1, sd2, sdxl"),
+    "family sd4": ({"model": {"family": "sd4"}}, "model.family: 'sd4' is not one of auto, sd1, sd2, sdxl"),
+    "family qwen-image (loaded, not trained)": ({"model": {"family": "qwen-image"}},
+                                                 "model.family: 'qwen-image' is not one of auto, sd1"),
     # wrong types
     "seed float": ({"train": {"seed": 1.5}}, "train.seed: expected int, got 1.5 (float)"),
     "dim bool": ({"network": {"dim": True}}, "network.dim: expected int, got True (boolean)"),
