@@ -675,8 +675,11 @@ def flux_section(flux: dict, md_path: Path, json_path: Path) -> list[str]:
          f"Model: {flux['setup']}. Inputs: random packed latents `hidden_states` (B, tokens, 64), T5 states "
          f"(B, text tokens, 4096), CLIP pooled (B, 768), timestep, guidance 1.0, and `img_ids` / `txt_ids` as "
          f"FluxPipeline makes them. Every Linear keeps its real Flux shape (3072 x 3072 attention, 3072 <-> 12288 "
-         f"MLP, 15360 -> 3072 single-block output) and sees the real token count; only the number of blocks is cut, "
-         f"which scales every configuration's time alike.", "",
+         f"MLP, 15360 -> 3072 single-block output) and sees the real token count; only the number of blocks is cut. "
+         f"Blocks of a kind are identical, so depth multiplies their time in every configuration; what it changes "
+         f"is the weight of the unadapted layers outside the blocks (mostly `context_embedder`, about 2% of the "
+         f"floor's forward products here, a fraction of a percent at 19 + 38 blocks), so at full depth the ratios "
+         f"to the floor would be a little higher and the gaps between implementations a little wider.", "",
          f"Adapter: LoKr on the Flux family's attn-mlp preset (`FLUX_DEV.preset_filter`: attention projections and "
          f"MLPs of both block kinds, AdaLN modulation left out as kohya trains Flux), {n_mod} layers here (418 at "
          f"full depth). LyCORIS gets that list as `target_name`s, PEFT as `LoKrConfig(target_modules=...)`; the "
@@ -909,14 +912,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flux-json", type=Path, default=FLUX_JSON)
     p.add_argument("--json", type=Path, default=None, help="also write all raw results here")
     p.add_argument("--from-json", type=Path, default=None,
-                   help="rewrite the report from raw results saved by --json, without measuring again")
+                   help="rewrite the report from raw results saved by --json, without measuring again "
+                        "(with --flux: only the Flux section, from docs/benchmarks/flux_results.json)")
     p.add_argument("--child-memory", nargs=3, metavar=("SETUP", "SCENARIO", "IMPL"), help=argparse.SUPPRESS)
     p.add_argument("--dry-gpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dry-flux", action="store_true", help=argparse.SUPPRESS)  # --flux on the tiny transformer
     args = p.parse_args(argv)
     quiet_libraries()
     if args.from_json:
-        write_report(json.loads(args.from_json.read_text()), args.md, args.png, args)
+        data = json.loads(args.from_json.read_text())
+        if args.flux:  # the stored Flux results: rewrite only their section
+            update_flux_section(args.md, data, args.from_json)
+        else:
+            write_report(data, args.md, args.png, args)
         return 0
     torch.set_num_threads(args.threads)
     if args.child_memory:

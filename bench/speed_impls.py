@@ -114,8 +114,9 @@ def flux_setup() -> Setup:
     """Flux.1-dev's real width with one double and one single block: every adapted layer has a
     real Flux shape and sees a real token count, yet a step fits 2 CPU cores. Blocks of one kind
     are identical, so full depth multiplies the block time; what depth would change is the share
-    of the unadapted layers outside the blocks (embedders, output projection), a few percent of
-    this floor and less at 19 + 38 blocks, so the ratios here are if anything a little low."""
+    of the unadapted layers outside the blocks (mostly context_embedder), about 2% of this
+    floor's forward and far less at 19 + 38 blocks: there the ratios to the floor would be a
+    little higher and the gaps between implementations a little wider."""
     from lokr_diffusion.families import FLUX_DEV
 
     cfg = {**FLUX_DEV.real_transformer_config(), **FLUX_DEPTH}
