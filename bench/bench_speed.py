@@ -25,6 +25,15 @@ batch 2, 32x32 latents, fp32, 2 threads by default):
 
 With a CUDA device present it also runs the GPU variant (the real SDXL UNet, bf16) and stores
 its results in docs/benchmarks/gpu_results.json, which later CPU-only runs include in the report.
+
+    python bench/bench_speed.py --flux     # the Flux-shaped case only, about 40 minutes on 2 cores
+
+measures the same training step and inference on a Flux.1-dev transformer at its real width
+(3072 wide, MLP 12288) with one double and one single block, 1024 image + 512 text tokens, for
+LoKr attn-mlp factor 16 full matrix and factor -1 rank 16. A Flux step is 15-30 s on 2 cores,
+so this case is not part of the full run (it would triple it): its results go to
+docs/benchmarks/flux_results.json and the "Flux-shaped" section of BENCHMARKS.md, and the
+run rewrites only that section (and the reproduce lines); full runs include the stored results.
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -58,6 +68,8 @@ import speed_impls as S
 DEFAULT_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_PNG = ROOT / "docs" / "benchmarks" / "speed.png"
 GPU_JSON = ROOT / "docs" / "benchmarks" / "gpu_results.json"
+FLUX_JSON = ROOT / "docs" / "benchmarks" / "flux_results.json"
+FLUX_HEADING = "## Flux-shaped"
 COMMAND = "python bench/bench_speed.py"
 
 
@@ -366,10 +378,11 @@ def profile_diff(setup, scen, repeats: int = 3) -> dict:
 # ------------------------------------------------------------------------------------------
 
 def run_suite(setup, scenarios, rounds: int, warmup: int, memory: bool, threads: int) -> dict:
-    res = {"setup": setup.label, "device": setup.device, "scenarios": {}}
+    res = {"setup": setup.label, "device": setup.device, "rounds": rounds, "scenarios": {}}
     for scen in scenarios:
-        log(f"{setup.device}: scenario {scen.title}: building the UNet copies")
+        log(f"{setup.name}: scenario {scen.title}: building the model copies")
         atts = S.build_all(setup, scen)
+        res["model_params"] = sum(p.numel() for p in atts["floor"].model.parameters())  # ours adds none to it
         inputs = S.make_inputs(setup)
         copied = S.copy_ours_into_lycoris(atts["ours"], atts["lycoris"])
         outs = {}
@@ -408,8 +421,7 @@ def run_suite(setup, scenarios, rounds: int, warmup: int, memory: bool, threads:
         if setup.device == "cuda":
             torch.cuda.empty_cache()
         if memory and setup.device == "cpu":
-            which = "dry" if setup.label.startswith("dry") else "cpu"
-            entry["memory"] = measure_memory(which, scen.key, S.IMPLS, threads)
+            entry["memory"] = measure_memory(setup.name, scen.key, S.IMPLS, threads)
         res["scenarios"][scen.key] = entry
     return res
 
@@ -494,7 +506,7 @@ def scenario_tables(entry: dict, device: str) -> list[str]:
         lines.append("")
         lines.append(f"Fusing all {entry['modules'].get('ours', 0)} adapters into the weights took "
                      f"{1e3 * mg['merge_s']:.0f} ms, unfusing {1e3 * mg['unmerge_s']:.0f} ms (vectorised kron, "
-                     f"one fp32 add per weight). With the same factor values, the UNet outputs of ours and LyCORIS "
+                     f"one fp32 add per weight). With the same factor values, the outputs of ours and LyCORIS "
                      f"differ by {entry['agreement']['vs_lycoris']:.1e} (max, relative).")
     return lines
 
@@ -621,6 +633,106 @@ def closing_notes(results: dict) -> list[str]:
     return out
 
 
+PLAIN = {"lycoris": "LyCORIS", "lycoris-bypass": "LyCORIS bypass", "peft": "PEFT"}
+
+
+def flux_headline(entry: dict) -> str:
+    """One sentence per Flux scenario (README material): the step against the floor and the peers."""
+    tr = entry["train"]
+    peers = [f"{PLAIN[p]} {tr[p]['ours_speedup']:.2f}x" for p in S.PEERS if tr.get(p, {}).get("ours_speedup")]
+    line = f"{entry['title']}: ours {tr['ours']['x_floor']:.2f}x the frozen floor per training step"
+    if peers:
+        line += "; the peers' step over ours: " + ", ".join(peers)
+    inf = entry.get("infer", {})
+    if "ours (unfused)" in inf:
+        line += (f"; inference {inf['ours (unfused)']['x_floor']:.2f}x the floor unfused, "
+                 f"{inf['ours (fused)']['x_floor']:.2f}x fused")
+    return line + "."
+
+
+def _load_text(env: dict) -> str:
+    start, end = env.get("load_avg_at_start"), env.get("load_avg_at_end")
+    if not start:
+        return ""
+    text = f"; load average (1/5/15 min) {', '.join(f'{x:.1f}' for x in start)} at the start"
+    return text + (f" and {', '.join(f'{x:.1f}' for x in end)} at the end" if end else "")
+
+
+def flux_section(flux: dict, md_path: Path, json_path: Path) -> list[str]:
+    """The "Flux-shaped" section, from the stored Flux results alone: it carries its own command,
+    date and machine state, because a `--flux` run rewrites only this section."""
+    env = flux.get("env", {})
+    scens = list(flux["scenarios"].values())
+    n_mod = scens[0]["modules"].get("ours", 0) if scens else 0
+    minutes = flux.get("elapsed_s", 0) / 60
+    L = [f"{FLUX_HEADING}: Flux.1-dev width, reduced depth (CPU)", "",
+         f"Measured by `{flux.get('command', COMMAND + ' --flux')}` on {env.get('date', '?')} in {minutes:.0f} min "
+         f"({env.get('cores', '?')} cores, {env.get('threads', '?')} torch threads{_load_text(env)}; torch "
+         f"{env.get('torch', '?')}, diffusers {env.get('diffusers', '?')}, lycoris-lora {env.get('lycoris', '?')}, "
+         f"peft {env.get('peft', '?')}), {flux.get('rounds', '?')} interleaved rounds; stored in "
+         f"`{os.path.relpath(json_path, md_path.parent)}`. Too long for the full run, so `--flux` runs it alone "
+         f"and rewrites only this section; full runs include the stored numbers.", "",
+         f"Model: {flux['setup']}. Inputs: random packed latents `hidden_states` (B, tokens, 64), T5 states "
+         f"(B, text tokens, 4096), CLIP pooled (B, 768), timestep, guidance 1.0, and `img_ids` / `txt_ids` as "
+         f"FluxPipeline makes them. Every Linear keeps its real Flux shape (3072 x 3072 attention, 3072 <-> 12288 "
+         f"MLP, 15360 -> 3072 single-block output) and sees the real token count; only the number of blocks is cut. "
+         f"Blocks of a kind are identical, so depth multiplies their time in every configuration; what it changes "
+         f"is the weight of the unadapted layers outside the blocks (mostly `context_embedder`, about 2% of the "
+         f"floor's forward products here, a fraction of a percent at 19 + 38 blocks), so at full depth the ratios "
+         f"to the floor would be a little higher and the gaps between implementations a little wider.", "",
+         f"Adapter: LoKr on the Flux family's attn-mlp preset (`FLUX_DEV.preset_filter`: attention projections and "
+         f"MLPs of both block kinds, AdaLN modulation left out as kohya trains Flux), {n_mod} layers here (418 at "
+         f"full depth). LyCORIS gets that list as `target_name`s, PEFT as `LoKrConfig(target_modules=...)`; the "
+         f"counts below are checked equal, and ours reproduces LyCORIS's outputs with the same factor values. The "
+         f"floor is the frozen transformer's forward + backward to the input tokens. Peak memory: peak RSS of a "
+         f"fresh process building one model and running two training steps (the model is "
+         f"{S.human(flux.get('model_params', 0))} fp32 parameters).", ""]
+    L += ["In one line:", ""] + [f"* {flux_headline(e)}" for e in scens] + [""]
+    for entry in scens:
+        L += [f"### {entry['title']}", ""] + scenario_tables(entry, "cpu") + [""]
+    return L
+
+
+def reproduce_lines() -> list[str]:
+    return ["## Reproduce", "", "```",
+            COMMAND + "            # everything but Flux (CPU, plus the GPU variant where CUDA is present)",
+            COMMAND + " --quick    # main scenario only, fewer rounds",
+            COMMAND + " --flux     # the Flux-shaped case alone (long); rewrites only its section",
+            "```", ""]
+
+
+def splice_section(text: str, heading: str, lines: list[str], before: tuple[str, ...] = ()) -> str:
+    """`text` with its `## ` section whose heading starts with `heading` replaced by `lines`, or,
+    without one, `lines` inserted ahead of the first section headed by one of `before` (else
+    appended). Everything else stays byte for byte: a partial run must not touch numbers it
+    did not measure."""
+    chunks = re.split(r"(?m)^(?=## )", text)
+    block = "\n".join(lines).rstrip("\n") + "\n\n"
+    at = next((i for i, c in enumerate(chunks) if c.startswith(heading)), None)
+    if at is not None:
+        chunks[at] = block if at < len(chunks) - 1 else block.rstrip("\n") + "\n"
+    else:
+        at = next((i for i, c in enumerate(chunks) if i and c.startswith(before)), None)
+        if at is None:
+            chunks.append(("\n" if not text.endswith("\n\n") else "") + block.rstrip("\n") + "\n")
+        else:
+            chunks.insert(at, block)
+    return "".join(chunks)
+
+
+# Where a Flux section goes in a report that has none yet: right after the CPU scenarios.
+FLUX_BEFORE = ("## The per-layer path choice", "## Where the time goes", "## Closing note", "## GPU", "## Reproduce")
+
+
+def update_flux_section(md_path: Path, flux: dict, json_path: Path) -> None:
+    """Rewrite only the Flux section (and the reproduce lines) of an existing report."""
+    text = md_path.read_text()
+    text = splice_section(text, FLUX_HEADING, flux_section(flux, md_path, json_path), FLUX_BEFORE)
+    text = splice_section(text, "## Reproduce", reproduce_lines())
+    md_path.write_text(text)
+    log(f"updated the Flux section of {md_path}")
+
+
 def _bar_panel(ax, scens: list[dict], kind: str, names: list[str], colors: dict, target: float, ylabel: str,
                title: str) -> None:
     """One chart panel: per scenario, a bar per configuration of its ratio to the floor."""
@@ -649,7 +761,7 @@ def write_chart(results: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no chart (pip install matplotlib)"
-    suites = [(k, results[k]) for k in ("cpu", "gpu") if results.get(k)]
+    suites = [(k, results[k]) for k in ("cpu", "flux", "gpu") if results.get(k)]
     fig, axes = plt.subplots(len(suites), 2, figsize=(13, 4.2 * len(suites)), squeeze=False)
     colors = {"floor": "#999999", "ours": "#d62728", "lycoris": "#1f77b4", "lycoris-bypass": "#6baed6", "peft": "#2ca02c",
               "ours (unfused)": "#d62728", "ours (fused)": "#ff9896"}
@@ -701,6 +813,8 @@ def write_report(results: dict, md_path: Path, png_path: Path, args) -> None:
         L += [f"## CPU: {cpu['setup']}", ""]
         for entry in cpu["scenarios"].values():
             L += [f"### {entry['title']}", ""] + scenario_tables(entry, "cpu") + [""]
+    if results.get("flux"):
+        L += flux_section(results["flux"], md_path, args.flux_json)
     if results.get("model_check"):
         L += ["## The per-layer path choice against measurement", ""] + model_table(results["model_check"]) + [""]
     if results.get("profile"):
@@ -720,8 +834,7 @@ def write_report(results: dict, md_path: Path, png_path: Path, args) -> None:
     else:
         L += ["No CUDA device on the machine that generated this file, and no stored GPU results: the GPU "
               "variant (real SDXL UNet, bf16) runs automatically where `torch.cuda.is_available()`.", ""]
-    L += ["## Reproduce", "", "```", COMMAND + "            # everything (CPU, plus the GPU variant where CUDA is present)",
-          COMMAND + " --quick    # main scenario only, fewer rounds", "```", ""]
+    L += reproduce_lines()
     md_path.write_text("\n".join(L))
     log(f"wrote {md_path} and {png_path}")
 
@@ -729,6 +842,56 @@ def write_report(results: dict, md_path: Path, png_path: Path, args) -> None:
 # ------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------
+
+def pick_scenarios(args, available) -> list:
+    """--scenarios picks by key among `available`; --quick keeps the first."""
+    if args.scenarios:
+        keys = {s.key for s in available}
+        bad = [k for k in args.scenarios.split(",") if k not in keys]
+        if bad:
+            raise SystemExit(f"unknown scenario(s) {', '.join(bad)} here; expected some of {', '.join(sorted(keys))}")
+        return [S.SCENARIO_BY_KEY[k] for k in args.scenarios.split(",")]
+    return list(available[:1] if args.quick else available)
+
+
+def command_line(args) -> str:
+    """The command as the report should quote it: the options that change what is measured."""
+    cmd = COMMAND + (" --flux" if args.flux else "") + (" --dry-flux" if args.dry_flux else "")
+    cmd += " --quick" if args.quick else ""
+    cmd += f" --threads {args.threads}" if args.threads != 2 else ""
+    cmd += (f" --rounds {args.rounds}" if args.rounds else "") + (f" --scenarios {args.scenarios}" if args.scenarios else "")
+    return cmd + (" --no-memory" if args.no_memory and args.flux else "")
+
+
+def run_flux(args, rounds: int) -> int:
+    """The Flux-shaped case alone: measure, store its JSON, then rewrite only its section of the
+    report (a whole report from it alone where none exists yet), so the numbers of the other
+    sections stay those of the run that measured them."""
+    setup = S.dry_flux_setup() if args.dry_flux else S.flux_setup()
+    scenarios = pick_scenarios(args, S.FLUX_SCENARIOS)
+    env = environment(args.threads)
+    t_start = time.time()
+    log(f"Flux-shaped case: {setup.label}")
+    res = run_suite(setup, scenarios, rounds, args.warmup, not args.no_memory, args.threads)
+    res["elapsed_s"] = time.time() - t_start
+    res["command"] = command_line(args)
+    try:
+        env["load_avg_at_end"] = os.getloadavg()
+    except OSError:
+        pass
+    res["env"] = env
+    args.flux_json.parent.mkdir(parents=True, exist_ok=True)
+    args.flux_json.write_text(json.dumps(res, indent=1))
+    log(f"Flux results written to {args.flux_json}")
+    for entry in res["scenarios"].values():
+        log("  " + flux_headline(entry))
+    if args.md.exists():
+        update_flux_section(args.md, res, args.flux_json)
+    else:
+        write_report({"command": res["command"], "env": env, "flux": res}, args.md, args.png, args)
+    log(f"done in {res['elapsed_s'] / 60:.1f} min")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -744,29 +907,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, default=DEFAULT_MD)
     p.add_argument("--png", type=Path, default=DEFAULT_PNG)
     p.add_argument("--gpu-json", type=Path, default=GPU_JSON)
+    p.add_argument("--flux", action="store_true",
+                   help="run only the Flux-shaped case (long): stores its JSON and rewrites only its report section")
+    p.add_argument("--flux-json", type=Path, default=FLUX_JSON)
     p.add_argument("--json", type=Path, default=None, help="also write all raw results here")
     p.add_argument("--from-json", type=Path, default=None,
-                   help="rewrite the report from raw results saved by --json, without measuring again")
+                   help="rewrite the report from raw results saved by --json, without measuring again "
+                        "(with --flux: only the Flux section, from docs/benchmarks/flux_results.json)")
     p.add_argument("--child-memory", nargs=3, metavar=("SETUP", "SCENARIO", "IMPL"), help=argparse.SUPPRESS)
     p.add_argument("--dry-gpu", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dry-flux", action="store_true", help=argparse.SUPPRESS)  # --flux on the tiny transformer
     args = p.parse_args(argv)
     quiet_libraries()
     if args.from_json:
-        write_report(json.loads(args.from_json.read_text()), args.md, args.png, args)
+        data = json.loads(args.from_json.read_text())
+        if args.flux:  # the stored Flux results: rewrite only their section
+            update_flux_section(args.md, data, args.from_json)
+        else:
+            write_report(data, args.md, args.png, args)
         return 0
     torch.set_num_threads(args.threads)
     if args.child_memory:
         print(json.dumps(S.peak_memory_child(*args.child_memory, threads=args.threads)))
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
-    scenarios = list(S.SCENARIOS)
-    if args.quick:
-        scenarios = scenarios[:1]
-    if args.scenarios:
-        scenarios = [S.SCENARIO_BY_KEY[k] for k in args.scenarios.split(",")]
-    cmd = COMMAND + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads != 2 else "")
-    cmd += (f" --rounds {args.rounds}" if args.rounds else "") + (f" --scenarios {args.scenarios}" if args.scenarios else "")
-    results = {"command": cmd, "env": environment(args.threads)}
+    if args.flux or args.dry_flux:
+        return run_flux(args, rounds)
+    scenarios = pick_scenarios(args, S.SCENARIOS)
+    results = {"command": command_line(args), "env": environment(args.threads)}
     t_start = time.time()
     has_cuda = (torch.cuda.is_available() or args.dry_gpu) and not args.no_gpu
     if has_cuda:
@@ -784,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     elif args.gpu_json.exists():
         results["gpu"] = json.loads(args.gpu_json.read_text())
+    if args.flux_json.exists():
+        results["flux"] = json.loads(args.flux_json.read_text())
     setup = S.cpu_setup()
     results["cpu"] = run_suite(setup, scenarios, rounds, args.warmup, not args.no_memory, args.threads)
     if not args.quick:

@@ -2,10 +2,12 @@
 
 Every implementation targets exactly the same layers: ours picks them with the preset, and
 LyCORIS and PEFT are given that list of module paths verbatim (LyCORIS through a preset of
-`target_name`s, PEFT through `target_modules`), and the bench checks the counts.
+`target_name`s, PEFT through `target_modules`), and the bench checks the counts. The list
+comes from the setup's model family (``Family.preset_filter``), so the same code serves a
+UNet (SD 1.5, SDXL) and a Flux transformer.
 
 Implementations:
-  floor           the frozen UNet alone, forward + backward to the input (what any adapter pays)
+  floor           the frozen denoiser alone, forward + backward to the input (what any adapter pays)
   ours            lokr_diffusion.create_network (forward hooks, factored/rebuild chosen per layer)
   lycoris         LyCORIS 4.x LokrModule, default (rebuild dW every step)
   lycoris-bypass  the same modules with bypass_mode on (its own bypass path)
@@ -44,22 +46,40 @@ SCENARIOS = (
     Scenario("attn-mlp-f-1-r4", "attn-mlp, factor -1, rank 4", "attn-mlp", -1, 4, False),
     Scenario("full-f8-full", "full preset + convs, factor 8, full matrix", "full", 8, 8, True, conv_dim=8),
 )
-SCENARIO_BY_KEY = {s.key: s for s in SCENARIOS}
+# Flux.1-dev at its real width: 3072 wide (24 heads x 128), MLP 12288, single-block proj_out
+# 15360 -> 3072. Factor 16 splits 3072 into 16 x 192, so w2 is 192 x 192 to 768 x 192.
+FLUX_SCENARIOS = (
+    Scenario("flux-attn-mlp-f16-full", "Flux attn-mlp, factor 16, full matrix", "attn-mlp", 16, 16, True),
+    Scenario("flux-attn-mlp-f-1-r16", "Flux attn-mlp, factor -1, rank 16", "attn-mlp", -1, 16, False),
+)
+SCENARIO_BY_KEY = {s.key: s for s in SCENARIOS + FLUX_SCENARIOS}
+# Flux-shaped size: real width, one block of each kind, 512 px (64x64 latent -> 1024 packed
+# tokens) and dev's 512 T5 tokens; a training step is some 15-30 s on 2 cores.
+FLUX_DEPTH = {"num_layers": 1, "num_single_layers": 1}
+FLUX_LATENT = 64
+FLUX_TEXT_TOKENS = 512
 
 
 @dataclass
 class Setup:
-    """Where and at what size one suite runs."""
+    """Where and at what size one suite runs. `name` is its key in SETUPS: a memory child
+    process rebuilds the same setup from it."""
 
+    name: str
     device: str
     dtype: torch.dtype  # base weights
     autocast: torch.dtype | None  # mixed precision on GPU
-    unet_config: dict
+    model_config: dict  # the denoiser's Diffusers config
     batch: int
-    latent: int
+    latent: int  # latent height = width (VAE pixels; Flux packs 2x2 of them into a token)
     label: str
     family: str = "sd15"
+    text_tokens: int = 77
     extra: dict = field(default_factory=dict)
+
+    @property
+    def is_flux(self) -> bool:
+        return self.family.startswith("flux")
 
 
 def cpu_setup(quick: bool = False) -> Setup:
@@ -67,7 +87,7 @@ def cpu_setup(quick: bool = False) -> Setup:
 
     cfg = get_family("sd15").real_unet_config()
     cfg["block_out_channels"] = list(MID_WIDTHS)
-    return Setup("cpu", torch.float32, None, cfg, batch=2, latent=32,
+    return Setup("cpu", "cpu", torch.float32, None, cfg, batch=2, latent=32,
                  label="SD 1.5 config at widths 128/256/512/512, batch 2, 32x32 latents, fp32")
 
 
@@ -75,7 +95,7 @@ def gpu_setup() -> Setup:
     from lokr_diffusion.families import get_family
 
     cfg = get_family("sdxl").real_unet_config()
-    return Setup("cuda", torch.bfloat16, torch.bfloat16, cfg, batch=1, latent=128, family="sdxl",
+    return Setup("cuda", "cuda", torch.bfloat16, torch.bfloat16, cfg, batch=1, latent=128, family="sdxl",
                  label="SDXL base UNet at full width (2.6 B), batch 1, 128x128 latents (1024 px), "
                        "bf16 weights + bf16 autocast, fp32 adapter factors")
 
@@ -86,35 +106,93 @@ def dry_gpu_setup() -> Setup:
     from lokr_diffusion.families import get_family
 
     cfg = get_family("sdxl").tiny_unet_config()
-    return Setup("cpu", torch.bfloat16, torch.bfloat16, cfg, batch=1, latent=16, family="sdxl",
+    return Setup("dry", "cpu", torch.bfloat16, torch.bfloat16, cfg, batch=1, latent=16, family="sdxl",
                  label="dry run: tiny SDXL-layout UNet on CPU, bf16")
 
 
-def build_unet(setup: Setup, seed: int = 0) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+def flux_setup() -> Setup:
+    """Flux.1-dev's real width with one double and one single block: every adapted layer has a
+    real Flux shape and sees a real token count, yet a step fits 2 CPU cores. Blocks of one kind
+    are identical, so full depth multiplies the block time; what depth would change is the share
+    of the unadapted layers outside the blocks (mostly context_embedder), about 2% of this
+    floor's forward and far less at 19 + 38 blocks: there the ratios to the floor would be a
+    little higher and the gaps between implementations a little wider."""
+    from lokr_diffusion.families import FLUX_DEV
 
+    cfg = {**FLUX_DEV.real_transformer_config(), **FLUX_DEPTH}
+    tokens = (FLUX_LATENT // 2) ** 2
+    return Setup("flux", "cpu", torch.float32, None, cfg, batch=1, latent=FLUX_LATENT, family="flux",
+                 text_tokens=FLUX_TEXT_TOKENS,
+                 label=f"Flux.1-dev transformer at its real width (hidden 3072, 24 heads x 128, MLP 12288) with "
+                       f"{FLUX_DEPTH['num_layers']} of its 19 double and {FLUX_DEPTH['num_single_layers']} of its 38 "
+                       f"single blocks, batch 1, {tokens} image tokens ({8 * FLUX_LATENT} px) + "
+                       f"{FLUX_TEXT_TOKENS} T5 tokens, fp32")
+
+
+def dry_flux_setup() -> Setup:
+    """The Flux suite's code path on the family's tiny transformer (same module tree): for
+    tests and for catching errors before a long run."""
+    from lokr_diffusion.families import FLUX_DEV
+
+    return Setup("dry-flux", "cpu", torch.float32, None, FLUX_DEV.tiny_transformer_config(), batch=1, latent=8,
+                 family="flux", text_tokens=8, label="dry run: tiny Flux-layout transformer on CPU, fp32")
+
+
+SETUPS = {"cpu": cpu_setup, "cuda": gpu_setup, "dry": dry_gpu_setup, "flux": flux_setup, "dry-flux": dry_flux_setup}
+
+
+def build_model(setup: Setup, seed: int = 0) -> nn.Module:
+    """The setup's denoiser with random weights, frozen, in train mode."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    cls = FluxTransformer2DModel if setup.is_flux else UNet2DConditionModel
     torch.manual_seed(seed)
     with torch.device(setup.device):
-        unet = UNet2DConditionModel(**setup.unet_config)
+        model = cls(**setup.model_config)
     if setup.dtype != torch.float32:
-        unet.to(setup.dtype)
-    unet.requires_grad_(False)
-    unet.train()
-    return unet
+        model.to(setup.dtype)
+    model.requires_grad_(False)
+    model.train()
+    return model
+
+
+def _flux_inputs(setup: Setup, rnd) -> dict:
+    """Packed latent tokens and what FluxPipeline feeds with them: T5 states, CLIP pooled,
+    flow time in [0, 1], dev's guidance, rotary position ids."""
+    from lokr_diffusion.families.flux import image_ids, text_ids
+
+    cfg = setup.model_config
+    b, s, n_txt = setup.batch, setup.latent, setup.text_tokens
+    tokens = (s // 2) ** 2
+    dev, dt = setup.device, setup.dtype
+    inputs = {
+        "sample": rnd(b, tokens, cfg["in_channels"]),
+        "timestep": torch.tensor([0.1 + 0.8 * i / max(b - 1, 1) for i in range(b)], device=dev, dtype=dt),
+        "encoder_hidden_states": rnd(b, n_txt, cfg["joint_attention_dim"]),
+        "pooled_projections": rnd(b, cfg["pooled_projection_dim"]),
+        "img_ids": image_ids(s, s, dev, dt),
+        "txt_ids": text_ids(n_txt, dev, dt),
+        "target": rnd(b, tokens, cfg["out_channels"] or cfg["in_channels"]).float(),
+    }
+    if cfg.get("guidance_embeds"):
+        inputs["guidance"] = torch.ones(b, device=dev, dtype=dt)
+    return inputs
 
 
 def make_inputs(setup: Setup, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    cfg = setup.unet_config
+    cfg = setup.model_config
     b, s = setup.batch, setup.latent
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(setup.device, setup.dtype)
 
+    if setup.is_flux:
+        return _flux_inputs(setup, rnd)
     inputs = {
         "sample": rnd(b, cfg["in_channels"], s, s),
         "timestep": torch.tensor([10 + 97 * i for i in range(b)], device=setup.device),
-        "encoder_hidden_states": rnd(b, 77, cfg["cross_attention_dim"]),
+        "encoder_hidden_states": rnd(b, setup.text_tokens, cfg["cross_attention_dim"]),
         "target": rnd(b, cfg["out_channels"], s, s).float(),
     }
     if cfg.get("addition_embed_type") == "text_time":
@@ -123,11 +201,13 @@ def make_inputs(setup: Setup, seed: int = 1) -> dict:
     return inputs
 
 
-def target_paths(unet: nn.Module, scen: Scenario, sdxl: bool = False) -> list[str]:
-    """The module paths our preset trains (k x k convs only with a conv dim)."""
+def target_paths(model: nn.Module, scen: Scenario, family: str) -> list[str]:
+    """The module paths our preset trains in the family's denoiser (k x k convs only with a
+    conv dim): the one list every implementation is given."""
+    from lokr_diffusion.families import get_family
     from lokr_diffusion.targets import select_targets
 
-    found = select_targets("unet", unet, scen.preset, lambda p: p, sdxl=sdxl)
+    found = select_targets("unet", model, scen.preset, lambda p: p, family=get_family(family))
     return [t.path for t in found if scen.conv_dim is not None or not t.is_kxk_conv]
 
 
@@ -152,9 +232,9 @@ def _randomise(params, seed: int) -> None:
             p.requires_grad_(True)
 
 
-def attach(impl: str, unet: nn.Module, scen: Scenario, paths: list[str], sdxl: bool = False,
+def attach(impl: str, unet: nn.Module, scen: Scenario, paths: list[str], family: str = "sd15",
            seed: int = 2) -> Attached:
-    """Put `impl`'s adapters on `unet` (in place) for the layers in `paths`."""
+    """Put `impl`'s adapters on `unet` (the denoiser, in place) for the layers in `paths`."""
     if impl == "floor":
         return Attached(impl, unet, [], 0)
     if impl == "ours":
@@ -162,7 +242,7 @@ def attach(impl: str, unet: nn.Module, scen: Scenario, paths: list[str], sdxl: b
 
         cfg = AdapterConfig(algo="lokr", preset=scen.preset, factor=scen.factor, dim=scen.dim, alpha=scen.dim,
                             conv_dim=scen.conv_dim, conv_alpha=scen.conv_dim, full_matrix=scen.full_matrix)
-        net = create_network(cfg, unet=unet, family="sdxl" if sdxl else "sd1")
+        net = create_network(cfg, unet=unet, family=family)
         got = sorted(net.paths.values())
         if got != sorted(paths):
             raise RuntimeError("ours: targeted modules differ from the reference list")
@@ -210,26 +290,26 @@ def set_lycoris_bypass(att: Attached, bypass: bool) -> None:
 
 
 def build_all(setup: Setup, scen: Scenario, impls=IMPLS) -> dict[str, Attached]:
-    """One UNet per adapter library: floor and ours share one (ours switched off for the floor),
+    """One denoiser per adapter library: floor and ours share one (ours switched off for the floor),
     LyCORIS default and bypass share one (its per-module switch), PEFT has its own."""
-    sdxl = setup.family == "sdxl"
-    base = build_unet(setup)
-    paths = target_paths(base, scen, sdxl)
+    fam = setup.family
+    base = build_model(setup)
+    paths = target_paths(base, scen, fam)
     out: dict[str, Attached] = {}
     want_lyco = any(i.startswith("lycoris") for i in impls)
     lyco_unet = copy.deepcopy(base) if want_lyco else None
     peft_unet = copy.deepcopy(base) if "peft" in impls else None
     if "floor" in impls:
-        out["floor"] = attach("floor", base, scen, paths, sdxl)
+        out["floor"] = attach("floor", base, scen, paths, fam)
     if "ours" in impls:
-        out["ours"] = attach("ours", base, scen, paths, sdxl)
+        out["ours"] = attach("ours", base, scen, paths, fam)
     if want_lyco:
-        lyco = attach("lycoris", lyco_unet, scen, paths, sdxl)
+        lyco = attach("lycoris", lyco_unet, scen, paths, fam)
         for name in ("lycoris", "lycoris-bypass"):
             if name in impls:
                 out[name] = Attached(name, lyco_unet, lyco.params, lyco.count, lyco.handle)
     if peft_unet is not None:
-        out["peft"] = attach("peft", peft_unet, scen, paths, sdxl)
+        out["peft"] = attach("peft", peft_unet, scen, paths, fam)
     for name, att in out.items():
         if name != "floor" and att.count != len(paths):
             raise RuntimeError(f"{name}: {att.count} adapted modules, expected {len(paths)}")
@@ -253,7 +333,13 @@ def _autocast(setup: Setup):
     return torch.autocast(setup.device, dtype=setup.autocast)
 
 
+FLUX_KWARGS = ("timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance")
+
+
 def forward(model: nn.Module, inputs: dict, sample: torch.Tensor) -> torch.Tensor:
+    """The denoiser's prediction for `sample` (UNet latents or Flux tokens) and the conditioning."""
+    if "img_ids" in inputs:
+        return model(hidden_states=sample, **{k: inputs[k] for k in FLUX_KWARGS if k in inputs}).sample
     kw = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
     return model(sample, inputs["timestep"], inputs["encoder_hidden_states"], **kw).sample
 
@@ -320,11 +406,11 @@ def _peak_rss_mb() -> float:
 def peak_memory_child(setup_name: str, scen_key: str, impl: str, threads: int) -> dict:
     """Measured in a fresh process: peak RSS (CPU) or peak allocated (CUDA) of training steps."""
     torch.set_num_threads(threads)
-    setup = {"cpu": cpu_setup, "cuda": gpu_setup, "dry": dry_gpu_setup}[setup_name]()
+    setup = SETUPS[setup_name]()
     scen = SCENARIO_BY_KEY[scen_key]
-    unet = build_unet(setup)
-    paths = target_paths(unet, scen, setup.family == "sdxl")
-    att = attach(impl, unet, scen, paths, setup.family == "sdxl")
+    model = build_model(setup)
+    paths = target_paths(model, scen, setup.family)
+    att = attach(impl, model, scen, paths, setup.family)
     inputs = make_inputs(setup)
     if setup.device == "cuda":
         torch.cuda.synchronize()
