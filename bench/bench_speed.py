@@ -26,12 +26,13 @@ batch 2, 32x32 latents, fp32, 2 threads by default):
 With a CUDA device present it also runs the GPU variant (the real SDXL UNet, bf16) and stores
 its results in docs/benchmarks/gpu_results.json, which later CPU-only runs include in the report.
 
-    python bench/bench_speed.py --flux     # the Flux-shaped case only, about 40 minutes on 2 cores
+    python bench/bench_speed.py --flux     # the Flux-shaped case only: 40 min to 2 h on 2 cores
 
 measures the same training step and inference on a Flux.1-dev transformer at its real width
 (3072 wide, MLP 12288) with one double and one single block, 1024 image + 512 text tokens, for
-LoKr attn-mlp factor 16 full matrix and factor -1 rank 16. A Flux step is 15-30 s on 2 cores,
-so this case is not part of the full run (it would triple it): its results go to
+LoKr attn-mlp factor 16 full matrix and factor -1 rank 16. A Flux step is 15-30 s on 2 idle
+cores (a minute on a busy machine; one scenario took an hour at load 5), so this case is not
+part of the full run (it would at least triple it): its results go to
 docs/benchmarks/flux_results.json and the "Flux-shaped" section of BENCHMARKS.md, and the
 run rewrites only that section (and the reproduce lines); full runs include the stored results.
 """
@@ -637,10 +638,16 @@ PLAIN = {"lycoris": "LyCORIS", "lycoris-bypass": "LyCORIS bypass", "peft": "PEFT
 
 
 def flux_headline(entry: dict) -> str:
-    """One sentence per Flux scenario (README material): the step against the floor and the peers."""
+    """One sentence per Flux scenario (README material): the step against the floor and the peers,
+    wall time with CPU time beside it, since a minute-long step on a shared machine can swing the
+    wall reading and the two disagreeing is the sign to trust neither alone."""
     tr = entry["train"]
-    peers = [f"{PLAIN[p]} {tr[p]['ours_speedup']:.2f}x" for p in S.PEERS if tr.get(p, {}).get("ours_speedup")]
-    line = f"{entry['title']}: ours {tr['ours']['x_floor']:.2f}x the frozen floor per training step"
+
+    def both(row, key):
+        return f"{row[key]:.2f}x (CPU time {row.get(key + '_cpu', float('nan')):.2f}x)"
+
+    peers = [f"{PLAIN[p]} {both(tr[p], 'ours_speedup')}" for p in S.PEERS if tr.get(p, {}).get("ours_speedup")]
+    line = f"{entry['title']}: ours {both(tr['ours'], 'x_floor')} the frozen floor per training step"
     if peers:
         line += "; the peers' step over ours: " + ", ".join(peers)
     inf = entry.get("infer", {})
