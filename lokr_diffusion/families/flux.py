@@ -22,6 +22,7 @@ from .. import naming
 from . import flux_names
 from .base import Family
 from .stable_diffusion import CLIP_L, TINY_TEXT, text_encoder
+from .tiny_parts import tiny_clip_config, tiny_latent16_vae
 from ..storage import model_dtype
 
 __all__ = ["FLUX_DEV", "FLUX_SCHNELL", "FluxFamily", "T5_XXL", "image_ids", "pack_latents", "unpack_latents"]
@@ -492,8 +493,8 @@ class FluxFamily(Family):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transformer = FluxTransformer2DModel(**self.tiny_transformer_config())
-            vae = _tiny_vae()
-            clip = _text_model("CLIPTextModel", _tiny_clip_config(clip_tokenizer))
+            vae = tiny_latent16_vae(VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
+            clip = _text_model("CLIPTextModel", {**CLIP_L, **tiny_clip_config(clip_tokenizer)})
             t5 = _text_model("T5EncoderModel", {**T5_XXL, **TINY_T5, "vocab_size": len(t5_tokenizer)})
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**self.scheduler_config), vae=vae,
                             text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer,
@@ -517,25 +518,6 @@ def _text_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
     if class_name == "T5EncoderModel":
         return transformers.T5EncoderModel(transformers.T5Config(**config))
     return text_encoder(class_name, config)
-
-
-def _tiny_clip_config(tokenizer: Any) -> dict[str, Any]:
-    """CLIP-L with TINY_TEXT widths, the tokenizer's vocabulary and its end token for pooling."""
-    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
-    return {**CLIP_L, **TINY_TEXT, "vocab_size": len(tokenizer.get_vocab()), "bos_token_id": bos,
-            "eos_token_id": eos, "pad_token_id": eos, "projection_dim": 32}
-
-
-def _tiny_vae() -> nn.Module:
-    """FLUX.1's VAE layout (16 latent channels, no quant convs, four levels = 8x) at small widths."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64,
-        scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False, force_upcast=True)
 
 
 class FluxDev(FluxFamily):

@@ -24,7 +24,8 @@ from .. import naming
 from . import sd3_names
 from .base import Family
 from .flux import BLOCK_ACTIVATIONS, T5_ATTENTION, T5_MLP, T5_XXL
-from .stable_diffusion import CLIP_L, OPENCLIP_BIGG, TINY_TEXT, text_encoder
+from .stable_diffusion import CLIP_L, OPENCLIP_BIGG, text_encoder
+from .tiny_parts import tiny_clip_config, tiny_latent16_vae
 
 __all__ = ["SD35_LARGE", "SD35_MEDIUM", "SD3Family", "MAX_SEQUENCE_LENGTH"]
 
@@ -469,11 +470,11 @@ class SD3Family(Family):
         tokenizers = {name: transformers.CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(out / name, pad)))
                       for name, pad in pads.items()}
         t5_tokenizer = write_tiny_t5_tokenizer(out / "tokenizer_3")
-        clip_config = _tiny_clip_config(tokenizers["tokenizer"])
+        clip_config = tiny_clip_config(tokenizers["tokenizer"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transformer = SD3Transformer2DModel(**self.tiny_transformer_config())
-            vae = _tiny_vae()
+            vae = tiny_latent16_vae(VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
             clip_l = _text_model("CLIPTextModelWithProjection", {**CLIP_L_PROJECTION, **clip_config})
             clip_g = _text_model("CLIPTextModelWithProjection", {**OPENCLIP_BIGG, **clip_config})
             t5 = _text_model("T5EncoderModel", {**T5_XXL, **TINY_T5, "vocab_size": len(t5_tokenizer)})
@@ -494,25 +495,6 @@ def _text_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
     if class_name == "T5EncoderModel":
         return transformers.T5EncoderModel(transformers.T5Config(**config))
     return text_encoder(class_name, config)
-
-
-def _tiny_clip_config(tokenizer: Any) -> dict[str, Any]:
-    """TINY_TEXT widths, the tokenizer's vocabulary and its end token for pooling, projection 32."""
-    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
-    return {**TINY_TEXT, "vocab_size": len(tokenizer.get_vocab()), "bos_token_id": bos, "eos_token_id": eos,
-            "pad_token_id": eos, "projection_dim": 32}
-
-
-def _tiny_vae() -> nn.Module:
-    """SD3's VAE layout (16 latent channels, no quant convs, four levels = 8x) at small widths."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64,
-        scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False, force_upcast=True)
 
 
 class SD35Large(SD3Family):
