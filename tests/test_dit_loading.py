@@ -23,7 +23,8 @@ from lokr_diffusion.pipelines import (fuse_adapter, list_adapters, load_adapter,
 from lokr_diffusion.tools.convert import convert_adapter
 
 from . import test_flux_layouts as flux1
-from .test_flux_layouts import _factors, _linears, _state, assert_patched, assert_restored, reference_delta
+from .test_flux_layouts import (_factors, _linears, _state, assert_patched, assert_restored, layout_units,
+                                reference_delta, write_restated)
 from .test_tools_helpers import run_cli, run_json
 
 # -- tiny models: the real module trees at small widths -------------------------------------------------
@@ -124,31 +125,12 @@ CASES = [(f, layout) for f in LAYOUTS for layout in LAYOUTS[f]]
 
 def make_file(model, family, layout, algo, path, seed=0, skip=()):
     """One module per layer in `layout` (per original layer, fused or not, for original names);
-    returns {Diffusers path: expected scale * dW}. Layers whose name matches `skip` are left out."""
+    returns ({Diffusers path: expected scale * dW}, units in the layout). Layers whose name
+    matches `skip` are left out."""
     key_of, original = LAYOUTS[family][layout]
-    layers = _linears(model)
-    g = torch.Generator().manual_seed(seed)
-    if original:
-        table, swapped = ORIGINAL[family](model)
-        units = {n: (paths, False) for n, paths in table.items()}
-        units.update({n: ([p], True) for n, p in swapped.items()})
-    else:
-        units = {p: ([p], False) for p in layers}
-    tensors, expected = {}, {}
-    for name, (paths, swap) in units.items():
-        if any(s in name for s in skip):
-            continue
-        out_dim = sum(layers[p].out_features for p in paths)
-        t = _factors(algo, out_dim, layers[paths[0]].in_features, g)
-        tensors.update({f"{key_of(name)}.{n}": v for n, v in t.items()})
-        dw = reference_delta(t)
-        if swap:
-            half = dw.shape[0] // 2
-            dw = torch.cat([dw[half:], dw[:half]])
-        for p, rows in zip(paths, dw.split([layers[p].out_features for p in paths])):
-            expected[p] = rows
-    save_file(tensors, str(path))
-    return expected, len(units)
+    units = layout_units(model, *ORIGINAL[family](model)) if original else layout_units(model)
+    kept = {n: u for n, u in units.items() if not any(s in n for s in skip)}
+    return write_restated(model, kept, key_of, algo, path, seed), len(units)
 
 
 # -- every layout x algorithm through the pipeline API ---------------------------------------------------

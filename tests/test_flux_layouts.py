@@ -137,18 +137,22 @@ def reference_delta(t):
     return dw * (1.0 if r is None else float(t["alpha"]) / r)
 
 
-def make_file(model, layout, algo, path, seed=0):
-    """Write one module per layer of `layout` (the original names: per original layer, fused or
-    not); return {Diffusers path: expected scale * dW}."""
-    key_of, original = LAYOUTS[layout]
+def layout_units(model, original_table=None, swapped=None):
+    """{file name: (Diffusers paths it covers, halves swapped)}: one per Diffusers layer, or with an
+    original-name table one per original layer (fused or not) plus the swapped-halves layers."""
+    if original_table is None:
+        return {p: ([p], False) for p in _linears(model)}
+    units = {name: (paths, False) for name, paths in original_table.items()}
+    units.update({name: ([p], True) for name, p in (swapped or {}).items()})
+    return units
+
+
+def write_restated(model, units, key_of, algo, path, seed=0):
+    """Write random factors for each unit under `key_of(name)`; return {Diffusers path: expected
+    scale * dW}, the unit's update restated, its halves swapped if so, split by the layers' rows."""
     layers = _linears(model)
     g = torch.Generator().manual_seed(seed)
     tensors, expected = {}, {}
-    if original:
-        units = {name: (paths, False) for name, paths in ORIGINAL.items()}
-        units.update({name: ([p], True) for name, p in SWAPPED.items()})
-    else:
-        units = {p: ([p], False) for p in layers}
     for name, (paths, swapped) in units.items():
         out_dim = sum(layers[p].out_features for p in paths)
         t = _factors(algo, out_dim, layers[paths[0]].in_features, g)
@@ -161,6 +165,14 @@ def make_file(model, layout, algo, path, seed=0):
             expected[p] = rows
     save_file(tensors, str(path))
     return expected
+
+
+def make_file(model, layout, algo, path, seed=0):
+    """Write one module per layer of `layout` (the original names: per original layer, fused or
+    not); return {Diffusers path: expected scale * dW}."""
+    key_of, original = LAYOUTS[layout]
+    units = layout_units(model, ORIGINAL, SWAPPED) if original else layout_units(model)
+    return write_restated(model, units, key_of, algo, path, seed)
 
 
 def _state(model):

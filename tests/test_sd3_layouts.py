@@ -27,7 +27,8 @@ from lokr_diffusion.tools.peft import is_peft_layout
 from lokr_diffusion.pipelines import (fuse_adapter, list_adapters, load_adapter, set_adapter_scale, unfuse_adapter,
                                       unload_adapter)
 
-from .test_flux_layouts import ALGOS, _factors, _linears, _state, assert_patched, assert_restored, reference_delta
+from .test_flux_layouts import (ALGOS, _factors, _linears, _state, assert_patched, assert_restored, layout_units,
+                                reference_delta, write_restated)
 
 TINY = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "caption_projection_dim": 32,
         "joint_attention_dim": 32, "pooled_projection_dim": 32, "in_channels": 16, "out_channels": 16,
@@ -98,26 +99,8 @@ def make_file(model, layout, algo, path, seed=0, original_table=None):
     """Write one module per layer of `layout` (the original names: per original layer, fused or
     not); return {Diffusers path: expected scale * dW}."""
     key_of, original = LAYOUTS[layout]
-    layers = _linears(model)
-    g = torch.Generator().manual_seed(seed)
-    tensors, expected = {}, {}
-    if original:
-        units = {name: (paths, False) for name, paths in (original_table or ORIGINAL).items()}
-        units.update({name: ([p], True) for name, p in SWAPPED.items()})
-    else:
-        units = {p: ([p], False) for p in layers}
-    for name, (paths, swapped) in units.items():
-        out_dim = sum(layers[p].out_features for p in paths)
-        t = _factors(algo, out_dim, layers[paths[0]].in_features, g)
-        tensors.update({f"{key_of(name)}.{n}": v for n, v in t.items()})
-        dw = reference_delta(t)
-        if swapped:
-            half = dw.shape[0] // 2
-            dw = torch.cat([dw[half:], dw[:half]])
-        for p, rows in zip(paths, dw.split([layers[p].out_features for p in paths])):
-            expected[p] = rows
-    save_file(tensors, str(path))
-    return expected
+    units = layout_units(model, original_table or ORIGINAL, SWAPPED) if original else layout_units(model)
+    return write_restated(model, units, key_of, algo, path, seed)
 
 
 def _without_attn2(table):
