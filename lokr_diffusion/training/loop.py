@@ -114,8 +114,24 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
     if t_cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    _warn_unsharded(accelerator)
     lock_output_dir(accelerator, output_dir, break_lock=break_lock)  # one run per folder; refuses unusable paths
     return Run(cfg, config_path, accelerator)
+
+
+def _warn_unsharded(accelerator) -> None:
+    """An FSDP or DeepSpeed launch config that Accelerate did not apply (it runs them on GPUs
+    only; on the CPU the processes train data-parallel over gloo): the run is correct, but every
+    process holds the whole frozen model, which is what the user chose sharding to avoid."""
+    from accelerate.utils import DistributedType
+
+    for env, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type != kind:
+            if accelerator.is_main_process:
+                logger.warning("the launch config asks for %s, but Accelerate runs it on GPUs only; this run is %s on %s "
+                               "with the whole frozen model on every process", kind.value, accelerator.distributed_type.value,
+                               accelerator.device.type)
+            return
 
 
 # -- 2. data: validated and scanned before any model loads ---------------------------------------
