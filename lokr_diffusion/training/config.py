@@ -232,10 +232,10 @@ class SampleSection:
     num_images: int = setting(2, ge=1, le=64, help="images per prompt")
     width: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
                                 problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
-                                help="sample width in pixels")
+                                help="sample width in pixels (Flux and SD3: a multiple of 16)")
     height: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
                                  problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
-                                 help="sample height in pixels")
+                                 help="sample height in pixels (Flux and SD3: a multiple of 16)")
 
 
 @dataclass
