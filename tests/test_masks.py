@@ -14,6 +14,7 @@ from lokr_diffusion.errors import ConfigError, DatasetError
 from lokr_diffusion.families.flux import pack_latents, unpack_latents
 from lokr_diffusion.training.config import config_from_dict
 from lokr_diffusion.training.loss import apply_loss_mask, diffusion_loss, flow_matching_loss
+from lokr_diffusion.training.objective import NoisePrediction, RectifiedFlow
 
 # -- the loss rule ---------------------------------------------------------------------------------
 
@@ -58,6 +59,25 @@ def test_an_all_ones_mask_is_the_unmasked_loss_and_shapes_are_checked():
                                diffusion_loss(pred, target, t, scheduler, "epsilon"))
     with pytest.raises(ValueError, match=r"\(batch, 1, height, width\)"):
         apply_loss_mask(torch.ones(2, 4, 4, 4), torch.ones(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("objective", [
+    NoisePrediction(DDPMScheduler(num_train_timesteps=1000), "epsilon", False),
+    RectifiedFlow(sampling="uniform"),
+])
+def test_objectives_pass_the_mask_through(objective):
+    latents = torch.randn(2, 4, 4, 4)
+
+    def denoise(noisy, timesteps):
+        return noisy * 0.5
+
+    def loss(mask):
+        torch.manual_seed(7)  # the same noise and timesteps each time
+        return objective.loss(latents, denoise, mask=mask)
+
+    assert loss(torch.zeros(2, 1, 32, 32)) == 0
+    torch.testing.assert_close(loss(torch.ones(2, 1, 32, 32)), loss(None))
+    assert 0 < loss(_pixel_mask()) < loss(None)
 
 
 def test_flow_loss_with_packed_tokens_gives_masked_patches_no_gradient():
