@@ -204,7 +204,8 @@ def test_masks_survive_the_latent_cache(tmp_path):
             assert plain["flipped"] == cached["flipped"]
             torch.testing.assert_close(cached["latents"], _pool8(plain["pixel_values"][None])[0])
             assert cached["mask"].shape == (1, *cached["latents"].shape[-2:])
-            torch.testing.assert_close(cached["mask"], mask_to_latent_size(plain["mask"][None], cached["latents"].shape[-2:])[0])
+            reduced = mask_to_latent_size(plain["mask"][None], cached["latents"].shape[-2:])[0]
+            torch.testing.assert_close(cached["mask"], reduced)
     # editing a mask re-encodes that image's entries; switching masks off uses entries without them
     Image.fromarray(np.full((64, 96), 255, np.uint8), "L").save(tmp_path / "m" / "img0.png")
     third = build_dataset([cfg], report=None)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
@@ -244,7 +245,8 @@ class ImageCaptionDataset(Dataset):
                                                                       encoder_id=self._text_encoder_id))
         return item
 
-    def _pixels_and_mask(self, rec: ImageRecord, plan: CropPlan, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pixels_and_mask(self, rec: ImageRecord, plan: CropPlan,
+                         flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The sample's pixels, and its loss mask (1, H, W) in [0, 1] with the same resize, crop
         and flip when the run is masked and its dataset has a mask source (else None)."""
         cfg = self.configs[rec.config_index]
@@ -255,14 +257,15 @@ class ImageCaptionDataset(Dataset):
         if img.size != rec.size:
             raise DatasetError(f"{rec.path}: is now {img.size[0]}x{img.size[1]}, was {rec.size[0]}x"
                                f"{rec.size[1]} when the dataset was scanned")
-        pixels = to_tensor(resize_and_crop(img, plan.resized, (plan.top, plan.left), plan.bucket, flip))
+        crop = (plan.top, plan.left)
+        pixels = to_tensor(resize_and_crop(img, plan.resized, crop, plan.bucket, flip))
         source = cfg.mask_source if self.masked else None
         mask_img = alpha if source == "alpha" else self._mask_file(rec) if source == "folder" else None
         if mask_img is None:
             return pixels, None
-        return pixels, mask_to_tensor(resize_and_crop(mask_img, plan.resized, (plan.top, plan.left), plan.bucket, flip))
+        return pixels, mask_to_tensor(resize_and_crop(mask_img, plan.resized, crop, plan.bucket, flip))
 
-    def _mask_file(self, rec: ImageRecord):
+    def _mask_file(self, rec: ImageRecord) -> Image.Image:
         assert rec.mask_path is not None
         try:
             mask = load_grey(rec.mask_path, max_pixels=self.max_image_pixels)

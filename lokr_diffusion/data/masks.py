@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..errors import DatasetError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, BadImageError, probe_image
 
+
 def mask_to_latent_size(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """(B, 1, H, W) pixel mask -> (B, 1, h, w), each cell the mean of the pixels it covers
     (area interpolation, as kohya reduces its masks); unchanged when already that size."""
