@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from lokr_diffusion import load_network
@@ -82,22 +83,41 @@ def _ok(result):
     return result.stdout + result.stderr
 
 
+def _masks_for(dataset: Path, out: Path) -> Path:
+    """A mask per image of `dataset`: the left half trains, the right half does not."""
+    out.mkdir()
+    for image in dataset.glob("*.png"):
+        w, h = Image.open(image).size
+        mask = Image.new("L", (w, h), 0)
+        mask.paste(255, (0, 0, w // 2, h))
+        mask.save(out / image.name)
+    return out
+
+
 @pytest.mark.slow
 def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
-    """With the same folder as regularisation images too, weighted 2 (prior preservation)."""
-    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0, "prior_loss_weight": 2.0},
-                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "is_reg": True}]},
+    """With the same folder as regularisation images too, weighted 2 (prior preservation); masked
+    loss from a mask folder on the training images (the regularisation ones have none), and
+    samples from a prompt file with per-prompt settings."""
+    masks = _masks_for(DATASET, tmp_path / "masks")
+    (tmp_path / "prompts.txt").write_text("# samples\na red circle --w 64 --h 32 --d 5 --n blurry --l 6.5\n")
+    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0, "prior_loss_weight": 2.0,
+                                                        "masked_loss": True},
+                       data={"datasets": [{"dir": str(DATASET), "conditioning_data_dir": str(masks)},
+                                          {"dir": str(DATASET), "is_reg": True}]},
                        output={"save_every_steps": 2},
-                       sample={"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1,
+                       sample={"prompt_file": "prompts.txt", "every_steps": 2, "steps": 2, "num_images": 1,
                                "width": 64, "height": 64})
     log = _ok(launch(cfg))
     out = tmp_path / "out"
     adapter = out / "t.safetensors"
     assert adapter.exists() and (out / "t-step000002.safetensors").exists()
     assert "adapter identical on all 1 process(es)" in log
+    assert f"loss masks from {masks}" in log and "no loss masks (every pixel trains)" in log
     assert (out / "config.json").exists()
-    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
-        "step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
+    samples = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
+    assert all(Image.open(p).size == (64, 32) for p in samples)  # the prompt's --w / --h, not [sample]'s
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     sd = load_file(adapter)
     assert all(torch.isfinite(v).all() for v in sd.values())

@@ -20,6 +20,7 @@ from ..families import family_names
 from ..errors import ConfigError
 from ..network import AdapterConfig
 from .loss import FLOW_LOSS_WEIGHTING, TIMESTEP_SAMPLING
+from .prompts import SamplePrompt, collect_prompts
 from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
 
 # Every name here is one diffusers.optimization.get_scheduler builds from the arguments the trainer
@@ -160,6 +161,8 @@ class TrainSection:
     prior_loss_weight: float = setting(1.0, gt=0, le=1000,
                                        help="loss weight of regularisation images (`is_reg = true`) against the "
                                             "training images")
+    masked_loss: bool = setting(False, help="weight the loss per pixel by each image's mask (`alpha_mask` or "
+                                            "`conditioning_data_dir` under `[data]`); see docs/data.md")
     xformers: bool = setting(False, help="xformers attention on CUDA when installed; otherwise a warning")
     resume: str | None = setting(None, help="`\"latest\"` (newest checkpoint in the output folder) or a checkpoint "
                                             "folder, relative to the config file")
@@ -217,7 +220,10 @@ def _multiple_of_8(v: int) -> bool:
 class SampleSection:
     prompts: list[str] = setting(default_factory=list,
                                  help="one PNG grid per prompt: `samples/stepNNNNNN-II-<prompt>.png`, also in "
-                                      "TensorBoard")
+                                      "TensorBoard; a prompt may end in kohya's per-prompt options "
+                                      "`--n <negative> --w <width> --h <height> --s <steps> --l <cfg> --d <seed>`")
+    prompt_file: str | None = setting(None, help="text file of more prompts, one per line with the same options "
+                                                 "(`#` lines are comments), relative to the config file")
     negative_prompt: str = setting("", help="negative prompt of every sample")
     every_steps: int | None = setting(None, ge=1, le=MAX_STEPS, help="sample every N steps (and always at the end)")
     steps: int = setting(20, ge=1, le=1000, help="denoising steps per image")
@@ -226,10 +232,10 @@ class SampleSection:
     num_images: int = setting(2, ge=1, le=64, help="images per prompt")
     width: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
                                 problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
-                                help="sample width in pixels")
+                                help="sample width in pixels (Flux and SD3: a multiple of 16)")
     height: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
                                  problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
-                                 help="sample height in pixels")
+                                 help="sample height in pixels (Flux and SD3: a multiple of 16)")
 
 
 @dataclass
@@ -252,6 +258,8 @@ class TrainConfig:
     logging: LoggingSection
     data: dict[str, Any]
     base_dir: Path = Path(".")
+    # `[sample] prompts` and `prompt_file`, parsed with their per-prompt options (training/prompts.py)
+    sample_prompts: list[SamplePrompt] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -321,10 +329,21 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Trai
     data = dict(raw.get("data", {}))
     if not data:
         raise ConfigError("[data]: required: add [[data.datasets]] tables with a `dir`")
-    dataset_configs_from_toml(data, base_dir=base_dir)  # refuse bad datasets before anything runs
-    cfg = TrainConfig(**sections, data=data, base_dir=base_dir)
-    if cfg.sample.every_steps and not cfg.sample.prompts:
-        raise ConfigError("sample.every_steps is set but sample.prompts is empty")
+    datasets = dataset_configs_from_toml(data, base_dir=base_dir)  # refuse bad datasets before anything runs
+    if sections["train"].masked_loss and not any(d.mask_source for d in datasets):
+        raise ConfigError("train.masked_loss: no dataset gives loss masks: set alpha_mask = true or "
+                          "conditioning_data_dir (a folder of mask images) under [data] or in a [[data.datasets]] entry")
+    sample = sections["sample"]
+    prompt_file = None
+    if sample.prompt_file is not None:
+        prompt_file = Path(sample.prompt_file).expanduser()
+        sample.prompt_file = str(prompt_file if prompt_file.is_absolute() else base_dir / prompt_file)
+        prompt_file = Path(sample.prompt_file)
+    cfg = TrainConfig(**sections, data=data, base_dir=base_dir,
+                      sample_prompts=collect_prompts(sample.prompts, prompt_file))
+    if cfg.sample.every_steps and not cfg.sample_prompts:
+        raise ConfigError("sample.every_steps is set but sample.prompts is empty (and there is no "
+                          "sample.prompt_file)")
     return cfg
 
 

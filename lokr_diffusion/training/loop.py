@@ -144,7 +144,7 @@ def prepare_data(run: Run):
     cfg = run.cfg
     dataset = build_dataset(dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir), batch_size=cfg.train.batch_size,
                             seed=cfg.train.seed, cache_dir=run.output_dir / "cache",
-                            report=print if run.main else None)
+                            report=print if run.main else None, masked_loss=cfg.train.masked_loss)
     set_seed(cfg.train.seed, device_specific=True)
     return dataset
 
@@ -199,6 +199,11 @@ def load_models(run: Run) -> Models:
     pipe = load_pipeline(pretrained, family=cfg.model.family, revision=cfg.model.revision,
                          variant=cfg.model.variant, prediction_type=cfg.model.prediction_type)
     family = family_of_pipeline(pipe)
+    if cfg.sample_prompts:  # a sample size the model cannot make stops the run now, not at the first sample
+        from .prompts import check_sizes
+        from .sampling import size_multiple
+
+        check_sizes(cfg.sample_prompts, cfg.sample.width, cfg.sample.height, size_multiple(pipe, family), family.title)
     parts = family.components(pipe)
     objective = build_objective(family, pipe, t_cfg)
     prediction_type = getattr(objective, "prediction_type", family.default_prediction)
@@ -454,10 +459,10 @@ class Files:
 
         run, s = self.run, self.run.cfg.sample
         accelerator, network, step = run.accelerator, self.parts.network, self.parts.progress.step
-        if run.main and s.prompts:
+        if run.main and run.cfg.sample_prompts:
             network.eval()
             with self.models.whole_pipeline(accelerator.device) as pipe:
-                grids = sample_grids(pipe, s.prompts, run.output_dir / "samples", step,
+                grids = sample_grids(pipe, run.cfg.sample_prompts, run.output_dir / "samples", step,
                                      negative_prompt=s.negative_prompt, steps=s.steps,
                                      guidance_scale=s.guidance_scale, seed=s.seed, num_images=s.num_images,
                                      width=s.width, height=s.height, device=accelerator.device,
@@ -497,8 +502,9 @@ def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, 
                 weights = None
                 if t_cfg.prior_loss_weight != 1.0:
                     weights = torch.where(batch["is_reg"], t_cfg.prior_loss_weight, 1.0)
+                mask = batch["mask"].to(accelerator.device) if "mask" in batch else None
                 loss = models.objective.loss(latents, lambda noisy, timesteps: model(noisy, timesteps, batch),
-                                             sample_weights=weights)
+                                             sample_weights=weights, mask=mask)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
@@ -589,7 +595,7 @@ def finish(run: Run, models: Models, parts: Parts, looped: tuple[Files, float, i
     parts.states.save(progress.step, files.state_bytes)
     if run.main:
         checkpoint.prune(run.output_dir, cfg.output.name, cfg.output.keep_last)
-    if cfg.sample.prompts:
+    if cfg.sample_prompts:
         files.sample()
     agree = _ranks_agree(accelerator, network)
     accelerator.wait_for_everyone()

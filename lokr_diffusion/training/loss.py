@@ -31,14 +31,36 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
     raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
 
+def apply_loss_mask(per_element: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The (B, C, h, w) per-element loss times a (B, 1, H, W) loss mask in [0, 1], reduced to the
+    latent grid by area averaging (kohya's `masked_loss`).
+
+    The caller still takes the plain mean over every element, so masked-out cells count as zeros
+    rather than being left out: a sample whose mask covers a quarter of the image contributes
+    about a quarter of its unmasked loss, as in kohya's sd-scripts. Flow families' latents are
+    4-D here too (Flux unpacks its 2x2 tokens in `denoise`), so one rule serves both objectives.
+    """
+    if mask is None:
+        return per_element
+    from ..data.masks import mask_to_latent_size
+
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != per_element.shape[0]:
+        raise ValueError(f"a loss mask must be (batch, 1, height, width) for a loss of shape "
+                         f"{tuple(per_element.shape)}, got {tuple(mask.shape)}")
+    mask = mask_to_latent_size(mask.to(per_element.device, torch.float32), per_element.shape[-2:])
+    return per_element * mask
+
+
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
                    prediction_type: str, min_snr_gamma: float | None = None,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32; with min_snr_gamma, each sample weighted by
     min(SNR, gamma) / SNR (epsilon) or min(SNR, gamma) / (SNR + 1) (v-prediction), which stops
     the easy low-noise timesteps from dominating. `sample_weights` (B,) multiply each sample's
-    loss before the mean: the prior-preservation weight of regularisation images."""
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss before the mean: the prior-preservation weight of regularisation images. `mask`: see
+    `apply_loss_mask`."""
+    per_element = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    loss = apply_loss_mask(per_element, mask).mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
         from diffusers.training_utils import compute_snr  # imported here: the config imports this module
 
@@ -54,7 +76,7 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
 def denoising_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    scheduler, prediction_type: str, *, noise_offset: float = 0.0, min_timestep: int = 0,
                    max_timestep: int | None = None, min_snr_gamma: float | None = None,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One training step's loss: noise the latents at random timesteps, ask ``denoise(noisy,
     timesteps)`` for its prediction, compare with the target.
 
@@ -68,7 +90,7 @@ def denoising_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = target_for(scheduler, latents, noise, timesteps, prediction_type)
     pred = denoise(noisy, timesteps)
-    return diffusion_loss(pred, target, timesteps, scheduler, prediction_type, min_snr_gamma, sample_weights)
+    return diffusion_loss(pred, target, timesteps, scheduler, prediction_type, min_snr_gamma, sample_weights, mask)
 
 
 # -- rectified flow (Flux, SD3) -------------------------------------------------------------------
@@ -103,12 +125,13 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 def flow_matching_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                        shift: float, *, sampling: str = "logit_normal", logit_mean: float = 0.0,
                        logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none",
-                       noise_offset: float = 0.0, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                       noise_offset: float = 0.0, sample_weights: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """One rectified-flow training step: x_s = (1 - s) x_0 + s e, the model predicts e - x_0.
 
     ``denoise(noisy, timesteps)`` gets timesteps s * 1000, the scale of Diffusers' flow-matching
     schedulers (the family's forward rescales if its denoiser wants [0, 1]). The draws are noise,
-    then positions, as in :func:`denoising_loss`.
+    then positions, as in :func:`denoising_loss`. `mask`: see `apply_loss_mask`.
     """
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -121,7 +144,7 @@ def flow_matching_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, t
         noisy = (1 - s) * latents + s * noise
         target = noise - latents
     pred = denoise(noisy, sigmas * 1000)
-    per_element = (pred.float() - target.float()) ** 2
+    per_element = apply_loss_mask((pred.float() - target.float()) ** 2, mask)
     per_sample = per_element.reshape(latents.shape[0], -1).mean(dim=1)
     per_sample = per_sample * compute_loss_weighting_for_sd3("none" if weighting == "none" else weighting, sigmas)
     if sample_weights is not None:
