@@ -261,7 +261,8 @@ class Importer:
                         + (f" ({note})" if note else ""))
             elif pending:
                 status = CHANGED
-                note = f"{note}; not written: {', '.join(pending)} (not in this version yet)".lstrip("; ")
+                missing = ", ".join(f"`{t} = {_toml_value(outcome.values[t])}`" for t in pending)
+                note = f"{note}; not written: {missing} (not in this version yet)".lstrip("; ")
         line = ReportLine(option, origin, value, status, written, note, pending)
         self.lines.append(line)
         return line
@@ -398,7 +399,8 @@ class Importer:
                     f"({flow_shift})")
         else:
             raise ConfigError(f"timestep_sampling: {sampling!r} is none of sigma, uniform, sigmoid, shift, flux_shift")
-        out["timestep_sampling"] = Outcome(values, CHANGED, note)
+        # the same densities under other names; kohya's `sigma` picks from the scheduler's 1000 discrete steps
+        out["timestep_sampling"] = Outcome(values, CHANGED if sampling == "sigma" else MAPPED, note)
         out["sigmoid_scale"] = Outcome({"train.logit_std": scale} if "train.logit_std" in values else {},
                                        CHANGED if "train.logit_std" in values else DROPPED,
                                        "the std of `logit_normal`" if "train.logit_std" in values
@@ -416,7 +418,7 @@ class Importer:
         else:
             out["weighting_scheme"] = Outcome(status=DROPPED, note=f"not used with timestep_sampling = {sampling}")
         if prediction == "raw":
-            out["model_prediction_type"] = Outcome(note="raw: the prediction is used as is, as here")
+            out["model_prediction_type"] = Outcome(status=MAPPED, note="raw: the prediction is used as is, as here")
         else:
             values = {"train.loss_weighting": weighting} if weighting and prediction == "sigma_scaled" else {}
             out["model_prediction_type"] = Outcome(
@@ -558,11 +560,8 @@ class Importer:
         entries = [{**self.data_defaults, **e} for e in own]
         if not entries:
             return {}
-        shared = {}
-        if len(entries) > 1:
-            for key, value in entries[0].items():
-                if key not in ("dir", "is_reg", "class_token") and all(e.get(key) == value for e in entries):
-                    shared[key] = value
+        shared = {key: value for key, value in entries[0].items()
+                  if key not in ("dir", "is_reg", "class_token") and all(e.get(key) == value for e in entries)}
         datasets = [{k: v for k, v in e.items() if k not in shared} for e in entries]
         return {**shared, "datasets": datasets}
 
