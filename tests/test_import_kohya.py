@@ -220,6 +220,13 @@ def test_sd15_lokr_with_dataset_config(tmp_path):
                                                                                    "dataset_config"))}
     assert given <= reported
     assert all(line.status in (MAPPED, CHANGED, DROPPED) for line in result.lines)
+    raw = tomllib.loads(DATASET_CONFIG)
+    tables = [raw["general"], *raw["datasets"], *(s for d in raw["datasets"] for s in d["subsets"])]
+    from_dataset = [line for line in result.lines if line.origin.startswith("dataset_config.toml")]
+    assert sorted(line.option for line in from_dataset) == sorted(k for t in tables for k in t if k != "subsets")
+    assert {line.origin for line in result.lines if line.option == "network_args"} == {"lokr.toml [LyCORIS]"}
+    assert sorted(line.option for line in result.lines if line.origin.startswith("network_args")) == \
+        ["algo", "dora_wd", "factor", "full_matrix", "preset", "use_tucker"]
     assert _statuses(result, "algo") == [MAPPED] and _statuses(result, "factor") == [MAPPED]
     assert _statuses(result, "color_aug") == [DROPPED, DROPPED]
     assert _statuses(result, "max_token_length") == [DROPPED]
@@ -384,3 +391,19 @@ def test_docs_mapping_tables_are_current():
     assert replace_block(doc, mapping_markdown()) == doc, \
         "docs/coming-from-kohya.md is stale: python -m lokr_diffusion.tools.kohya --write-docs docs/coming-from-kohya.md"
     assert "docs/coming-from-kohya.md" in (ROOT / "README.md").read_text()
+
+
+def test_command_line_with_config_file_wins_over_it(tmp_path):
+    """`--config_file` and `--dataset_config` inside a command line are read from the folder kohya ran
+    in, and the command line's own values win, as in kohya."""
+    _write(tmp_path / "lokr.toml", SD15_LOKR)
+    _write(tmp_path / "dataset_config.toml", DATASET_CONFIG)
+    argv = ["train_network.py", "--config_file", "lokr", "--dataset_config", "dataset_config.toml",
+            "--network_dim", "8", "--network_alpha=4"]
+    result = import_kohya(argv=argv, kohya_dir=tmp_path)
+    cfg, _, _ = _load(result, tmp_path)
+    assert (cfg.network.dim, cfg.network.alpha, cfg.network.factor) == (8, 4.0, 8)
+    assert result.line("network_dim").origin == "command line"
+    assert result.line("factor").origin == "network_args (lokr.toml [LyCORIS])"
+    assert len(cfg.data["datasets"]) == 3
+    assert str(tmp_path / "dataset_config.toml") in result.sources

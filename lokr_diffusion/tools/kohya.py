@@ -319,7 +319,8 @@ class Importer:
         if target_exists("sample.prompt_file"):
             return Outcome({"sample.prompt_file": file.as_posix()})
         if file.suffix.lower() == ".txt" and file.is_file():
-            prompts = [line.split(" --")[0].strip() for line in file.read_text(encoding="utf-8").splitlines()
+            text = file.read_text(encoding="utf-8", errors="replace")
+            prompts = [line.split(" --")[0].strip() for line in text.splitlines()
                        if line.strip() and not line.lstrip().startswith("#")]
             prompts = [p for p in prompts if p]
             if prompts:
@@ -520,13 +521,13 @@ class Importer:
                          "kohya trains text-encoder adapters unless network_train_unet_only (here: off)")
 
     def _finish_defaults(self) -> None:
-        tables = [self.data_defaults, *(self.dataset_entries or [])]
+        entries = self.dataset_entries if self.dataset_entries is not None else self.folder_entries
         for option, (target, value, why) in KOHYA_DEFAULTS.items():
             section, _, key = target.partition(".")
             if section == "network" or option in self.args:
                 continue
-            if section == "data":
-                if not any(key in t for t in tables):
+            if section == "data":  # under [data], for every dataset that does not set it
+                if not entries or not all(key in e for e in entries):
                     self.default(option, target, value, why)
             elif key not in self.out[section]:
                 if option == "max_train_steps" and "epochs" in self.out["train"]:

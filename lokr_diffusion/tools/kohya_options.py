@@ -384,10 +384,6 @@ def _cache_latents(mode: str) -> Convert:
     return convert
 
 
-def _guidance(value: Any, ctx: "Importer") -> Any:
-    return as_float(value, ctx)
-
-
 def _flow(value: Any, ctx: "Importer") -> Any:
     """The flow-matching timestep options are read together (see Importer.flow_options)."""
     return ctx.flow_option()
@@ -443,10 +439,6 @@ def _preset(value: Any, ctx: "Importer") -> Any:
                    "`full` (narrow it with `network.include` / `network.exclude` globs)")
 
 
-def _conv_dim(value: Any, ctx: "Importer") -> Any:
-    return as_int(value, ctx)
-
-
 def _tucker(value: Any, ctx: "Importer") -> Any:
     enabled = as_bool(value, ctx)
     if ctx.current_option == "disable_conv_cp":
@@ -458,10 +450,6 @@ def _train_t5xxl(value: Any, ctx: "Importer") -> Any:
     if not as_bool(value, ctx):
         return Outcome(note="false: nothing to set")
     return Outcome({"network.text_encoders": ["te1", "te2"]}, note="Flux: CLIP-L and T5-XXL get adapters")
-
-
-def _masked_loss(value: Any, ctx: "Importer") -> Any:
-    return as_bool(value, ctx)
 
 
 def _dataset_batch_size(value: Any, ctx: "Importer") -> Any:
@@ -606,12 +594,12 @@ RULES: tuple[Rule, ...] = (
     _drop("v_pred_like_loss", "not implemented"),
     _drop("debiased_estimation_loss", "not implemented"),
     _map("prior_loss_weight", "train.prior_loss_weight", _F),
-    _map("masked_loss", "train.masked_loss", _masked_loss),
+    _map("masked_loss", "train.masked_loss", _B),
     _map("clip_skip", "train.clip_skip", _I),
     _drop("max_token_length", "prompts are read up to the text encoder's length (CLIP: 75 tokens)"),
     _drop("weighted_captions", "captions are read as written"),
     # flow matching (Flux.1, SD3)
-    _map("guidance_scale", "train.guidance", _guidance),
+    _map("guidance_scale", "train.guidance", _F),
     _changed("timestep_sampling", "train.timestep_sampling", _flow, _FLOW),
     _changed("sigmoid_scale", "train.logit_std", _flow, _FLOW),
     _changed("discrete_flow_shift", "train.shift", _flow, _FLOW),
@@ -735,14 +723,14 @@ RULES: tuple[Rule, ...] = (
     _map("bucket_reso_steps", "data.bucket_step", _I, source=DATASET),
     _map("bucket_no_upscale", "data.bucket_no_upscale", _B, source=DATASET),
     _drop("cache_info", "image sizes are read on every scan here (headers only)", source=DATASET),
-    _map("alpha_mask", "train.masked_loss", _masked_loss, source=DATASET,
+    _map("alpha_mask", "train.masked_loss", _B, source=DATASET,
          note="the alpha channel as the loss mask"),
     _drop("conditioning_data_dir", "mask folders: see masked loss in the config reference", source=DATASET),
     _drop("network_multiplier", _NOT_HERE, source=DATASET),
     # LyCORIS and kohya network_args
     _map("algo", "network.algo", _algo, source=NETWORK, note="lora and locon are both `lora`"),
     _map("preset", "network.preset", _preset, source=NETWORK, note="LyCORIS's default is `full`"),
-    _map("conv_dim", "network.conv_dim", _conv_dim, source=NETWORK),
+    _map("conv_dim", "network.conv_dim", _I, source=NETWORK),
     _map("conv_alpha", "network.conv_alpha", _F, source=NETWORK),
     _map("factor", "network.factor", _I, source=NETWORK),
     _map("decompose_both", "network.decompose_both", _B, source=NETWORK),
