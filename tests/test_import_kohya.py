@@ -328,15 +328,15 @@ def test_argv_parsing_forms():
 
 
 @pytest.mark.parametrize("argv, family", [
-    (["train_network.py", "--v2", "--v_parameterization"], "sd2"),
+    (["train_network.py", "--v2", "--v_parameterization", "--pretrained_model_name_or_path", "m.safetensors"], "sd2"),
     (["--pretrained_model_name_or_path", "sd3.5_medium.safetensors", "--clip_g", "g.safetensors"], "sd35-medium"),
+    (["--pretrained_model_name_or_path", "ckpt/sd_xl_base_1.0.safetensors"], "sdxl"),
     (["--pretrained_model_name_or_path", "some/model"], "auto"),
 ])
 def test_family_detection(tmp_path, argv, family):
-    result = import_kohya(argv=argv + ["--train_data_dir", "x", "--pretrained_model_name_or_path", "m.safetensors"]
-                          if "--pretrained_model_name_or_path" not in argv else argv + ["--train_data_dir", "x"],
-                          kohya_dir=tmp_path)
+    result = import_kohya(argv=argv + ["--train_data_dir", "x"], kohya_dir=tmp_path)
     assert result.family == family
+    assert result.config["model"].get("family", "auto") == family
     if family == "sd2":
         assert result.config["model"]["prediction_type"] == "v_prediction"
 
@@ -348,6 +348,16 @@ def test_what_cannot_be_imported(tmp_path):
         import_kohya(argv=["--network_module", "networks.oft"], kohya_dir=tmp_path)
     with pytest.raises(ConfigError, match="network_dim: expected an integer"):
         import_kohya(argv=["--network_dim", "eight"], kohya_dir=tmp_path)
+    # a value this project refuses is taken out and reported with the loader's reason
+    result = import_kohya(argv=["--pretrained_model_name_or_path", "m", "--train_data_dir", "img",
+                                "--noise_offset", "1.5", "--seed", "7"], kohya_dir=tmp_path)
+    cfg, _, report = _load(result, tmp_path, "refused.toml")
+    assert cfg.train.noise_offset == 0.0 and cfg.train.seed == 7
+    line = result.line("noise_offset")
+    assert line.status == DROPPED and "train.noise_offset" in line.note and not line.targets
+    assert "refused by this version's config" in report.read_text()
+    for path in (tmp_path / "refused.toml", report):
+        path.unlink()
     result = import_kohya(argv=["--pretrained_model_name_or_path", "m", "--network_dim", "4"], kohya_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"does not load: .*\[data\]"):  # no images given anywhere
         write_import(result, tmp_path / "x.toml")

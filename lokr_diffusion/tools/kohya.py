@@ -724,12 +724,42 @@ def _checkable(result: KohyaImport) -> dict[str, Any]:
     return doc
 
 
+_REFUSED_KEY = re.compile(r"(?:^|: )(model|network|train|output|sample|logging|validation)\.([a-z_0-9]+)[: ]")
+
+
+def _check_with_loader(result: KohyaImport, tmp: Path, out: Path) -> None:
+    """Load the config with `load_config` until it is accepted. A value the loader refuses under a
+    key the import wrote (a kohya value out of this project's range, say) is taken out and its
+    option reported with the loader's message; anything else is an error."""
+    from ..fileformat import atomic_write_bytes
+    from ..training.config import load_config
+
+    for _ in range(len(result.lines) + 1):
+        atomic_write_bytes(tmp, to_toml(_checkable(result)).encode("utf-8"))
+        try:
+            load_config(tmp)
+            return
+        except ConfigError as exc:
+            message = str(exc).replace(f"{tmp}: ", "")
+            match = _REFUSED_KEY.search(message)
+            target = f"{match.group(1)}.{match.group(2)}" if match else None
+            owners = [line for line in result.lines if target in line.targets]
+            if not owners or match.group(2) not in result.config.get(match.group(1), {}):
+                raise ConfigError(f"the converted config does not load: {out}: {message}") from None
+            del result.config[match.group(1)][match.group(2)]
+            for line in owners:
+                del line.targets[target]
+                line.status = CHANGED if line.targets else DROPPED
+                line.note = f"refused by this version's config ({message})" + (f"; {line.note}" if line.note else "")
+    raise ConfigError(f"the converted config does not load: {out}")
+
+
 def write_import(result: KohyaImport, out: str | Path, report: str | Path | None = None,
                  overwrite: bool = False) -> tuple[Path, Path]:
     """Write the config and the report, atomically, after `load_config` has accepted the config
-    (read from a temporary file beside `out`, so relative paths resolve as they will)."""
+    (read from a temporary file beside `out`, so relative paths resolve as they will). Values the
+    loader refuses are taken out of `result` and reported (see _check_with_loader)."""
     from ..fileformat import atomic_write_bytes
-    from ..training.config import load_config
 
     out = Path(out)
     report = Path(report) if report is not None else out.with_name(out.stem + "_kohya_report.md")
@@ -738,17 +768,13 @@ def write_import(result: KohyaImport, out: str | Path, report: str | Path | None
     for path in (out, report):
         if path.exists() and not overwrite:
             raise OutputError(f"{path} exists; pass --overwrite to replace it")
-    header = ("converted from kohya sd-scripts by `lokr-diffusion import-kohya`\n"
-              f"read: {', '.join(result.sources)}\nevery option and what became of it: {report.name}")
-    text = to_toml(result.config, header)
     tmp = out.with_name(f".{out.name}.import.toml")
-    atomic_write_bytes(tmp, to_toml(_checkable(result)).encode("utf-8"))
     try:
-        load_config(tmp)
-        atomic_write_bytes(tmp, text.encode("utf-8"))
+        _check_with_loader(result, tmp, out)
+        header = ("converted from kohya sd-scripts by `lokr-diffusion import-kohya`\n"
+                  f"read: {', '.join(result.sources)}\nevery option and what became of it: {report.name}")
+        atomic_write_bytes(tmp, to_toml(result.config, header).encode("utf-8"))
         os.replace(tmp, out)
-    except ConfigError as exc:
-        raise ConfigError(f"the converted config does not load: {str(exc).replace(str(tmp), str(out))}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
