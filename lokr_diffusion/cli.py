@@ -337,7 +337,8 @@ def _cmd_import_kohya(args: argparse.Namespace) -> int:
     """
     from pathlib import Path
 
-    from .tools.kohya import format_summary, import_kohya, write_import
+    from .tools.kohya import import_kohya
+    from .tools.kohya_write import format_summary, write_import
     from .tools.text import to_json
 
     result = import_kohya(args.config, args.kohya_args, dataset_config=args.dataset_config, family=args.family,

@@ -13,8 +13,9 @@ import pytest
 from lokr_diffusion.cli import main
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.schema import tomllib
-from lokr_diffusion.tools.kohya import (DOCS_END, DOCS_START, format_report, import_kohya, mapping_markdown,
-                                        parse_kohya_argv, replace_block, write_import)
+from lokr_diffusion.tools.kohya import import_kohya, parse_kohya_argv
+from lokr_diffusion.tools.kohya_write import (DOCS_END, DOCS_START, format_report, mapping_markdown, missing_packages,
+                                              replace_block, write_import)
 from lokr_diffusion.tools.kohya_options import CHANGED, DROPPED, MAPPED, PENDING_TARGETS, RULES, target_exists
 from lokr_diffusion.training.config import load_config
 
@@ -160,8 +161,6 @@ def _write(path: Path, text: str) -> Path:
 def _load(result, tmp_path: Path, name: str = "run.toml"):
     """Write the import and load it with the trainer's loader (the optimizer's package may be
     missing on a test machine: load it as AdamW then, as write_import checks it)."""
-    from lokr_diffusion.tools.kohya import missing_packages
-
     out, report = write_import(result, tmp_path / name)
     overrides = ["train.optimizer=adamw"] if missing_packages(result) else []
     return load_config(out, overrides), tomllib.loads(out.read_text()), report
@@ -399,7 +398,7 @@ def test_docs_mapping_tables_are_current():
     doc = (ROOT / "docs" / "coming-from-kohya.md").read_text()
     assert DOCS_START in doc and DOCS_END in doc
     assert replace_block(doc, mapping_markdown()) == doc, \
-        "docs/coming-from-kohya.md is stale: python -m lokr_diffusion.tools.kohya --write-docs docs/coming-from-kohya.md"
+        "docs/coming-from-kohya.md is stale: python -m lokr_diffusion.tools.kohya_write --write-docs docs/coming-from-kohya.md"
     assert "docs/coming-from-kohya.md" in (ROOT / "README.md").read_text()
 
 
