@@ -14,8 +14,8 @@ from lokr_diffusion.cli import main
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.schema import tomllib
 from lokr_diffusion.tools.kohya import import_kohya, parse_kohya_argv
-from lokr_diffusion.tools.kohya_write import (DOCS_END, DOCS_START, format_report, mapping_markdown, missing_packages,
-                                              replace_block, write_import)
+from lokr_diffusion.tools.kohya_write import (DOCS_END, DOCS_START, format_report, format_summary, mapping_markdown,
+                                              missing_packages, replace_block, write_import)
 from lokr_diffusion.tools.kohya_options import CHANGED, DROPPED, MAPPED, PENDING_TARGETS, RULES, target_exists
 from lokr_diffusion.training.config import load_config
 
@@ -416,3 +416,13 @@ def test_command_line_with_config_file_wins_over_it(tmp_path):
     assert result.line("factor").origin == "network_args (lokr.toml [LyCORIS])"
     assert len(cfg.data["datasets"]) == 3
     assert str(tmp_path / "dataset_config.toml") in result.sources
+
+
+def test_summary_lists_what_was_lost(tmp_path):
+    result = import_kohya(argv=["--pretrained_model_name_or_path", "m", "--train_data_dir", "img",
+                                "--color_aug", "--debug_dataset=false", "--network_dropout", "0"], kohya_dir=tmp_path)
+    out, report = write_import(result, tmp_path / "run.toml")
+    text = format_summary(result, out, report)
+    assert "dropped  color_aug: not implemented" in text
+    assert "debug_dataset" not in text and "network_dropout" not in text
+    assert "(2 dropped options were false, 0 or empty" in text

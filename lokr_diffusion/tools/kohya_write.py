@@ -82,13 +82,27 @@ def format_report(result: KohyaImport) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _switched_off(value: Any) -> bool:
+    """false, empty or 0: how kohya options say "off"."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("", "false", "0", "0.0")
+    return value is False or value == [] or (isinstance(value, (int, float)) and value == 0)
+
+
 def format_summary(result: KohyaImport, out: Path, report: Path) -> str:
+    """What the terminal shows: the changed and dropped options; a dropped option that was set to
+    false, 0 or left empty asked for nothing, so it is counted but listed in the report only."""
     counts = result.counts()
     text = [f"wrote {out} (family {result.family}: {result.family_reason})",
             f"report: {report}: {counts[MAPPED]} mapped, {counts[CHANGED]} changed, {counts[DROPPED]} dropped"]
+    quiet = 0
     for line in result.lines:
-        if line.status != MAPPED:
+        if line.status == DROPPED and _switched_off(line.value):
+            quiet += 1
+        elif line.status != MAPPED:
             text.append(f"  {line.status:8} {line.option}: {line.note}")
+    if quiet:
+        text.append(f"  ({quiet} dropped options were false, 0 or empty, asking for nothing: see the report)")
     for hint in missing_packages(result):
         text.append(f"before training: {hint}")
     return "\n".join(text)
