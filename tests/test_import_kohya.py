@@ -426,3 +426,19 @@ def test_summary_lists_what_was_lost(tmp_path):
     assert "dropped  color_aug: not implemented" in text
     assert "debug_dataset" not in text and "network_dropout" not in text
     assert "(2 dropped options were false, 0 or empty" in text
+
+
+@pytest.mark.skipif(__import__("os").name == "nt", reason="a Windows path is a local path there")
+def test_windows_paths_are_kept_and_flagged(tmp_path):
+    dataset = _write(tmp_path / "ds.toml", """
+        [[datasets]]
+        resolution = [768, 768]
+        batch_size = 2
+          [[datasets.subsets]]
+          image_dir = 'C:\\piyo'
+          num_repeats = 2
+        """)
+    result = import_kohya(argv=["--pretrained_model_name_or_path", "m"], dataset_config=dataset, kohya_dir=tmp_path)
+    cfg, doc, _ = _load(result, tmp_path)
+    assert doc["data"]["datasets"][0]["dir"] == "C:\\piyo" and doc["data"]["resolution"] == [768, 768]
+    assert "Windows path" in result.line("image_dir").note

@@ -263,6 +263,8 @@ class Importer:
                 status = CHANGED
                 missing = ", ".join(f"`{t} = {toml_value(outcome.values[t])}`" for t in pending)
                 note = f"{note}; not written: {missing} (not in this version yet)".lstrip("; ")
+        if os.name != "nt" and any(isinstance(v, str) and _WINDOWS_PATH.match(v) for v in written.values()):
+            note = "a Windows path, kept as written: change it to this machine's path" + (f"; {note}" if note else "")
         line = ReportLine(option, origin, value, status, written, note, pending)
         self.lines.append(line)
         return line
