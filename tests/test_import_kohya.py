@@ -442,3 +442,28 @@ def test_windows_paths_are_kept_and_flagged(tmp_path):
     cfg, doc, _ = _load(result, tmp_path)
     assert doc["data"]["datasets"][0]["dir"] == "C:\\piyo" and doc["data"]["resolution"] == [768, 768]
     assert "Windows path" in result.line("image_dir").note
+
+
+@pytest.mark.parametrize("network_args, expected", [
+    (["algo=lokr"], ("lokr", "full", 4, 1.0)),  # LyCORIS's default preset trains convs at network_dim
+    (["algo=locon", "preset=full-lin", "conv_dim=8"], ("lora", "full", None, None)),  # full-lin: no convs
+    (["algo=loha", "preset=attn-only", "conv_dim=8", "conv_alpha=4"], ("loha", "attn-only", 8, 4.0)),
+])
+def test_lycoris_presets_and_convs(tmp_path, network_args, expected):
+    argv = ["train_network.py", "--pretrained_model_name_or_path", "m", "--train_data_dir", "img",
+            "--network_module", "lycoris.kohya", "--network_args", *network_args]
+    cfg, _, _ = _load(import_kohya(argv=argv, kohya_dir=tmp_path), tmp_path)
+    net = cfg.network
+    assert (net.algo, net.preset, net.conv_dim, net.conv_alpha) == expected
+    assert (net.dim, net.alpha) == (4, 1.0)  # kohya's defaults, written out
+
+
+def test_sd3_timesteps(tmp_path):
+    argv = ["sd3_train_network.py", "--pretrained_model_name_or_path", "sd3.5_large.safetensors",
+            "--train_data_dir", "img", "--network_module", "networks.lora_sd3", "--weighting_scheme", "cosmap",
+            "--training_shift", "3.0", "--min_timestep", "100"]
+    result = import_kohya(argv=argv, kohya_dir=tmp_path)
+    cfg, _, _ = _load(result, tmp_path)
+    assert (cfg.model.family, cfg.train.timestep_sampling, cfg.train.loss_weighting, cfg.train.shift) == \
+        ("sd35-large", "cosmap", "cosmap", 3.0)
+    assert _statuses(result, "min_timestep") == [DROPPED]

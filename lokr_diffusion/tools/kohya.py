@@ -376,8 +376,10 @@ class Importer:
             values = {"train.timestep_sampling": density, "train.shift": shift}
             if weighting:
                 values["train.loss_weighting"] = weighting
-            out["weighting_scheme"] = Outcome(values, CHANGED, f"density {density}, shifted by training_shift "
-                                                               f"({shift}; kohya's default 1.0, here 3.0)")
+            how = f"shifted by training_shift ({shift})" if "training_shift" in a else \
+                "no shift (kohya's training_shift default 1.0; this project's SD3 default is 3.0)"
+            out["weighting_scheme"] = Outcome(values, CHANGED, f"density {density}"
+                                              + (f" and loss weight {weighting}" if weighting else "") + f", {how}")
             out["training_shift"] = Outcome({"train.shift": shift}, MAPPED, "a fixed shift of the positions")
             return out
         sampling = as_str(a.get("timestep_sampling", "sigma"), self).lower()
@@ -505,8 +507,16 @@ class Importer:
             section, _, key = target.partition(".")
             if section == "network" and option not in self.args and key not in net:
                 self.default(option, target, value, why)
+        full_lin = any(line.option == "preset" and line.value == "full-lin" for line in self.lines)
+        if full_lin and "conv_dim" in net:
+            for key in ("conv_dim", "conv_alpha"):
+                net.pop(key, None)
+            for line in self.lines:
+                if line.option in ("conv_dim", "conv_alpha") and line.targets:
+                    line.status, line.targets = DROPPED, {}
+                    line.note = "preset full-lin leaves the k x k convs out"
         if self.network_module == "lycoris.kohya" and net.get("preset") == "full" and "conv_dim" not in net \
-                and not any(line.option == "preset" and line.value == "full-lin" for line in self.lines):
+                and not full_lin:
             self.default("conv_dim", "network.conv_dim", net["dim"],
                          "LyCORIS trains k x k convs at network_dim unless conv_dim is given (here only with "
                          "conv_dim)")
