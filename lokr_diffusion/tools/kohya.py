@@ -287,7 +287,7 @@ class Importer:
                 return self._record(option, origin, value, rule,
                                     Outcome(status=DROPPED, note=f"flow matching only; {self.family} is a UNet "
                                                                  "family"), scope)
-        result = rule.convert(value, self) if rule.convert is not None else Outcome(status=DROPPED)
+        result = rule.convert(value, self) if rule.convert is not None else Outcome()
         return self._record(option, origin, value, rule, result, scope)
 
     def default(self, option: str, target: str, value: Any, why: str, scope: dict[str, Any] | None = None) -> None:
