@@ -210,12 +210,8 @@ class StableDiffusionFamily(Family):
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"clip_skip {clip_skip}: the text encoder has {layers} layers")
         hidden = te(input_ids[0].to(device), output_hidden_states=True).hidden_states[-clip_skip]
-        return {"prompt_embeds": te.text_model.final_layer_norm(hidden)}
-
-    def pipeline_text_options(self, clip_skip: int) -> dict[str, Any]:
-        """The Diffusers pipeline call arguments that encode prompts as :meth:`encode_text` does
-        with `clip_skip` (Diffusers counts layers skipped after the last: ours minus one)."""
-        return {} if clip_skip == 1 else {"clip_skip": clip_skip - 1}
+        # transformers 5 folds CLIPTextModel.text_model into the model itself; older versions nest it
+        return {"prompt_embeds": getattr(te, "text_model", te).final_layer_norm(hidden)}
 
     def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 embeds: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:

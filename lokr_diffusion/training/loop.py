@@ -445,6 +445,18 @@ class Files:
         if run.main:
             checkpoint.prune(run.output_dir, run.cfg.output.name, run.cfg.output.keep_last)
 
+    def _prompt_encoder(self):
+        """With [train] clip_skip, samples get prompt embeddings from the training model's own
+        encode_text (the pipeline's clip_skip would count layers differently, and Diffusers' breaks
+        on transformers 5's CLIP); None otherwise: the pipeline encodes the prompts itself."""
+        from ..text import tokenize
+
+        if not self.models.text_options:
+            return None
+        model = self.run.accelerator.unwrap_model(self.parts.model)
+        expand = self.parts.embedding.expand if self.parts.embedding is not None else (lambda text: text)
+        return lambda text: model.encode_text(tokenize(self.models.tokenizers, [expand(text)]))
+
     def sample(self) -> None:
         from .sampling import sample_grids
 
@@ -457,21 +469,13 @@ class Files:
                                      negative_prompt=s.negative_prompt, steps=s.steps,
                                      guidance_scale=s.guidance_scale, seed=s.seed, num_images=s.num_images,
                                      width=s.width, height=s.height, device=accelerator.device,
-                                     autocast=accelerator.autocast,
-                                     pipeline_options=_sample_text_options(self.models))
+                                     autocast=accelerator.autocast, encode_prompt=self._prompt_encoder())
             network.train()
             tracker = _tensorboard(accelerator)
             if tracker is not None:
                 for i, (prompt, _, array) in enumerate(grids):
                     tracker.writer.add_image(f"samples/{i:02d}", array, step, dataformats="HWC")
         accelerator.wait_for_everyone()
-
-
-def _sample_text_options(models: Models) -> dict[str, Any]:
-    """Pipeline arguments that make samples encode prompts as training does ([train] clip_skip)."""
-    if not models.text_options:
-        return {}
-    return models.family.pipeline_text_options(**models.text_options)
 
 
 # -- 7. the loop -------------------------------------------------------------------------------------

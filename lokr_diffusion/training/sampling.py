@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,24 +31,29 @@ def save_png(image: Image.Image, path: Path) -> Path:
 def sample_grids(pipe, prompts: Sequence[str], out_dir: Path, step: int, *, negative_prompt: str = "",
                  steps: int = 20, guidance_scale: float = 7.0, seed: int = 0, num_images: int = 2,
                  width: int | None = None, height: int | None = None, device: torch.device | None = None,
-                 autocast=None, pipeline_options: Mapping[str, Any] | None = None) -> list[tuple[str, Path, np.ndarray]]:
+                 autocast=None, encode_prompt: Callable[[str], Mapping[str, torch.Tensor]] | None = None
+                 ) -> list[tuple[str, Path, np.ndarray]]:
     """Generate `num_images` images per prompt (seeds seed, seed+1, ...), save one grid each.
 
     The global RNG is left untouched, so sampling does not change the training run (resumed
-    runs stay identical to uninterrupted ones). `pipeline_options` go to every pipeline call
-    (clip_skip, so samples read prompts as training does). Returns (prompt, path, grid as HWC uint8).
+    runs stay identical to uninterrupted ones). With `encode_prompt` (text -> the family's
+    prompt-embedding dict), the pipeline gets those embeddings for the prompt and the negative
+    prompt instead of the text, so samples read prompts exactly as training does (clip_skip).
+    Returns (prompt, path, grid as HWC uint8).
     """
     out = []
     device = device or pipe.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i, prompt in enumerate(prompts):
+            text = {"prompt": prompt, "negative_prompt": negative_prompt or None}
+            if encode_prompt is not None:
+                text = {**encode_prompt(prompt), **{f"negative_{k}": v for k, v in encode_prompt(negative_prompt).items()}}
             images = []
             for k in range(num_images):
                 g = torch.Generator(device=device).manual_seed(seed + k)
                 with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-                    result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                                  guidance_scale=guidance_scale, generator=g, width=width, height=height,
-                                  **dict(pipeline_options or {}))
+                    result = pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
+                                  width=width, height=height)
                 images.extend(result.images)
             grid = make_image_grid(images, rows=1, cols=len(images))  # one row, every image the same size
             path = save_png(grid, out_dir / f"step{step:06d}-{i:02d}-{_slug(prompt)}.png")
