@@ -393,6 +393,25 @@ def _decay(weight_decay: float | None) -> dict[str, float]:
     return {} if weight_decay is None else {"weight_decay": weight_decay}
 
 
+def _option_facts(t_cfg) -> dict[str, Any]:
+    """sd-scripts' metadata keys of the loss, noise and clip-skip options, written when an option is
+    on (ss_clip_skip tells a UI to sample with the same clip skip); files of runs without them
+    stay as they were."""
+    facts: dict[str, Any] = {}
+    if t_cfg.loss_type != "l2":
+        facts.update(ss_loss_type=t_cfg.loss_type, ss_huber_c=t_cfg.huber_c, ss_huber_schedule=t_cfg.huber_schedule,
+                     ss_huber_scale=t_cfg.huber_scale)
+    if t_cfg.multires_noise_iterations:
+        facts.update(ss_multires_noise_iterations=t_cfg.multires_noise_iterations,
+                     ss_multires_noise_discount=t_cfg.multires_noise_discount)
+    if t_cfg.ip_noise_gamma:
+        facts.update(ss_ip_noise_gamma=t_cfg.ip_noise_gamma,
+                     ss_ip_noise_gamma_random_strength=t_cfg.ip_noise_gamma_random_strength)
+    if t_cfg.clip_skip != 1:
+        facts["ss_clip_skip"] = t_cfg.clip_skip
+    return facts
+
+
 # -- 6. files: adapters, checkpoints, samples ------------------------------------------------------
 
 class Files:
@@ -415,7 +434,8 @@ class Files:
             "ss_noise_offset": t_cfg.noise_offset, "ss_num_train_images": len(dataset.samples),
             "ss_datasets": json.dumps(dataset.summary_dict() if hasattr(dataset, "summary_dict") else
                                       {"samples_per_epoch": len(dataset), "images": len(dataset.samples)}),
-            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps}
+            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps,
+            **_option_facts(t_cfg)}
 
     def save_adapter(self, path: Path) -> Path:
         from ..embeddings import embedding_path

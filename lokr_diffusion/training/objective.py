@@ -173,4 +173,5 @@ def _flow(family: Any, pipe: Any, t_cfg: Any, denoiser: Any) -> RectifiedFlow:
                          logit_std=1.0 if t_cfg.logit_std is None else t_cfg.logit_std,
                          mode_scale=1.29 if t_cfg.mode_scale is None else t_cfg.mode_scale,
                          weighting=t_cfg.loss_weighting or "none", noise=noise_options(t_cfg),
-                         loss_fn=loss_function(t_cfg), fixed_shift=fixed, dynamic=dynamic, tokens=getattr(family, "image_tokens", None))
+                         loss_fn=loss_function(t_cfg), fixed_shift=fixed, dynamic=dynamic,
+                         tokens=getattr(family, "image_tokens", None))
