@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lokr_diffusion import load_network
@@ -58,6 +59,8 @@ def _toml(v):
         return '"' + v.replace("\\", "\\\\") + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     return repr(v)
 
 
@@ -97,12 +100,18 @@ def _masks_for(dataset: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
     """With the same folder as regularisation images too, weighted 2 (prior preservation); masked
-    loss from a mask folder on the training images (the regularisation ones have none), and
-    samples from a prompt file with per-prompt settings."""
+    loss from a mask folder on the training images (the regularisation ones have none); samples
+    from a prompt file with per-prompt settings; and the sd-scripts options together: Huber
+    loss, multires noise, input perturbation, clip skip (text cache and samples), optimizer
+    arguments, per-group weight decay, cosine restarts."""
     masks = _masks_for(DATASET, tmp_path / "masks")
     (tmp_path / "prompts.txt").write_text("# samples\na red circle --w 64 --h 32 --d 5 --n blurry --l 6.5\n")
+    kohya = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1, "multires_noise_iterations": 4,
+             "multires_noise_discount": 0.3, "ip_noise_gamma": 0.1, "clip_skip": 2,
+             "optimizer_args": {"betas": [0.9, 0.99], "eps": 1e-7}, "unet_weight_decay": 0.0,
+             "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 2}
     cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0, "prior_loss_weight": 2.0,
-                                                        "masked_loss": True},
+                                                        "masked_loss": True, **kohya},
                        data={"datasets": [{"dir": str(DATASET), "conditioning_data_dir": str(masks)},
                                           {"dir": str(DATASET), "is_reg": True}]},
                        output={"save_every_steps": 2},
@@ -114,6 +123,8 @@ def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
     assert adapter.exists() and (out / "t-step000002.safetensors").exists()
     assert "adapter identical on all 1 process(es)" in log
     assert f"loss masks from {masks}" in log and "no loss masks (every pixel trains)" in log
+    assert "huber loss (huber_c 0.1, snr schedule), multires noise (4 levels, discount 0.3), input perturbation 0.1" \
+        in log
     assert (out / "config.json").exists()
     samples = sorted((out / "samples").glob("*.png"))
     assert [p.name for p in samples] == ["step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
@@ -122,6 +133,9 @@ def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
     sd = load_file(adapter)
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert any(v.abs().sum() > 0 for k, v in sd.items() if "lokr_w1" in k)
+    with safe_open(adapter, "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_clip_skip"], meta["ss_loss_type"], meta["ss_multires_noise_iterations"]) == ("2", "huber", "4")
     unet, tes = load_components(tiny_sd15_path)
     net, report = load_network(adapter, unet=unet, text_encoders=tes, strict=True)
     assert report.patched == {"unet": 192}  # attn-mlp on the SD1.5 block structure

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +20,7 @@ from ..data.config import DatasetConfig, dataset_configs_from_toml
 from ..families import family_names
 from ..errors import ConfigError
 from ..network import AdapterConfig
-from .loss import FLOW_LOSS_WEIGHTING, TIMESTEP_SAMPLING
+from .loss import FLOW_LOSS_WEIGHTING, HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING
 from .prompts import SamplePrompt, collect_prompts
 from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
 
@@ -170,6 +171,51 @@ class TrainSection:
                                        help="skip steps with a non-finite loss or gradient; stop after this many "
                                             "in a row")
     num_workers: int = setting(0, ge=0, le=256, help="data loader worker processes")
+    # -- options named as kohya sd-scripts names them: loss, noise, clip skip, optimizer and schedule arguments
+    loss_type: str = setting("l2", choices=LOSS_TYPES,
+                             help="per-element loss: `l2` (squared error), `l1`, `huber` (2c(sqrt(d^2+c^2)-c): squared "
+                                  "near 0, linear beyond c) or `smooth_l1` (the same divided by c); per sample, "
+                                  "then min-SNR and the other weights")
+    huber_c: float = setting(0.1, gt=0, le=1,
+                             help="`huber` / `smooth_l1`: threshold c at full noise (`huber_schedule` raises it "
+                                  "towards 1 at low noise)")
+    huber_schedule: str = setting("snr", choices=HUBER_SCHEDULES,
+                                  help="`huber` / `smooth_l1`: `constant` c * scale, `exponential` scale * c^(t/T), "
+                                       "`snr` (1 - c) / (1 + r)^2 + c with r the noise-to-signal ratio; flow models "
+                                       "use t/T = s and r = s/(1-s) at path position s")
+    huber_scale: float = setting(1.0, gt=0, le=100,
+                                 help="`huber` / `smooth_l1`: multiplies the `constant` and `exponential` "
+                                      "thresholds (not `snr`'s, as in sd-scripts)")
+    multires_noise_iterations: int = setting(
+        0, ge=0, le=64, default_doc="0 (off)",
+        help="multires (pyramid) noise: add this many levels of low-resolution noise, each 2-4x coarser, then "
+             "rescale to unit std (6-10 is common); after `noise_offset`. UNet models only")
+    multires_noise_discount: float = setting(0.3, gt=0, le=1,
+                                             help="multires noise: weight of level i is discount^i")
+    ip_noise_gamma: float = setting(0.0, ge=0, le=1, default_doc="0 (off)",
+                                    help="input perturbation: the denoiser's input is noised with noise + gamma * "
+                                         "extra noise, the target keeps the plain noise (0.1 is common)")
+    ip_noise_gamma_random_strength: bool = setting(False, help="input perturbation: draw gamma uniformly from "
+                                                               "[0, ip_noise_gamma) each step")
+    clip_skip: int = setting(1, ge=1, le=48,
+                             help="prompt embedding from the n-th from last CLIP layer plus the final layer norm "
+                                  "(1: the last layer; 2: A1111's and sd-scripts' clip skip 2), in training, the "
+                                  "text cache and samples; SD 1.x / 2.x only (SD 2.x's encoder already ends one "
+                                  "layer early)")
+    optimizer_args: dict[str, Any] = setting(
+        default_factory=dict, parse=lambda v, scope, key: _optimizer_args(v, scope, key), expect="table",
+        default_doc="`{}`", allowed_doc="the optimizer's constructor arguments",
+        help="extra optimizer constructor arguments, e.g. `{ betas = [0.9, 0.99], eps = 1e-8 }` or Prodigy's "
+             "`{ d_coef = 2.0, decouple = true, use_bias_correction = true, safeguard_warmup = true }`; "
+             "checked against the optimizer's signature (`lr` and `weight_decay` have their own keys)")
+    unet_weight_decay: float | None = setting(None, ge=0, default_doc="`weight_decay`",
+                                              help="weight decay of the denoiser adapters")
+    text_encoder_weight_decay: float | None = setting(None, ge=0, default_doc="`weight_decay`",
+                                                      help="weight decay of the text-encoder adapters")
+    lr_scheduler_num_cycles: int = setting(1, ge=1, le=10_000,
+                                           help="`cosine_with_restarts`: cosine cycles, the rate jumping back to "
+                                                "its peak at each restart")
+    lr_scheduler_power: float = setting(1.0, gt=0, le=100, help="`polynomial`: decay power (1: linear)")
 
     @property
     def embedding_learning_rate(self) -> float:
@@ -194,6 +240,33 @@ class TrainSection:
             module, install = OPTIONAL_OPTIMIZERS[self.optimizer]
             if importlib.util.find_spec(module) is None:
                 raise ConfigError(f"train.optimizer = {self.optimizer!r} needs {module}: {install}")
+        self._check_kohya_options()
+
+    def _check_kohya_options(self) -> None:
+        """Schedule arguments the chosen schedule would ignore are refused; optimizer_args are checked
+        against the optimizer's constructor (after the install check above)."""
+        from .optim import check_optimizer_args
+
+        if self.lr_scheduler_num_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            raise ConfigError(f"train.lr_scheduler_num_cycles: only `cosine_with_restarts` has cycles, but "
+                              f"train.lr_scheduler = {self.lr_scheduler!r}")
+        if self.lr_scheduler_power != 1.0 and self.lr_scheduler != "polynomial":
+            raise ConfigError(f"train.lr_scheduler_power: only `polynomial` has a power, but "
+                              f"train.lr_scheduler = {self.lr_scheduler!r}")
+        self.optimizer_args = check_optimizer_args(self.optimizer, self.optimizer_args)
+
+
+def _optimizer_args(value: Any, scope: Scope, key: str) -> dict[str, Any]:
+    """A TOML table of scalars and arrays of scalars (the optimizer's signature is checked later)."""
+    if not isinstance(value, Mapping):
+        raise scope.fail(key, f"expected a table, e.g. {{ betas = [0.9, 0.99] }}, got {value!r}")
+    scalar = (bool, int, float, str)
+    for name, v in value.items():
+        if not (isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))):
+            raise scope.fail(f"{key}.{name}", f"expected a number, string, boolean or array of them, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise scope.fail(f"{key}.{name}", f"must be a finite number, got {v}")
+    return dict(value)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +165,7 @@ class Models:
     prediction_type: str
     weight_dtype: torch.dtype
     parked: bool = False  # text encoders and VAE moved off the device once their outputs are cached
+    text_options: dict[str, Any] = field(default_factory=dict)  # encode_text arguments ([train] clip_skip)
 
     def park(self) -> None:
         """Move the text encoders and the VAE to the CPU: every output they give is cached."""
@@ -190,6 +191,7 @@ class Models:
 def load_models(run: Run) -> Models:
     from ..families import family_of_pipeline
     from ..models import load_pipeline
+    from .model import text_options
     from .objective import build_objective
 
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
@@ -229,7 +231,7 @@ def load_models(run: Run) -> Models:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
     return Models(pipe, family, denoiser, vae, text_encoders, parts.tokenizers, objective, prediction_type,
-                  weight_dtype)
+                  weight_dtype, text_options=text_options(family, t_cfg.clip_skip, text_encoders))
 
 
 def _place_denoiser(denoiser: nn.Module, device: torch.device, compute: torch.dtype, base_dtype: str) -> None:
@@ -300,8 +302,9 @@ def cache_text(run: Run, dataset, models: Models, model: "TrainingModel") -> boo
         return {k: v.float().cpu() for k, v in embeds.items()}
 
     # big sequence embeddings (T5: 512 x 4096 per caption) go to disk rather than memory
-    dataset.cache_text_embeddings(encode_captions, "|".join(module_identity(t) for t in models.text_encoders),
-                                  to_disk=models.family.text_cache_on_disk)
+    encoder_id = "|".join(module_identity(t) for t in models.text_encoders)
+    encoder_id += "".join(f"|{k}={v}" for k, v in sorted(models.text_options.items()))  # clip_skip: other embeddings
+    dataset.cache_text_embeddings(encode_captions, encoder_id, to_disk=models.family.text_cache_on_disk)
     return True
 
 
@@ -327,14 +330,13 @@ class Parts:
 
 
 def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Parts:
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     from ..data import make_loader
     from ..network import chosen_text_encoders, create_network
     from . import checkpoint
     from .model import TrainingModel
-    from .optim import build_optimizer
+    from .optim import build_lr_scheduler, build_optimizer
 
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
     network = create_network(cfg.network.adapter_config(),
@@ -345,19 +347,21 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
     if t_cfg.compile:
         _compile(models.denoiser, t_cfg)
     model = TrainingModel(network, models.denoiser, models.text_encoders, models.family,
-                          cfg.network.train_text_encoder, embedding, conditioning=_conditioning(t_cfg))
+                          cfg.network.train_text_encoder, embedding, conditioning=_conditioning(t_cfg),
+                          text=models.text_options)
     if cache_text(run, dataset, models, model) and all(c.cache_latents != "off" for c in dataset.configs):
         models.park()  # every text and image input is cached: free device memory for the denoiser
     optimizer = build_optimizer(t_cfg.optimizer, _param_groups(network, embedding, t_cfg), t_cfg.learning_rate,
-                                t_cfg.weight_decay)
+                                t_cfg.weight_decay, t_cfg.optimizer_args)
     loader = make_loader(dataset, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                          num_workers=t_cfg.num_workers)
     steps_per_epoch = max(1, math.ceil(len(loader) / t_cfg.gradient_accumulation_steps))
     max_steps = t_cfg.max_steps or t_cfg.epochs * steps_per_epoch
     num_epochs = t_cfg.epochs or sys.maxsize  # with max_steps alone, epochs run until the steps are done
-    lr_scheduler = get_scheduler(t_cfg.lr_scheduler, optimizer,
-                                 num_warmup_steps=t_cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+    lr_scheduler = build_lr_scheduler(t_cfg.lr_scheduler, optimizer,
+                                      warmup_steps=t_cfg.lr_warmup_steps * accelerator.num_processes,
+                                      total_steps=max_steps * accelerator.num_processes,
+                                      num_cycles=t_cfg.lr_scheduler_num_cycles, power=t_cfg.lr_scheduler_power)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMAModel(network.parameters(), decay=t_cfg.ema_decay) if t_cfg.ema_decay else None
     progress = Progress()
@@ -389,17 +393,44 @@ def _conditioning(t_cfg) -> dict[str, Any]:
 
 
 def _param_groups(network, embedding, t_cfg) -> list[dict]:
+    """Denoiser adapters, text-encoder adapters, trigger embedding: each group its learning rate and
+    weight decay (a group without "weight_decay" takes the optimizer's, train.weight_decay)."""
     groups = []
     unet_params = [p for k, a in network.named_children() if network.components[k] == "unet" for p in a.parameters()]
     te_params = [p for k, a in network.named_children() if network.components[k] != "unet" for p in a.parameters()]
     if unet_params:
-        groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate})
+        groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate,
+                       **_decay(t_cfg.unet_weight_decay)})
     if te_params:
-        groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate})
+        groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate,
+                       **_decay(t_cfg.text_encoder_weight_decay)})
     if embedding is not None:  # no weight decay: it would pull the vectors to zero, not to the word's start
         groups.append({"params": list(embedding.parameters()), "weight_decay": 0.0,
                        "lr": t_cfg.embedding_learning_rate})
     return groups
+
+
+def _decay(weight_decay: float | None) -> dict[str, float]:
+    return {} if weight_decay is None else {"weight_decay": weight_decay}
+
+
+def _option_facts(t_cfg) -> dict[str, Any]:
+    """sd-scripts' metadata keys of the loss, noise and clip-skip options, written when an option is
+    on (ss_clip_skip tells a UI to sample with the same clip skip); files of runs without them
+    stay as they were."""
+    facts: dict[str, Any] = {}
+    if t_cfg.loss_type != "l2":
+        facts.update(ss_loss_type=t_cfg.loss_type, ss_huber_c=t_cfg.huber_c, ss_huber_schedule=t_cfg.huber_schedule,
+                     ss_huber_scale=t_cfg.huber_scale)
+    if t_cfg.multires_noise_iterations:
+        facts.update(ss_multires_noise_iterations=t_cfg.multires_noise_iterations,
+                     ss_multires_noise_discount=t_cfg.multires_noise_discount)
+    if t_cfg.ip_noise_gamma:
+        facts.update(ss_ip_noise_gamma=t_cfg.ip_noise_gamma,
+                     ss_ip_noise_gamma_random_strength=t_cfg.ip_noise_gamma_random_strength)
+    if t_cfg.clip_skip != 1:
+        facts["ss_clip_skip"] = t_cfg.clip_skip
+    return facts
 
 
 # -- 6. files: adapters, checkpoints, samples ------------------------------------------------------
@@ -424,7 +455,8 @@ class Files:
             "ss_noise_offset": t_cfg.noise_offset, "ss_num_train_images": len(dataset.samples),
             "ss_datasets": json.dumps(dataset.summary_dict() if hasattr(dataset, "summary_dict") else
                                       {"samples_per_epoch": len(dataset), "images": len(dataset.samples)}),
-            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps}
+            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps,
+            **_option_facts(t_cfg)}
 
     def save_adapter(self, path: Path) -> Path:
         from ..embeddings import embedding_path
@@ -454,6 +486,18 @@ class Files:
         if run.main:
             checkpoint.prune(run.output_dir, run.cfg.output.name, run.cfg.output.keep_last)
 
+    def _prompt_encoder(self):
+        """With [train] clip_skip, samples get prompt embeddings from the training model's own
+        encode_text (the pipeline's clip_skip would count layers differently, and Diffusers' breaks
+        on transformers 5's CLIP); None otherwise: the pipeline encodes the prompts itself."""
+        from ..text import tokenize
+
+        if not self.models.text_options:
+            return None
+        model = self.run.accelerator.unwrap_model(self.parts.model)
+        expand = self.parts.embedding.expand if self.parts.embedding is not None else (lambda text: text)
+        return lambda text: model.encode_text(tokenize(self.models.tokenizers, [expand(text)]))
+
     def sample(self) -> None:
         from .sampling import sample_grids
 
@@ -466,7 +510,7 @@ class Files:
                                      negative_prompt=s.negative_prompt, steps=s.steps,
                                      guidance_scale=s.guidance_scale, seed=s.seed, num_images=s.num_images,
                                      width=s.width, height=s.height, device=accelerator.device,
-                                     autocast=accelerator.autocast)
+                                     autocast=accelerator.autocast, encode_prompt=self._prompt_encoder())
             network.train()
             tracker = _tensorboard(accelerator)
             if tracker is not None:

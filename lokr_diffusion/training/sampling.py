@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,14 +43,18 @@ def size_multiple(pipe: Any, family: Any) -> int:
 def sample_grids(pipe, prompts: Sequence[str | SamplePrompt], out_dir: Path, step: int, *, negative_prompt: str = "",
                  steps: int = 20, guidance_scale: float = 7.0, seed: int = 0, num_images: int = 2,
                  width: int | None = None, height: int | None = None, device: torch.device | None = None,
-                 autocast=None) -> list[tuple[str, Path, np.ndarray]]:
+                 autocast=None, encode_prompt: Callable[[str], Mapping[str, torch.Tensor]] | None = None
+                 ) -> list[tuple[str, Path, np.ndarray]]:
     """Generate `num_images` images per prompt (seeds seed, seed+1, ...), save one grid each.
 
     A `SamplePrompt`'s own negative prompt, size, steps, guidance scale and seed replace the
     keyword arguments for that prompt (its images use seeds d, d+1, ...).
 
     The global RNG is left untouched, so sampling does not change the training run (resumed
-    runs stay identical to uninterrupted ones). Returns (prompt, path, grid as HWC uint8).
+    runs stay identical to uninterrupted ones). With `encode_prompt` (text -> the family's
+    prompt-embedding dict), the pipeline gets those embeddings for the prompt and the negative
+    prompt instead of the text, so samples read prompts exactly as training does (clip_skip).
+    Returns (prompt, path, grid as HWC uint8).
     """
     out = []
     device = device or pipe.device
@@ -59,12 +64,14 @@ def sample_grids(pipe, prompts: Sequence[str | SamplePrompt], out_dir: Path, ste
             prompt = p.prompt
             negative = p.negative_prompt if p.negative_prompt is not None else negative_prompt
             first_seed = p.seed if p.seed is not None else seed
+            text = {"prompt": prompt, "negative_prompt": negative or None}
+            if encode_prompt is not None:
+                text = {**encode_prompt(prompt), **{f"negative_{k}": v for k, v in encode_prompt(negative).items()}}
             images = []
             for k in range(num_images):
                 g = torch.Generator(device=device).manual_seed(first_seed + k)
                 with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-                    result = pipe(prompt, negative_prompt=negative or None,
-                                  num_inference_steps=p.steps if p.steps is not None else steps,
+                    result = pipe(**text, num_inference_steps=p.steps if p.steps is not None else steps,
                                   guidance_scale=p.guidance_scale if p.guidance_scale is not None else guidance_scale,
                                   generator=g, width=p.width if p.width is not None else width,
                                   height=p.height if p.height is not None else height)
