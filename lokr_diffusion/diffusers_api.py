@@ -318,7 +318,7 @@ def use_diffusers_api(pipe: Any) -> Any:
     A pipeline that already holds adapters loaded by Diffusers itself (PEFT layers) is refused:
     the two kinds cannot be driven as one set.
     """
-    if isinstance(pipe, torch.nn.Module) or not hasattr(pipe, "components"):
+    if isinstance(pipe, torch.nn.Module):
         raise TypeError(f"use_diffusers_api takes a Diffusers pipeline, got {type(pipe).__name__}")
     _components(pipe)  # a pipeline of a known family, or a clear error
     peft = _peft_adapters(pipe)
@@ -333,8 +333,11 @@ def use_diffusers_api(pipe: Any) -> Any:
 
 def install_if_possible(pipe: Any) -> None:
     """What load_adapter calls: install the methods unless the pipeline also holds Diffusers'
-    own adapters, in which case its methods keep driving those, and the user is told."""
-    if getattr(pipe, _INSTALLED, False):
+    own adapters, in which case its methods keep driving those, and the user is told. Only
+    DiffusionPipeline objects: any other holder of a denoiser is left as it is."""
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline) or getattr(pipe, _INSTALLED, False):
         return
     peft = _peft_adapters(pipe)
     if peft:

@@ -1,6 +1,9 @@
 """Diffusers' adapter method names (pipe.load_lora_weights, set_adapters, fuse_lora...) on
 lokr-diffusion adapters, checked layer by layer against the spec's formulas restated from the
 file tensors (tests/test_pipelines.py's reference), on tiny SD1.5 and Flux.1 pipelines."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,6 +231,16 @@ def test_diffusers_own_adapters_are_not_mixed(pipe, files, caplog):
     assert "keep driving those" in caplog.text
     assert pipe.get_active_adapters() == ["peft"]  # Diffusers' own method, on its own adapter
     assert list(list_adapters(pipe)) == ["ours"]
+
+
+def test_readme_example_runs(tiny_sd15_path, files):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- example:diffusers-api -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    scope = {"MODEL": str(tiny_sd15_path), "ADAPTER": str(files["a"]), "ADAPTER_2": str(files["b"])}
+    exec(compile(code, "README.md", "exec"), scope)
+    pipe = scope["pipe"]
+    assert scope["image"].size == (64, 64)
+    assert pipe.get_list_adapters() == {} and list_adapters(pipe) == {} and pipe.fused_loras == set()
 
 
 def _random_file(model, cfg, path, seed):
