@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FluxPipeline, StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 from torch import nn
 
@@ -205,6 +205,15 @@ def test_errors_name_the_known_adapters(pipe, files):
         pipe.load_lora_weights(files["a"], adapter_name="a2", hotswap=True)
     with pytest.raises(ValueError, match="already loaded"):
         pipe.load_lora_weights(files["a"], adapter_name="a")
+    with pytest.raises(FileNotFoundError, match="no_such.safetensors: no such adapter file"):
+        pipe.load_lora_weights(files["a"].parent / "no_such.safetensors")
+    base = _weights(pipe)
+    pipe.set_adapters("b", 1e30)
+    with pytest.raises(ValueError, match="non-finite .* nothing was fused"):
+        pipe.fuse_lora(lora_scale=1e30, safe_fusing=True)  # beyond float32
+    _assert_bit_exact(pipe, base)
+    assert pipe.fused_loras == set()
+    pipe.set_adapters("b")
     pipe.fuse_lora()
     for call in (lambda: pipe.set_adapters("a"), lambda: pipe.delete_adapters("b"),
                  lambda: pipe.load_lora_weights(files["a"], adapter_name="c")):
@@ -241,6 +250,31 @@ def test_readme_example_runs(tiny_sd15_path, files):
     pipe = scope["pipe"]
     assert scope["image"].size == (64, 64)
     assert pipe.get_list_adapters() == {} and list_adapters(pipe) == {} and pipe.fused_loras == set()
+
+
+def test_sdxl_second_text_encoder(tiny_sdxl_path, tmp_path):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    path = _make_file(pipe, True, CONFIGS["lokr-full-f4"], tmp_path / "xl.safetensors", seed=13)
+    layers = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    base = {id(m): m.weight.detach().clone() for c in layers for m in c.modules() if isinstance(m, nn.Linear)}
+    use_diffusers_api(pipe).load_lora_weights(path)
+    assert pipe.get_list_adapters() == {c: ["default_0"] for c in ("unet", "text_encoder", "text_encoder_2")}
+    d = _deltas(path, _reference_names(pipe, True))
+    te2 = {m for m in d if any(m is t for t in pipe.text_encoder_2.modules())}
+    assert te2 and len(te2) < len(d)
+    pipe.set_adapters("default_0", {"text_encoder_2": -1.0, "unet": 0.5})
+    want = _expected(base, d, [({m: x for m, x in d.items() if m not in te2}, 1.0)])
+    for m in d:
+        if m in te2:
+            want[m] = base[id(m)] - d[m]
+        elif any(m is u for u in pipe.unet.modules()):
+            want[m] = base[id(m)] + 0.5 * d[m]
+    _assert_outputs(want)
+    pipe.fuse_lora(components=["text_encoder_2"])
+    assert all(torch.allclose(m.weight, want[m], atol=1e-6) for m in te2)
+    pipe.unload_lora_weights()  # te2 stays fused (Diffusers' fuse-and-unload); the rest as loaded
+    assert all(torch.allclose(m.weight, want[m], atol=1e-6) for m in te2)
+    assert all(torch.equal(m.weight, base[id(m)]) for m in d if m not in te2)
 
 
 def _random_file(model, cfg, path, seed):
