@@ -70,7 +70,7 @@ def _default_components(pipe: Any, method: str) -> list[str]:
 
 def _our_components(pipe: Any, components: Sequence[str] | None, method: str) -> set[str]:
     names = _component_names(pipe)
-    chosen = _default_components(pipe, method) if components is None else list(components)
+    chosen = _default_components(pipe, method) if components is None else _names(components)
     if not chosen:
         raise ValueError(f"{method}: `components` cannot be an empty list; this pipeline has {list(names)}")
     unknown = [c for c in chosen if c not in names]

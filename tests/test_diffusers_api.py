@@ -120,7 +120,7 @@ def test_named_adapters_weights_fuse_unfuse(pipe, files):
     _assert_bit_exact(pipe, base)
     _assert_outputs(_expected(base, layers, [(da, 0.7), (db, -0.4)]))  # lora_scale did not stay applied
 
-    pipe.fuse_lora(components=["text_encoder"], adapter_names=["a"])  # one adapter, one component
+    pipe.fuse_lora(components="text_encoder", adapter_names="a")  # one adapter, one component
     te = [m for m in layers if any(m is t for t in pipe.text_encoder.modules())]
     for m, w in _expected(base, te, [(da, 0.7)]).items():
         assert torch.allclose(m.weight, w, atol=1e-6)
