@@ -5,7 +5,6 @@ loading and Accelerate's checkpointing all use one naming.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

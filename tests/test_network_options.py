@@ -7,11 +7,9 @@ the frozen weight dominates) is meaningful at 1e-5 and beyond.
 import copy
 import json
 import logging
-import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 lycoris_modules = pytest.importorskip("lycoris.modules")
@@ -247,6 +245,12 @@ def test_overrides_first_match_wins_and_every_loader_applies_them(tiny_sd15_path
         theirs = m.get_diff_weight()[0] if isinstance(m, LoConModule) else m.get_weight(m.shape)
         assert _rel(theirs.reshape(ours[m.lora_name].shape).detach(), ours[m.lora_name]) <= 1e-5, m.lora_name
 
+    again = create_network(cfg, unet=unet)  # and the file starts the same config at the same update
+    init_from_file(again, file, unet)
+    for a in again.adapters():
+        assert _rel(a.delta_weight().detach(), ours[a.key]) <= 1e-6
+    again.remove()
+
 
 def test_override_errors():
     with pytest.raises(ConfigError, match=r"overrides #1: unknown key 'factr'.*Did you mean 'factor'"):
@@ -403,22 +407,31 @@ def test_init_from_mismatches_and_fresh_modules(tiny_sd15_path, tmp_path, caplog
     more.remove()
 
 
-def test_init_from_our_mixed_file_round_trips(tiny_sd15_path, tmp_path):
-    """A file of ours with overrides starts the same config at the same update."""
+@pytest.mark.slow
+def test_training_with_overrides_starts_from_a_file(tiny_sd15_path, tmp_path):
+    """The one end-to-end run: overrides (three algorithms, use_scalar), init_from a file of the
+    same config, rank_dropout_scale; 2 steps move the update away from the file's, not far."""
+    from .test_train import _ok, launch, write_config
+
     unet, _ = load_components(tiny_sd15_path)
-    cfg = AdapterConfig(preset="attn-mlp", dim=4, alpha=2.0, overrides=OVERRIDES[:3])
+    overrides = [{"match": "*attn2*", "algo": "loha", "dim": 2}, {"match": "FeedForward", "algo": "lora", "dim": 2},
+                 {"match": "*attn1*", "use_scalar": True}]
+    cfg = AdapterConfig(preset="attn-mlp", algo="lokr", factor=4, dim=4, alpha=2.0, overrides=overrides)
     net = create_network(cfg, unet=unet)
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    before = {a.key: a.delta_weight().detach() for a in net.adapters()}
-    file = tmp_path / "ours.safetensors"
-    net.save(file, dtype=torch.float32)
+    start = {a.key: a.delta_weight().detach() for a in net.adapters()}
+    net.save(tmp_path / "start.safetensors", dtype=torch.float32)
     net.remove()
-    again = create_network(cfg, unet=unet)
-    init_from_file(again, file, unet)
-    for a in again.adapters():
-        assert _rel(a.delta_weight().detach(), before[a.key]) <= 1e-6
-    again.remove()
-    assert math.isfinite(sum(float(t.abs().sum()) for t in load_file(file).values()))
+    config = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 2},
+                          network={"overrides": overrides, "init_from": "start.safetensors", "rank_dropout": 0.1,
+                                   "rank_dropout_scale": True})
+    log = _ok(launch(config))
+    assert "192 modules start from the file" in log
+    trained, report = load_network(tmp_path / "out" / "t.safetensors", unet=unet, strict=True)
+    assert set(report.algorithms) == {"lokr", "loha", "lora"}
+    changes = [_rel(a.delta_weight().detach(), start[a.key]) for a in trained.adapters()]
+    assert max(changes) > 0 and sorted(changes)[len(changes) // 2] < 0.5
+    trained.remove()
