@@ -233,10 +233,10 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, t
         "overrides": [{"match": o.match, **o.given(),
                        "modules": sum(1 for m in modules if m["override"] == i)} for i, o in enumerate(config.overrides)],
     }
-    if config.algo == "lokr":
+    if any(m["algo"] == "lokr" for m in modules):
         result["factor_comparison"] = _factor_comparison(network, config)
         low = sum(1 for m in modules if "lokr_w2_a" in m["tensors"])
-        result["lokr_w2_low_rank"] = {"low_rank": low, "full": len(modules) - low}
+        result["lokr_w2_low_rank"] = {"low_rank": low, "full": sum(1 for m in modules if "lokr_w2" in m["tensors"])}
         result["notes"].append(FACTOR_NOTE)
     if config.conv_dim is None and config.preset == "full":
         result["notes"].append("k x k convolutions of preset full are skipped: give --conv-dim to train them "
