@@ -76,6 +76,11 @@ class NetworkSection(AdapterConfig):
         None, default_doc="the family's: all (SD), `te1` (Flux: CLIP-L)",
         help="which text encoders get adapters when `train_text_encoder` is on, by file prefix (`te`, `te1`, "
              "`te2`...; Flux's `te2` is T5-XXL)")
+    init_from: str | None = setting(
+        None, help="start from this adapter file (ours or another tool's LoKr/LoHa/LoRA, relative to the config "
+                   "file) instead of from zero: its modules must have the config's algo and shapes; modules it "
+                   "lacks start fresh; `train.resume` still restores a checkpoint over it; see "
+                   "[Per-module settings](#per-module-settings)")
     embedding_trigger: str | None = setting(
         None, help="also train the text-encoder input vectors of this made-up trigger word (pivotal tuning), "
                    "saved beside the adapter as `<name>_emb.safetensors`; see "
@@ -86,6 +91,7 @@ class NetworkSection(AdapterConfig):
              "model reads the word")
 
     def adapter_config(self) -> AdapterConfig:
+        """The adapter structure alone (what `create_network` and `plan` read)."""
         return AdapterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)})
 
     def check(self) -> None:  # the per-field rules were checked in __post_init__
@@ -385,6 +391,18 @@ def _resolve_resume(resume: str | None, base_dir: Path) -> str | None:
     return str(path if path.is_absolute() else base_dir / path)
 
 
+def _resolve_init_from(init_from: str | None, base_dir: Path) -> str | None:
+    """The adapter file to start from, relative to the config file; refused early when it is no
+    file, rather than after the models have loaded."""
+    if init_from is None:
+        return None
+    path = Path(init_from).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        raise ConfigError(f"network.init_from: {path}: no such file (expected an adapter .safetensors)")
+    return str(path)
+
+
 def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> TrainConfig:
     """Check a parsed config (all sections and the datasets) and build the `TrainConfig`.
 
@@ -397,6 +415,7 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Trai
         raise ConfigError(f"[{key}]: unknown section" + (f" (did you mean [{hint[0]}]?)" if hint else ""))
     sections = {name: _section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
     sections["train"].resume = _resolve_resume(sections["train"].resume, base_dir)
+    sections["network"].init_from = _resolve_init_from(sections["network"].init_from, base_dir)
     if not isinstance(raw.get("data", {}), Mapping):
         raise ConfigError(f"[data] must be a table, got {type(raw['data']).__name__}")
     data = dict(raw.get("data", {}))

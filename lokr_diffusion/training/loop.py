@@ -333,16 +333,19 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
     from diffusers.training_utils import EMAModel
 
     from ..data import make_loader
+    from ..loading import init_from_file
     from ..network import chosen_text_encoders, create_network
     from . import checkpoint
     from .model import TrainingModel
     from .optim import build_lr_scheduler, build_optimizer
 
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
-    network = create_network(cfg.network.adapter_config(),
-                             unet=models.denoiser if cfg.network.train_unet else None,
-                             text_encoders=chosen_text_encoders(models.family, models.text_encoders, cfg.network),
+    denoiser = models.denoiser if cfg.network.train_unet else None
+    encoders = chosen_text_encoders(models.family, models.text_encoders, cfg.network)
+    network = create_network(cfg.network.adapter_config(), unet=denoiser, text_encoders=encoders,
                              family=models.family, prediction_type=models.prediction_type)
+    if cfg.network.init_from:  # before resume, which restores a checkpoint over it
+        run.report(str(init_from_file(network, cfg.network.init_from, denoiser, encoders)))
     network.to(accelerator.device, dtype=torch.float32)
     if t_cfg.compile:
         _compile(models.denoiser, t_cfg)
