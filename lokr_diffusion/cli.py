@@ -152,6 +152,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="memory estimate: images per step (default 1)")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="memory estimate: without gradient checkpointing (default: with)")
+    p.add_argument("--base-dtype", choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
+                   help="memory estimate: how the frozen denoiser's weights are stored, as model.base_dtype")
     p.add_argument("--json", action="store_true", help="print the plan as JSON, with every module")
 
 
@@ -164,9 +166,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     flux-schnell) or a Diffusers folder. Prints the module counts, the parameter total, the exact
     file size for each save dtype (fp32/fp16/bf16), the distinct factor shapes, how the parameter
     count moves with --factor (a larger factor means fewer parameters), and an estimate of the
-    training memory: the frozen weights in the training dtype, the adapter's fp32 weights,
-    gradients and optimizer states, and a stated activation allowance (Flux.1; other families
-    have none), each line saying what it counts and what is left out.
+    training memory: the frozen weights in the training dtype (or `--base-dtype`), the adapter's
+    fp32 weights, gradients and optimizer states, and the activations autograd saves, counted
+    in one forward on fake tensors, each line saying what it counts and what is left out.
     """
     from .errors import ConfigError
     from .tools.plan import TrainingSetup, format_plan, plan_config, plan_network
@@ -182,7 +184,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     setup = TrainingSetup(mixed_precision=args.mixed_precision, optimizer=args.optimizer,
                           resolution=(args.resolution, args.resolution) if args.resolution else None,
-                          batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing)
+                          batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing,
+                          base_dtype=args.base_dtype)
     _emit(plan_network(args.model, config, training=setup), args.json, format_plan)
     return 0
 

@@ -389,4 +389,4 @@ def test_sd35_lokr_config_and_its_comment(capsys):
     for gib in (m["total"], m["frozen_weights"], m["adapter"], m["activations"], m["caching_text_encoders"]):
         assert f"{gib / 2**30:.1f} GiB" in text, gib
     assert f"({m['total'] / 1e9:.1f} GB)" in text
-    assert "4429 tokens (4096 image + 333 text) x hidden 2432" in m["activations_how"]
+    assert m["activations_how"].startswith("counted")

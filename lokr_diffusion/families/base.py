@@ -185,6 +185,17 @@ class Family:
         """One denoiser forward with the family's extra conditioning taken from the batch."""
         raise NotImplementedError
 
+    vae_scale_factor = 8  # pixels per latent in each direction
+
+    def latent_channels(self, denoiser: nn.Module) -> int:
+        """Channels of the VAE latents `denoise` takes (before any packing into tokens)."""
+        return int(denoiser.config["in_channels"])
+
+    def example_batch(self, resolution: tuple[int, int], batch_size: int) -> dict[str, Any]:
+        """The batch entries `denoise` reads besides latents and embeddings, for images of
+        `resolution` (width, height) shown uncropped: what a memory estimate feeds it."""
+        return {}
+
     # -- file metadata ----------------------------------------------------------------------------
     def variant(self, prediction_type: str | None) -> str:
         """The name of the base model as files record it (e.g. SD2 with v-prediction is ``sd2-v``)."""
@@ -244,13 +255,6 @@ class Family:
         """(UI, what it does with these denoiser keys) for the UIs whose loaders were read for
         this family; [] when the format spec's SD tables say it all."""
         return []
-
-    # -- training memory ------------------------------------------------------------------------
-    def activation_allowance(self, denoiser: nn.Module, resolution: tuple[int, int], batch_size: int,
-                             dtype_bytes: int, checkpointing: bool) -> tuple[int, str] | None:
-        """(bytes, how they were estimated) of the denoiser's activations in one training step, or
-        None when the family has no estimate."""
-        return None
 
     @property
     def can_write_single_file(self) -> bool:

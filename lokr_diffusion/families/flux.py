@@ -132,10 +132,6 @@ ORIGINAL_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # sd-scri
 # * AUTOMATIC1111: not checked; its Flux.1 request (issue #16311) is open.
 _FORGE_LAYOUTS = frozenset({"lycoris", "lora_transformer", "transformer", "kohya", "diffusion_model"})
 _FUSED_QKV_ONLY = "linear1_qkv"  # ComfyUI's key for the first 3H rows of linear1; Forge has none
-# Tensors of tokens x hidden one Flux block keeps for its backward pass (norm, q, k, v, rotated q and
-# k, attention output, projection, the 4H MLP input and its activation, residuals): an allowance
-# counted from the block's forward, not a measurement.
-BLOCK_ACTIVATIONS = 25
 _PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 _METADATA_VERSIONS = ("flux", "flux1", "flux1dev")  # ss_base_model_version, lower case, [-_. ] dropped
 
@@ -361,26 +357,6 @@ class FluxFamily(Family):
                 ("AUTOMATIC1111", "not checked: its request for Flux.1 support (issue #16311) is open and no Flux "
                                   "LoRA loader of it was read")]
 
-    def activation_allowance(self, denoiser: nn.Module, resolution: tuple[int, int], batch_size: int,
-                             dtype_bytes: int, checkpointing: bool) -> tuple[int, str]:
-        """A stated allowance, counted in tensors of (tokens x hidden): with gradient checkpointing
-        every block keeps its input and one block at a time recomputes its activations and their
-        gradients; without, every block keeps :data:`BLOCK_ACTIVATIONS` tensors. Tokens are the
-        packed latent patches (16 x 16 pixels each) plus the T5 sequence."""
-        config = denoiser.config
-        hidden = flux_names.inner_dim(config)
-        blocks = int(config["num_layers"]) + int(config["num_single_layers"])
-        image = (resolution[0] // (2 * self.vae_scale_factor)) * (resolution[1] // (2 * self.vae_scale_factor))
-        tokens = image + self.max_sequence_length
-        units = blocks + 2 * BLOCK_ACTIVATIONS if checkpointing else (blocks + 1) * BLOCK_ACTIVATIONS
-        how = (f"{units} tensors of batch {batch_size} x {tokens} tokens ({image} image + {self.max_sequence_length} "
-               f"T5) x hidden {hidden} x {dtype_bytes} B: " +
-               (f"gradient checkpointing keeps each of the {blocks} blocks' input, plus one block's activations "
-                "and their gradients" if checkpointing else
-                f"about {BLOCK_ACTIVATIONS} per block for the backward pass ({blocks} blocks) and one block's "
-                "gradients"))
-        return units * batch_size * tokens * hidden * dtype_bytes, how
-
     def text_encoder_key(self, index: int, path: str) -> str:
         if index == 1:  # T5: its own module names, no text_model level
             return naming.module_key("lora_te2", path)
@@ -443,6 +419,9 @@ class FluxFamily(Family):
                        encoder_hidden_states=prompt, txt_ids=text_ids(prompt.shape[1], device, dtype),
                        img_ids=image_ids(h, w, device, dtype), return_dict=True)
         return unpack_latents(out.sample, h, w)
+
+    def latent_channels(self, denoiser: nn.Module) -> int:
+        return int(denoiser.config["in_channels"]) // 4  # the transformer sees 2x2 patches packed
 
     def image_tokens(self, latents: torch.Tensor) -> int:
         """Tokens per image after packing: what Flux's resolution-dependent shift reads."""

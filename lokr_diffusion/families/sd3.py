@@ -23,7 +23,7 @@ from torch import nn
 from .. import naming
 from . import sd3_names
 from .base import Family
-from .flux import BLOCK_ACTIVATIONS, T5_ATTENTION, T5_MLP, T5_XXL
+from .flux import T5_ATTENTION, T5_MLP, T5_XXL
 from .stable_diffusion import CLIP_L, OPENCLIP_BIGG, text_encoder
 from .tiny_parts import tiny_clip_config, tiny_latent16_vae
 
@@ -401,26 +401,6 @@ class SD3Family(Family):
                         encoder_hidden_states=embeds["prompt_embeds"].to(device=device, dtype=dtype),
                         pooled_projections=embeds["pooled_prompt_embeds"].to(device=device, dtype=dtype),
                         return_dict=False)[0]
-
-    def activation_allowance(self, denoiser: nn.Module, resolution: tuple[int, int], batch_size: int,
-                             dtype_bytes: int, checkpointing: bool) -> tuple[int, str]:
-        """Flux's stated allowance (:data:`~.flux.BLOCK_ACTIVATIONS` tensors of tokens x hidden a
-        block) for SD3's joint blocks, which run the same two streams; not a measurement. Tokens
-        are the 2x2 latent patches (16 x 16 pixels each) plus 77 CLIP and the T5 tokens."""
-        config = denoiser.config
-        hidden = sd3_names.inner_dim(config)
-        blocks = int(config["num_layers"])
-        image = (resolution[0] // (2 * self.vae_scale_factor)) * (resolution[1] // (2 * self.vae_scale_factor))
-        text = CLIP_TOKENS + self.max_sequence_length
-        tokens = image + text
-        units = blocks + 2 * BLOCK_ACTIVATIONS if checkpointing else (blocks + 1) * BLOCK_ACTIVATIONS
-        how = (f"{units} tensors of batch {batch_size} x {tokens} tokens ({image} image + {text} text) x hidden "
-               f"{hidden} x {dtype_bytes} B: " +
-               (f"gradient checkpointing keeps each of the {blocks} joint blocks' input, plus one block's "
-                "activations and their gradients" if checkpointing else
-                f"about {BLOCK_ACTIVATIONS} per block for the backward pass ({blocks} blocks, Flux's allowance) "
-                "and one block's gradients"))
-        return units * batch_size * tokens * hidden * dtype_bytes, how
 
     # -- metadata -----------------------------------------------------------------------------
     def file_metadata(self, prediction_type: str | None = None) -> dict[str, str]:

@@ -105,6 +105,10 @@ class SDXL(StableDiffusionFamily):
         return {"added_cond_kwargs": {"text_embeds": embeds["pooled_prompt_embeds"].to(device),
                                       "time_ids": sdxl_add_time_ids(batch).float().to(device)}}
 
+    def example_batch(self, resolution: tuple[int, int], batch_size: int) -> dict[str, Any]:
+        size = torch.tensor([[resolution[1], resolution[0]]] * batch_size)  # (height, width), as the loader gives it
+        return {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}
+
     def tokenizer_pads(self) -> dict[str, str]:
         return {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}  # SDXL's second tokenizer pads with "!"
 

@@ -49,6 +49,7 @@ class TrainingSetup:
     batch_size: int = 1
     gradient_checkpointing: bool = True
     ema: bool = False
+    base_dtype: str = "auto"  # [model] base_dtype: how the frozen denoiser's weights are stored
 
 
 def _folder_parts(folder: Path) -> tuple[str, tuple[str, ...], dict[str, Any]]:
@@ -129,7 +130,7 @@ def plan_config(config_path: str | Path) -> dict[str, Any]:
     t = cfg.train
     setup = TrainingSetup(mixed_precision=t.mixed_precision, optimizer=t.optimizer, resolution=_largest_resolution(cfg),
                           batch_size=t.batch_size, gradient_checkpointing=t.gradient_checkpointing,
-                          ema=t.ema_decay is not None)
+                          ema=t.ema_decay is not None, base_dtype=cfg.model.base_dtype)
     result = plan_network(model, cfg.network.adapter_config(), title=cfg.output.name,
                           train_unet=cfg.network.train_unet, train_text_encoder=cfg.network.train_text_encoder,
                           text_encoders=cfg.network.text_encoders, training=setup)
@@ -242,7 +243,7 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, t
         result["notes"].append("k x k convolutions of preset full are skipped: give --conv-dim to train them "
                                "(LyCORIS's full trains them at conv_dim = dim unless told otherwise)")
     result["memory"] = training_memory(family, unet, encoders, [te for te in trained if te is not None],
-                                       network.num_parameters(), training or TrainingSetup())
+                                       network, training or TrainingSetup())
     network.remove()
     return result
 
@@ -251,34 +252,68 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_memory(family: Family, denoiser: nn.Module, encoders: list[nn.Module], trained: list[nn.Module],
-                    trainable: int, setup: TrainingSetup) -> dict[str, Any]:
-    """Device memory of one training step, in bytes, and what the estimate includes.
+def _stored_weight_bytes(denoiser: nn.Module, base_dtype: str, compute_bytes: int) -> tuple[int, int]:
+    """(bytes of the frozen denoiser with its Linear (and for bf16/fp16 Conv2d) weights stored as
+    `base_dtype`, bytes of the largest such layer widened for one call) -- as
+    lokr_diffusion.storage stores them; (all at compute width, 0) for `auto` or the compute width."""
+    stored = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}.get(base_dtype)
+    if stored is None or stored >= compute_bytes:
+        return _count(denoiser) * compute_bytes, 0
+    total, widest = 0, 0
+    for m in denoiser.modules():
+        for name, p in m.named_parameters(recurse=False):
+            narrow = name == "weight" and (type(m) is nn.Linear or (type(m) is nn.Conv2d and base_dtype != "fp8"))
+            total += p.numel() * (stored if narrow else compute_bytes)
+            if narrow:
+                total += 4 * p.shape[0] if base_dtype == "fp8" else 0  # one float32 scale per output row
+                widest = max(widest, p.numel())
+    # the forward widens through float32 for fp8 (then to the compute dtype), else straight to it
+    return total, widest * (compute_bytes + (4 if base_dtype == "fp8" and compute_bytes != 4 else 0))
 
-    The trainer casts the frozen denoiser (and the text encoders) to the training dtype and keeps
-    the adapters in fp32 with fp32 gradients and optimizer states. Text encoders without adapters
-    are parked off the device once their outputs are cached, so they count only while caching.
-    Activations are the family's stated allowance (``Family.activation_allowance``), not measured.
+
+def training_memory(family: Family, denoiser: nn.Module, encoders: list[nn.Module], trained: list[nn.Module],
+                    network: AdapterNetwork, setup: TrainingSetup) -> dict[str, Any]:
+    """Memory of one training step, in bytes, and what the estimate includes.
+
+    The trainer stores the frozen denoiser (and trained text encoders) in the training dtype, or
+    narrower with `base_dtype`, and keeps the adapters in fp32 with fp32 gradients and optimizer
+    states. Text encoders without adapters are parked off the device once their outputs are
+    cached, so they count only while caching. Activations are counted, not guessed: the
+    denoiser's forward runs on fake tensors at the run's resolution and batch and every tensor
+    autograd saves is added up (tools.activations).
     """
+    from .activations import saved_activation_bytes
+
     if setup.optimizer not in OPTIMIZER_STATE_BYTES:
         raise ConfigError(f"unknown optimizer {setup.optimizer!r}: expected one of {', '.join(OPTIMIZER_STATE_BYTES)}")
     if setup.mixed_precision not in WEIGHT_BYTES:
         raise ConfigError(f"unknown mixed precision {setup.mixed_precision!r}: expected one of "
                           f"{', '.join(WEIGHT_BYTES)}")
     wb = WEIGHT_BYTES[setup.mixed_precision]
+    compute = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[setup.mixed_precision]
     resolution = setup.resolution or _family_resolution(family)
     frozen_params = _count(denoiser) + sum(_count(te) for te in trained)
+    denoiser_bytes, widening = _stored_weight_bytes(denoiser, setup.base_dtype, wb)
+    trainable = network.num_parameters()
     per_param = 4 + 4 + OPTIMIZER_STATE_BYTES[setup.optimizer] + (4 if setup.ema else 0)
-    allowance = family.activation_allowance(denoiser, resolution, setup.batch_size, wb, setup.gradient_checkpointing)
-    parts = {"frozen_weights": frozen_params * wb, "adapter": trainable * per_param,
-             "activations": allowance[0] if allowance else 0}
+    counted = saved_activation_bytes(family, denoiser, encoders, list(network.adapters()), resolution,
+                                     setup.batch_size, compute, setup.gradient_checkpointing)
+    how = (f"counted: what autograd saves in one forward at batch {setup.batch_size}, {resolution[0]}x{resolution[1]}"
+           f" ({gib(counted['saved'])}"
+           + (", with each checkpointed block keeping its inputs and one recomputed at a time"
+              if setup.gradient_checkpointing else "")
+           + f"), plus {gib(counted['largest_region'])} for the gradients of the largest block's activations "
+             "while its backward runs")
+    parts = {"frozen_weights": denoiser_bytes + sum(_count(te) for te in trained) * wb,
+             "adapter": trainable * per_param, "activations": counted["bytes"], "widening": widening}
     return {
         "assumes": {"mixed_precision": setup.mixed_precision, "weight_bytes": wb, "optimizer": setup.optimizer,
                     "resolution": list(resolution), "batch_size": setup.batch_size,
-                    "gradient_checkpointing": setup.gradient_checkpointing, "ema": setup.ema},
+                    "gradient_checkpointing": setup.gradient_checkpointing, "ema": setup.ema,
+                    "base_dtype": setup.base_dtype},
         **parts, "total": sum(parts.values()),
         "frozen_parameters": frozen_params, "adapter_bytes_per_parameter": per_param,
-        "activations_how": allowance[1] if allowance else "no allowance known for this family: not included",
+        "activations_how": how,
         "caching_text_encoders": sum(_count(te) for te in encoders if not any(te is t for t in trained)) * wb,
     }
 
@@ -338,12 +373,15 @@ def memory_lines(m: dict[str, Any]) -> list[str]:
          f"{a['resolution'][0]}x{a['resolution'][1]}, {checkpointing}): {gib(m['total'])} "
          f"({m['total'] / 1e9:.1f} GB), of which"),
         (f"  frozen weights:  {gib(m['frozen_weights'])}: {m['frozen_parameters']:,} parameters (denoiser and "
-         f"trained text encoders) x {a['weight_bytes']} B ({dtype})"),
+         f"trained text encoders) x {a['weight_bytes']} B ({dtype})"
+         + (f", the denoiser's Linear weights stored as {a['base_dtype']}" if m["widening"] else "")),
         (f"  adapter:         {gib(m['adapter'])}: {m['adapter_bytes_per_parameter']} B per trainable parameter (fp32 "
          f"weight 4 + gradient 4 + {a['optimizer']} states {OPTIMIZER_STATE_BYTES[a['optimizer']]}"
          + (" + EMA 4" if a["ema"] else "") + ")"),
         f"  activations:     {gib(m['activations'])}: {m['activations_how']}",
     ]
+    if m["widening"]:
+        lines.append(f"  widening:        {gib(m['widening'])}: the largest stored layer widened for its call")
     if m["caching_text_encoders"]:
         lines.append(f"  not included: text encoders without adapters ({gib(m['caching_text_encoders'])} in {dtype}), "
                      "on the device only while captions are cached and at sampling")
