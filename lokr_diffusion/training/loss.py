@@ -54,17 +54,21 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: to
 def denoising_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    scheduler, prediction_type: str, *, noise_offset: float = 0.0, min_timestep: int = 0,
                    max_timestep: int | None = None, min_snr_gamma: float | None = None,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """One training step's loss: noise the latents at random timesteps, ask ``denoise(noisy,
     timesteps)`` for its prediction, compare with the target.
 
     The trainer, the toy model's pretraining and the method comparison all call this, so the
-    random draws (noise, then timesteps) and the objective are the same everywhere.
+    random draws (noise, then timesteps) and the objective are the same everywhere. Validation
+    passes its own fixed `noise` and `timesteps`, which skips those draws.
     """
     with torch.no_grad():
-        noise = make_noise(latents, noise_offset)
-        high = max_timestep or scheduler.config.num_train_timesteps
-        timesteps = sample_timesteps(latents.shape[0], min_timestep, high, latents.device)
+        if noise is None:
+            noise = make_noise(latents, noise_offset)
+        if timesteps is None:
+            high = max_timestep or scheduler.config.num_train_timesteps
+            timesteps = sample_timesteps(latents.shape[0], min_timestep, high, latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = target_for(scheduler, latents, noise, timesteps, prediction_type)
     pred = denoise(noisy, timesteps)
@@ -103,20 +107,24 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 def flow_matching_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                        shift: float, *, sampling: str = "logit_normal", logit_mean: float = 0.0,
                        logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none",
-                       noise_offset: float = 0.0, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                       noise_offset: float = 0.0, sample_weights: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """One rectified-flow training step: x_s = (1 - s) x_0 + s e, the model predicts e - x_0.
 
     ``denoise(noisy, timesteps)`` gets timesteps s * 1000, the scale of Diffusers' flow-matching
     schedulers (the family's forward rescales if its denoiser wants [0, 1]). The draws are noise,
-    then positions, as in :func:`denoising_loss`.
+    then positions, as in :func:`denoising_loss`; validation passes fixed `noise` and `sigmas`
+    (used as they are, no shift) instead.
     """
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     with torch.no_grad():
-        noise = make_noise(latents, noise_offset)
-        sigmas = shift_sigmas(sample_flow_positions(latents.shape[0], sampling, logit_mean=logit_mean,
-                                                    logit_std=logit_std, mode_scale=mode_scale,
-                                                    device=latents.device), shift)
+        if noise is None:
+            noise = make_noise(latents, noise_offset)
+        if sigmas is None:
+            sigmas = shift_sigmas(sample_flow_positions(latents.shape[0], sampling, logit_mean=logit_mean,
+                                                        logit_std=logit_std, mode_scale=mode_scale,
+                                                        device=latents.device), shift)
         s = sigmas.view(-1, *([1] * (latents.dim() - 1)))
         noisy = (1 - s) * latents + s * noise
         target = noise - latents
