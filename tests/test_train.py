@@ -182,13 +182,18 @@ def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
 def test_two_cpu_processes_sd2_v_prediction(tiny_sd2_path, tmp_path):
     """Data-parallel over gloo, on the v-prediction SD2 model with a zero-terminal-SNR schedule,
     gradient accumulation, an EMA of the adapter and a trigger embedding (half the captions have
-    the word: a batch without it must still give the vectors a gradient for DDP to reduce)."""
+    the word: a batch without it must still give the vectors a gradient for DDP to reduce), and
+    a validation split whose batches are dealt out to both processes and reduced."""
     cfg = write_config(tmp_path, tiny_sd2_path, train={"max_steps": 2, "gradient_accumulation_steps": 2,
                                                        "zero_terminal_snr": True, "ema_decay": 0.9,
                                                        "min_snr_gamma": 5.0},
                        network={"embedding_trigger": "zqv"},
-                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "caption_prefix": "zqv, "}]})
+                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "caption_prefix": "zqv, "}]},
+                       validation={"split": 0.1, "every_steps": 1, "batch_size": 1, "timesteps": [300, 800]})
     log = _ok(launch(cfg, processes=2))
+    rows = read_log(tmp_path / "out" / "logs" / "t_loss.csv")
+    assert [(r["step"], r["val_loss"] is not None) for r in rows] == [(1, True), (2, True)]
+    assert "validation: 4 image(s) held out" in log  # 2 images, each in both datasets
     assert "trigger embedding 'zqv'" in log
     emb = load_file(tmp_path / "out" / "t_emb.safetensors")["emb_params"]
     assert torch.isfinite(emb).all()
