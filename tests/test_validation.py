@@ -10,6 +10,7 @@ from PIL import Image
 
 from lokr_diffusion.data import DatasetConfig, build_dataset
 from lokr_diffusion.errors import ConfigError, DatasetError
+from lokr_diffusion.layers import drop_merged_copies
 from lokr_diffusion.training.config import ValidationSection, config_from_dict
 from lokr_diffusion.training.logs import COLUMNS, CsvLog, Journal, Smoother, read_log
 from lokr_diffusion.training.objective import RectifiedFlow
@@ -127,9 +128,11 @@ def test_validation_loss_equals_restatement(tiny_sd15_path, accelerator):
     rng = torch.get_rng_state()
     scores = validator(2).evaluate()
     assert torch.equal(torch.get_rng_state(), rng) and network.training  # the training stream and mode untouched
+    assert drop_merged_copies(network) == 0  # no merged weight copy is left holding memory
     network.eval()
     with torch.no_grad():
         expected = _restated_loss(unet, te, encoder, objective.scheduler, val, timesteps, 7, 5.0)
+    assert drop_merged_copies(network) > 0  # plain no-grad forwards do keep them
     network.train()
     assert math.isclose(scores["val_loss"], expected, rel_tol=1e-5), (scores, expected)
     assert math.isclose(scores["val_loss"], sum(scores[f"val_loss/t{t:03d}"] for t in timesteps) / 2, rel_tol=1e-9)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..layers import drop_merged_copies
 
 # a noise seed per image: seed * _SEED_STRIDE + image index (more images than this would reuse a seed
 # of the next `seed`, which is harmless)
@@ -137,6 +138,7 @@ class Validator:
                                             self.seed, device, accelerator.autocast)
             finally:
                 model.train(was_training)
+                drop_merged_copies(self.network)  # the no-grad forwards' weight copies: memory for training
         totals = accelerator.reduce(torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
                                     .to(device), "sum").cpu()
         per_step = totals[:-1] / totals[-1]
