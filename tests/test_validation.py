@@ -63,9 +63,15 @@ def test_split_is_deterministic_and_leaves_training():
 
 
 def test_validation_folder_reads_like_training_data(tmp_path):
+    import shutil
+
     train = _dataset(caption_prefix="zqv, ", flip=True)
-    val = validation_dataset(ValidationSection(data_dir=str(DATASET)), train, 4, None)
-    assert len(val) == len(train.records) and not val.configs[0].flip
+    folder = tmp_path / "val" / "10_thing"  # a kohya repeat folder: each image still counts once
+    folder.mkdir(parents=True)
+    for name in ("shape_00.png", "shape_00.txt", "shape_01.png", "shape_01.txt"):
+        shutil.copy(DATASET / name, folder / name)
+    val = validation_dataset(ValidationSection(data_dir=str(tmp_path / "val")), train, 4, None)
+    assert len(val) == 2 and not val.configs[0].flip
     assert val[0]["caption"].startswith("zqv, ")
     with pytest.raises(DatasetError, match=r"\[validation\] data_dir"):
         validation_dataset(ValidationSection(data_dir=str(tmp_path / "missing")), train, 4, None)

@@ -35,27 +35,29 @@ _NO_AUGMENTATION = {"flip": False, "random_crop": False, "shuffle_caption": Fals
 def validation_dataset(v_cfg: Any, train_dataset: Any, batch_size: int, report: Callable[[str], None] | None):
     """The validation images as a dataset (None without `[validation]`): the training set's
     held-out images (`split`, already taken out by `build_dataset(hold_out=...)`), or a folder
-    read with the first training dataset's conventions (`data_dir`). No augmentation, one repeat."""
+    read with the first training dataset's conventions (`data_dir`). No augmentation, and each
+    image once (a kohya `N_name` folder's repeats would weight the average)."""
     from ..data import ImageCaptionDataset, build_dataset
 
     if not v_cfg.enabled:
         return None
     configs = [dataclasses.replace(c, **_NO_AUGMENTATION) for c in train_dataset.configs]
     if v_cfg.split is not None:
-        records = [dataclasses.replace(r, repeats=1) for r in train_dataset.held_out]
-        dataset = ImageCaptionDataset(configs, records, seed=v_cfg.seed, cache_dir=train_dataset.cache_dir,
-                                      batch_size=batch_size, max_image_pixels=train_dataset.max_image_pixels)
+        records = train_dataset.held_out
         if report is not None:
             report(f"validation: {len(records)} image(s) held out of the training set (split {v_cfg.split:g}, "
                    f"seed {v_cfg.seed})")
-        return dataset
-    template = next(c for c in configs if not c.is_reg)
-    folder = dataclasses.replace(template, dir=Path(v_cfg.data_dir), metadata_file=None, repeats=1, is_reg=False,
-                                 name=f"[validation] data_dir ({v_cfg.data_dir})")
-    if report is not None:
-        report("validation images:")
-    return build_dataset([folder], batch_size=batch_size, seed=v_cfg.seed, cache_dir=train_dataset.cache_dir,
-                         report=report, max_image_pixels=train_dataset.max_image_pixels)
+    else:
+        template = next(c for c in configs if not c.is_reg)
+        configs = [dataclasses.replace(template, dir=Path(v_cfg.data_dir), metadata_file=None, repeats=1,
+                                       is_reg=False, name=f"[validation] data_dir ({v_cfg.data_dir})")]
+        if report is not None:
+            report("validation images:")
+        records = build_dataset(configs, batch_size=batch_size, seed=v_cfg.seed, cache_dir=train_dataset.cache_dir,
+                                report=report, max_image_pixels=train_dataset.max_image_pixels).records
+    return ImageCaptionDataset(configs, [dataclasses.replace(r, repeats=1) for r in records], seed=v_cfg.seed,
+                               cache_dir=train_dataset.cache_dir, batch_size=batch_size,
+                               max_image_pixels=train_dataset.max_image_pixels)
 
 
 def validation_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
