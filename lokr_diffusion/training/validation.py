@@ -133,7 +133,9 @@ class Validator:
         device = accelerator.device
         forked = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked), torch.no_grad(), self._ema_weights():
-            torch.manual_seed(self.seed)  # anything drawn inside is the same at every evaluation
+            torch.default_generator.manual_seed(self.seed)  # anything drawn inside: the same at every evaluation
+            if forked:
+                torch.cuda.manual_seed(self.seed)  # this process's device only, the one forked
             model.eval()
             try:
                 sums, count = score_batches(self._batches(), self.objective, model, self._latents, self.timesteps,
