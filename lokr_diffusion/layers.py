@@ -312,3 +312,18 @@ class RowSliceAdapter(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rows {list(self.rows)} of {self.fused_shape}"
+
+
+def drop_merged_copies(model: nn.Module) -> int:
+    """Free the merged weight copies that no-grad forwards keep (see the module docstring) for
+    every adapter under `model`; returns how many layers held one. A training run that scores
+    or samples between steps gives that memory back to training this way: the copies would
+    otherwise stay until the next no-grad forward."""
+    freed = 0
+    for module in model.modules():
+        if isinstance(module, AdapterModule):
+            dispatch = module.base.__dict__.get("_lokr_dispatch")
+            if dispatch is not None and dispatch._merged_weight is not None:
+                dispatch._merged_weight = dispatch._merged_key = None
+                freed += 1
+    return freed

@@ -14,6 +14,7 @@ from lokr_diffusion import load_network
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.families.flux import FLUX_DEV
 from lokr_diffusion.training.config import config_from_dict
+from lokr_diffusion.training.logs import read_log
 from lokr_diffusion.training.loss import flow_matching_loss, shift_sigmas
 from lokr_diffusion.training.objective import RectifiedFlow, build_objective
 
@@ -119,12 +120,17 @@ def test_flow_options_refused_on_sd(tiny_sd15_path):
 @pytest.mark.slow
 def test_flux_end_to_end(tiny_flux_path, tmp_path):
     """CLIP-L trains with the transformer (T5 stays frozen by default), a checkpoint at step 2,
-    a sample grid from FluxPipeline; the file loads back with every module matched."""
+    a sample grid from FluxPipeline; the file loads back with every module matched. Validation
+    reads a folder (the training images again), at step 2 and at the end."""
     cfg = _flux_config(tmp_path, tiny_flux_path, network={"train_text_encoder": True},
                        train={"timestep_sampling": "mode", "guidance": 3.5}, output={"save_every_steps": 2},
                        sample={"prompts": ["a red circle"], "steps": 2, "num_images": 1, "guidance_scale": 3.5,
-                               "width": 64, "height": 64})
+                               "width": 64, "height": 64},
+                       validation={"data_dir": str(DATASET), "every_steps": 2, "batch_size": 4, "timesteps": [500]})
     log = _ok(launch(cfg))
+    rows = read_log(tmp_path / "out" / "logs" / "t_loss.csv")
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [2, 3]
+    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] > 0 for r in rows if r["val_loss"] is not None)
     assert "family flux, rectified flow (mode timesteps, resolution-dependent shift" in log
     out = tmp_path / "out"
     assert (out / "t-step000002.safetensors").exists()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from lokr_diffusion import load_network
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.training.config import config_from_dict, load_config, parse_override
+from lokr_diffusion.training.logs import read_log
 from lokr_diffusion.training.loop import main as train_main
 
 from .helpers import load_components
@@ -30,7 +31,7 @@ def write_config(tmp_path: Path, model: Path, **sections) -> Path:
                  "cache_latents": "memory", "datasets": [{"dir": str(DATASET)}]},
         "train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "seed": 1},
         "output": {"dir": str(tmp_path / "out"), "name": "t", "save_dtype": "fp32"},
-        "logging": {"tensorboard": True},
+        "logging": {"trackers": ["tensorboard"]},
     }
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
@@ -169,16 +170,21 @@ def test_sdxl_end_to_end_with_text_encoder(tiny_sdxl_path, tmp_path):
 @pytest.mark.slow
 def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
     """Stop after 2 of 4 steps, resume; the adapter and the trigger embedding equal a 4-step
-    run's (fp32, CPU)."""
+    run's (fp32, CPU). Both hold out a validation split; the interrupted run validates at every
+    step, the other at step 3 and the end, which must not change what is trained. The CSV log
+    of the resumed run keeps the steps before the resume, and both runs draw the loss chart."""
     common = dict(network={"rank_dropout": 0.1, "embedding_trigger": "zqv"},
                   data={"datasets": [{"dir": str(DATASET), "caption_prefix": "zqv, "}]},
-                  train={"max_steps": 4, "lr_scheduler": "constant"}, output={"save_every_steps": 2})
+                  train={"max_steps": 4, "lr_scheduler": "constant"}, output={"save_every_steps": 2},
+                  logging={"trackers": []})
+    validation = {"split": 0.2, "seed": 5, "batch_size": 3, "timesteps": [200, 700]}
     (tmp_path / "a").mkdir()
-    full = write_config(tmp_path / "a", tiny_sd15_path, **common)
+    full = write_config(tmp_path / "a", tiny_sd15_path, validation={**validation, "every_steps": 3}, **common)
     _ok(launch(full))
     (tmp_path / "b").mkdir()
-    part = write_config(tmp_path / "b", tiny_sd15_path, **common)
-    _ok(launch(part, "--set", "train.max_steps=2"))
+    part = write_config(tmp_path / "b", tiny_sd15_path, validation={**validation, "every_steps": 1}, **common)
+    log = _ok(launch(part, "--set", "train.max_steps=2"))
+    assert "validation: 4 image(s) held out of the training set" in log
     at_step_2 = load_file(tmp_path / "b" / "out" / "t_emb.safetensors")["emb_params"]
     log = _ok(launch(part, "--set", "train.resume=latest"))
     assert "resumed from" in log and "step-000002" in log
@@ -189,19 +195,38 @@ def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
         assert diff <= 1e-6, (name, diff)
     assert (a["emb_params"] - at_step_2).abs().max() > 0  # the vectors kept training after the resume
+    rows = {run: read_log(tmp_path / run / "out" / "logs" / "t_loss.csv") for run in "ab"}
+    assert [r["step"] for r in rows["a"]] == [r["step"] for r in rows["b"]] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows["a"] if r["val_loss"] is not None] == [3, 4]
+    assert all(r["val_loss"] > 0 and r["loss_smoothed"] > 0 and r["lr"] == 1e-3 for r in rows["b"])
+    for ra, rb in zip(rows["a"], rows["b"]):  # the same training stream, the same validation scores
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["loss_smoothed"] == pytest.approx(
+            rb["loss_smoothed"], rel=1e-5)
+        if ra["val_loss"] is not None:
+            assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
+    assert not (tmp_path / "b" / "out" / "logs" / "lokr-diffusion").exists()  # no TensorBoard: trackers = []
+    for run in "ab":
+        with Image.open(tmp_path / run / "out" / "t_loss.png") as chart:
+            assert chart.format == "PNG" and chart.size == (960, 540)
+    assert f"loss chart: {tmp_path / 'b' / 'out' / 't_loss.png'}" in log
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_sd2_v_prediction(tiny_sd2_path, tmp_path):
     """Data-parallel over gloo, on the v-prediction SD2 model with a zero-terminal-SNR schedule,
     gradient accumulation, an EMA of the adapter and a trigger embedding (half the captions have
-    the word: a batch without it must still give the vectors a gradient for DDP to reduce)."""
+    the word: a batch without it must still give the vectors a gradient for DDP to reduce), and
+    a validation split whose batches are dealt out to both processes and reduced."""
     cfg = write_config(tmp_path, tiny_sd2_path, train={"max_steps": 2, "gradient_accumulation_steps": 2,
                                                        "zero_terminal_snr": True, "ema_decay": 0.9,
                                                        "min_snr_gamma": 5.0},
                        network={"embedding_trigger": "zqv"},
-                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "caption_prefix": "zqv, "}]})
+                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "caption_prefix": "zqv, "}]},
+                       validation={"split": 0.1, "every_steps": 1, "batch_size": 1, "timesteps": [300, 800]})
     log = _ok(launch(cfg, processes=2))
+    rows = read_log(tmp_path / "out" / "logs" / "t_loss.csv")
+    assert [(r["step"], r["val_loss"] is not None) for r in rows] == [(1, True), (2, True)]
+    assert "validation: 4 image(s) held out" in log  # 2 images, each in both datasets
     assert "trigger embedding 'zqv'" in log
     emb = load_file(tmp_path / "out" / "t_emb.safetensors")["emb_params"]
     assert torch.isfinite(emb).all()

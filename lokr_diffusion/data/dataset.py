@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,7 @@ class ImageCaptionDataset(Dataset):
         self.summary = summary or ScanSummary()
         # items carry a loss mask: every dataset's, all ones where a dataset names no mask source
         self.masked = masked or any(c.mask_source for c in configs)
+        self.held_out: list[ImageRecord] = []  # images build_dataset kept out for validation
         self._caption_options = [CaptionOptions(c.caption_prefix, c.caption_suffix, c.shuffle_caption,
                                                 c.keep_tokens, c.caption_dropout, c.tag_dropout)
                                  for c in self.configs]
@@ -466,7 +468,7 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
                   cache_dir: str | Path | None = None,
                   report: Report | None = print, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                   verify_images: bool = True, scan_workers: int | None = None,
-                  masked_loss: bool = False) -> ImageCaptionDataset:
+                  masked_loss: bool = False, hold_out: float = 0.0, hold_out_seed: int = 0) -> ImageCaptionDataset:
     """Scan, validate and bucket every dataset; call before loading any model.
 
     `cache_dir` is where "disk" latent caches go for datasets without their own `cache_dir`
@@ -480,6 +482,10 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
     Items carry a loss `mask` when `masked_loss` (the trainer's `train.masked_loss`) is on or a
     dataset names a mask source (`alpha_mask`, `conditioning_data_dir`); a missing or mis-sized
     mask file raises DatasetError naming the image and the mask.
+
+    `hold_out` (a fraction in (0, 1)) keeps that share of the training images (never
+    regularisation images) out of the dataset, chosen by `hold_out_seed` (`hold_out_images`), before
+    repeats and regularisation are balanced; they are in `dataset.held_out` for validation.
     """
     if not configs:
         raise DatasetError("no datasets configured: add a [[data.datasets]] table with a `dir`")
@@ -496,6 +502,9 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
     records: list[ImageRecord] = []
     for ci, cfg in enumerate(configs):
         records.extend(_scan_config(ci, cfg, summary, max_image_pixels, verify_images, workers))
+    held_out: list[ImageRecord] = []
+    if hold_out:
+        records, held_out = hold_out_images(records, hold_out, hold_out_seed)
 
     train_samples = sum(r.repeats for r in records if not r.is_reg)
     # before balancing: it walks the regularisation images until they match this count
@@ -514,6 +523,7 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
                                   expand_caption=expand_caption, cache_dir=Path(cache_dir) if cache_dir is not None else None,
                                   batch_size=batch_size, max_image_pixels=max_image_pixels, summary=summary,
                                   masked=masked_loss)
+    dataset.held_out = held_out
     if report is not None:
         report(dataset.describe())
     for bucket, indices in dataset.bucket_samples.items():
@@ -525,6 +535,27 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
                            "%s; none are dropped", bucket[0], bucket[1], images, "s" if images != 1 else "",
                            len(indices), batch_size, what)
     return dataset
+
+
+def hold_out_images(records: Sequence[ImageRecord], fraction: float,
+                    seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Split off `fraction` of the training images (at least one): returns (kept, held out).
+
+    The choice depends only on the set of image paths and `seed`, not on scan order, so every
+    process and every resumed run holds out the same images. An image listed in two datasets is
+    held out from both; regularisation images always stay.
+    """
+    if not 0 < fraction < 1:
+        raise DatasetError(f"the held-out share must be between 0 and 1 (exclusive), got {fraction}")
+    paths = sorted({str(r.path) for r in records if not r.is_reg})
+    count = max(1, round(fraction * len(paths)))
+    if count >= len(paths):
+        raise DatasetError(f"holding out {fraction:g} of {len(paths)} training image(s) for validation leaves none "
+                           "to train on: lower the share (validation.split) or add images")
+    chosen = set(random.Random(seed).sample(paths, count))
+    kept = [r for r in records if r.is_reg or str(r.path) not in chosen]
+    held = [r for r in records if not r.is_reg and str(r.path) in chosen]
+    return kept, held
 
 
 def _replace_repeats(rec: ImageRecord, repeats: int) -> ImageRecord:

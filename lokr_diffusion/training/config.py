@@ -317,14 +317,91 @@ class SampleSection:
                                  help="sample height in pixels (Flux and SD3: a multiple of 16)")
 
 
+TRACKERS = ("tensorboard", "wandb")
+# tracker -> (module it imports, what to tell the user when it is missing)
+OPTIONAL_TRACKERS = {"wandb": ("wandb", "pip install 'lokr-diffusion[wandb]' (or pip install wandb)")}
+
+
+def _trackers_ok(value: list[str]) -> bool:
+    return len(set(value)) == len(value)  # the names are checked in LoggingSection.check, with hints
+
+
 @dataclass
 class LoggingSection:
-    tensorboard: bool = setting(True, help="log loss, learning rate, gradient norm and sample grids")
+    trackers: list[str] = setting(default_factory=lambda: ["tensorboard"], valid=_trackers_ok,
+                                  default_doc='`["tensorboard"]`',
+                                  problem="lists a tracker twice",
+                                  allowed_doc=", ".join(f"`{t}`" for t in TRACKERS),
+                                  help="where loss, smoothed loss, learning rate, gradient norm and validation loss "
+                                       "go, through Accelerate (`wandb` needs the `wandb` extra); the CSV log "
+                                       "`logs/<name>_loss.csv` is always written")
+    tensorboard: bool = setting(True, help="`false` leaves TensorBoard out even when `trackers` lists it (older "
+                                           "spelling)")
     log_every_steps: int = setting(1, ge=1, le=MAX_STEPS, help="log every N steps")
+    smoothing: float = setting(0.9, ge=0, lt=1, help="weight of the past in the smoothed loss (an exponential "
+                                                     "moving average of the logged losses, bias-corrected)")
+
+    @property
+    def active_trackers(self) -> list[str]:
+        return [t for t in self.trackers if t != "tensorboard" or self.tensorboard]
+
+    def check(self) -> None:
+        for tracker in self.trackers:
+            if tracker in ("csv", "jsonl"):
+                raise ConfigError(f"logging.trackers: {tracker!r} is not a tracker here: the CSV log "
+                                  "(logs/<name>_loss.csv) is always written; list only "
+                                  f"{', '.join(TRACKERS)} (or nothing)")
+            if tracker not in TRACKERS:
+                close = difflib.get_close_matches(tracker, TRACKERS, n=1)
+                raise ConfigError(f"logging.trackers: {tracker!r} is not one of {', '.join(TRACKERS)}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+        for tracker in self.active_trackers:
+            if tracker in OPTIONAL_TRACKERS:
+                module, install = OPTIONAL_TRACKERS[tracker]
+                if importlib.util.find_spec(module) is None:
+                    raise ConfigError(f"logging.trackers: {tracker!r} needs the {module} package, which is not "
+                                      f"installed: {install}; or remove it from the list")
+
+
+def _timesteps_ok(value: list[int]) -> bool:
+    return bool(value) and all(0 <= t < 1000 for t in value)
+
+
+@dataclass
+class ValidationSection:
+    data_dir: str | None = setting(None, help="folder of held-out images with captions, read like a training "
+                                              "dataset (the first dataset's resolution, buckets, captions and "
+                                              "cache settings, no augmentation); relative to the config file")
+    split: float | None = setting(None, gt=0, lt=1, help="instead of `data_dir`: hold out this share of the "
+                                                          "training images (chosen by `seed`) and validate on them")
+    every_steps: int | None = setting(None, ge=1, le=MAX_STEPS, default_doc="only at the end",
+                                      help="validate every N steps (and always at the end)")
+    batch_size: int | None = setting(None, ge=1, le=4096, default_doc="`train.batch_size`",
+                                     help="images per validation batch and process")
+    timesteps: list[int] = setting(default_factory=lambda: [100, 300, 500, 700, 900], valid=_timesteps_ok,
+                                   problem="expected a non-empty list of integers in [0, 1000)",
+                                   allowed_doc="integers in [0, 1000)",
+                                   help="each image is scored at each of these timesteps (flow models: noise level "
+                                        "sigma = t / 1000) and the losses averaged")
+    seed: int = setting(0, ge=0, le=MAX_SEED, help="fixes the noise of each image, and which images `split` "
+                                                   "holds out")
+
+    @property
+    def enabled(self) -> bool:
+        return self.data_dir is not None or self.split is not None
+
+    def check(self) -> None:
+        if self.data_dir is not None and self.split is not None:
+            raise ConfigError("validation: set data_dir or split, not both")
+        if self.data_dir is not None and not self.data_dir.strip():
+            raise ConfigError("validation.data_dir: expected a folder, got ''")
+        if not self.enabled and self.every_steps is not None:
+            raise ConfigError("validation.every_steps is set but there are no validation images: set "
+                              "validation.data_dir (a folder) or validation.split (a share of the training images)")
 
 
 SECTIONS = {"model": ModelSection, "network": NetworkSection, "train": TrainSection, "output": OutputSection,
-            "sample": SampleSection, "logging": LoggingSection}
+            "sample": SampleSection, "logging": LoggingSection, "validation": ValidationSection}
 
 
 @dataclass
@@ -335,6 +412,7 @@ class TrainConfig:
     output: OutputSection
     sample: SampleSection
     logging: LoggingSection
+    validation: ValidationSection
     data: dict[str, Any]
     base_dir: Path = Path(".")
     # `[sample] prompts` and `prompt_file`, parsed with their per-prompt options (training/prompts.py)
@@ -416,6 +494,9 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Trai
     sections = {name: _section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
     sections["train"].resume = _resolve_resume(sections["train"].resume, base_dir)
     sections["network"].init_from = _resolve_init_from(sections["network"].init_from, base_dir)
+    if sections["validation"].data_dir is not None:  # relative to the config file, like every other path
+        val_dir = Path(sections["validation"].data_dir).expanduser()
+        sections["validation"].data_dir = str(val_dir if val_dir.is_absolute() else base_dir / val_dir)
     if not isinstance(raw.get("data", {}), Mapping):
         raise ConfigError(f"[data] must be a table, got {type(raw['data']).__name__}")
     data = dict(raw.get("data", {}))
@@ -469,6 +550,8 @@ REFERENCE: list[tuple[str, type, str]] = [
     ("output", OutputSection, ""),
     ("sample", SampleSection, ""),
     ("logging", LoggingSection, ""),
+    ("validation", ValidationSection, "held-out images scored by the training loss at fixed timesteps and noise "
+                                      "(see [Validation and logs](#validation-and-logs)):"),
 ]
 
 

@@ -79,6 +79,7 @@ class Run:
     cfg: TrainConfig
     config_path: Path | None
     accelerator: Any
+    validation: Any = None  # the validation images (an ImageCaptionDataset), with [validation]
 
     @property
     def main(self) -> bool:
@@ -98,6 +99,7 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from .lock import lock_output_dir
+    from .logs import trackers
 
     t_cfg, output_dir = cfg.train, cfg.output_dir
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on a CPU machine):
@@ -108,7 +110,7 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.network.module_dropout > 0)],
         mixed_precision=t_cfg.mixed_precision,
         gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
-        log_with="tensorboard" if cfg.logging.tensorboard else None,
+        log_with=trackers(cfg, output_dir),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     if t_cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -140,11 +142,15 @@ def prepare_data(run: Run):
     from accelerate.utils import set_seed
 
     from ..data import build_dataset, dataset_configs_from_toml
+    from .validation import validation_dataset
 
     cfg = run.cfg
     dataset = build_dataset(dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir), batch_size=cfg.train.batch_size,
                             seed=cfg.train.seed, cache_dir=run.output_dir / "cache",
-                            report=print if run.main else None, masked_loss=cfg.train.masked_loss)
+                            report=print if run.main else None, masked_loss=cfg.train.masked_loss,
+                            hold_out=cfg.validation.split or 0.0, hold_out_seed=cfg.validation.seed)
+    run.validation = validation_dataset(cfg.validation, dataset, cfg.validation.batch_size or cfg.train.batch_size,
+                                        print if run.main else None)
     set_seed(cfg.train.seed, device_specific=True)
     return dataset
 
@@ -280,11 +286,12 @@ def fill_caches(run: Run, dataset, models: Models) -> tuple[Any, Any]:
     if cfg.network.embedding_trigger:
         embedding = TriggerEmbedding(cfg.network.embedding_trigger, models.tokenizers, models.text_encoders,
                                      cfg.network.embedding_vectors).to(accelerator.device)
-    dataset.set_text(models.tokenizers, embedding.expand if embedding is not None else None)
     encoder = VaeLatentEncoder(models.vae)
-    if dataset.uses_latent_cache:
-        with accelerator.main_process_first():  # the main process encodes, the others read its cache
-            dataset.cache_latents(encoder, encoder.identity)
+    for data in (dataset, run.validation) if run.validation is not None else (dataset,):
+        data.set_text(models.tokenizers, embedding.expand if embedding is not None else None)
+        if data.uses_latent_cache:
+            with accelerator.main_process_first():  # the main process encodes, the others read its cache
+                data.cache_latents(encoder, encoder.identity)
     return embedding, encoder
 
 
@@ -304,7 +311,8 @@ def cache_text(run: Run, dataset, models: Models, model: "TrainingModel") -> boo
     # big sequence embeddings (T5: 512 x 4096 per caption) go to disk rather than memory
     encoder_id = "|".join(module_identity(t) for t in models.text_encoders)
     encoder_id += "".join(f"|{k}={v}" for k, v in sorted(models.text_options.items()))  # clip_skip: other embeddings
-    dataset.cache_text_embeddings(encode_captions, encoder_id, to_disk=models.family.text_cache_on_disk)
+    for data in (dataset, run.validation) if run.validation is not None else (dataset,):
+        data.cache_text_embeddings(encode_captions, encoder_id, to_disk=models.family.text_cache_on_disk)
     return True
 
 
@@ -460,6 +468,7 @@ class Files:
                                       {"samples_per_epoch": len(dataset), "images": len(dataset.samples)}),
             "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps,
             **_option_facts(t_cfg)}
+        self.journal = _journal(run, models, parts)
 
     def save_adapter(self, path: Path) -> Path:
         from ..embeddings import embedding_path
@@ -531,8 +540,8 @@ def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, 
     from . import checkpoint
 
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
+    _announce(run, models, parts)  # starts the trackers, which Files' journal writes to
     files = Files(run, dataset, models, parts)
-    _announce(run, models, parts)
     model, network, loader, optimizer, progress = parts.model, parts.network, parts.loader, parts.optimizer, parts.progress
     stop = StopRequested()
     stop.install()
@@ -579,11 +588,7 @@ def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, 
             lr = parts.lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if progress.step % cfg.logging.log_every_steps == 0:
-                logs = {"loss": loss_value, "lr": lr}
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=progress.step)
+            files.journal.step(progress.step, loss_value, lr, grad_norm)
             if cfg.output.save_every_steps and progress.step % cfg.output.save_every_steps == 0 \
                     and progress.step < parts.max_steps:
                 files.save_checkpoint()
@@ -625,8 +630,9 @@ def _announce(run: Run, models: Models, parts: Parts) -> None:
               f"{len(network.module_keys())} modules, "
               f"{network.num_parameters():,} trainable parameters{trigger_note}, {parts.max_steps} steps "
               f"({parts.steps_per_epoch} per epoch, {run.accelerator.num_processes} process(es))")
-    if cfg.logging.tensorboard:
-        run.accelerator.init_trackers("lokr-diffusion", config={k: v for k, v in _flat(cfg.to_dict()).items()})
+    # init_trackers runs on the main process only; the CSV log is always among the trackers
+    run.accelerator.init_trackers("lokr-diffusion", config={k: v for k, v in _flat(cfg.to_dict()).items()},
+                                  init_kwargs={"wandb": {"name": cfg.output.name}})
 
 
 # -- 8. the result -------------------------------------------------------------------------------------
@@ -644,6 +650,7 @@ def finish(run: Run, models: Models, parts: Parts, looped: tuple[Files, float, i
         checkpoint.prune(run.output_dir, cfg.output.name, cfg.output.keep_last)
     if cfg.sample_prompts:
         files.sample()
+    chart = files.journal.finish(progress.step, title=f"{cfg.output.name}: loss")
     agree = _ranks_agree(accelerator, network)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -660,7 +667,7 @@ def finish(run: Run, models: Models, parts: Parts, looped: tuple[Files, float, i
               f"{network.num_parameters():,} trainable parameters, "
               f"{progress.nonfinite_total} non-finite steps skipped\n"
               f"adapter {'identical' if agree else 'DIFFERENT'} on all {accelerator.num_processes} process(es)\n"
-              f"adapter: {final}")
+              f"adapter: {final}" + (f"\nloss chart: {chart}" if chart is not None else ""))
     return final
 
 
@@ -675,6 +682,20 @@ def _ranks_agree(accelerator, network) -> bool:
                                                                      device=flat.device)).sum()]).reshape(1, 2)
     everyone = accelerator.gather(fingerprint)
     return bool((everyone == everyone[0]).all())
+
+
+def _journal(run: Run, models: Models, parts: Parts):
+    """The run's logging and validation (see logs.Journal): created after the resume, so a
+    resumed run's CSV log is cut back to the checkpoint's step."""
+    from .logs import Journal
+    from .validation import Validator
+
+    cfg, validator = run.cfg, None
+    if run.validation is not None:
+        validator = Validator(run.accelerator, run.validation, cfg.validation.batch_size or cfg.train.batch_size,
+                              models.objective, parts.model, parts.ema, parts.network, parts.encoder,
+                              cfg.validation.timesteps, cfg.validation.seed)
+    return Journal(run.accelerator, cfg, run.output_dir, validator, parts.progress.step, parts.max_steps)
 
 
 def _nonfinite(progress: Progress, limit: int, what: str, main: bool) -> None:

@@ -223,22 +223,29 @@ def denoising_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch
                    scheduler, prediction_type: str, *, noise_offset: float = 0.0, min_timestep: int = 0,
                    max_timestep: int | None = None, min_snr_gamma: float | None = None,
                    sample_weights: torch.Tensor | None = None, noise: NoiseOptions | None = None,
-                   loss_fn: LossFunction | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   loss_fn: LossFunction | None = None, mask: torch.Tensor | None = None,
+                   fixed_noise: torch.Tensor | None = None, fixed_timesteps: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """One training step's loss: noise the latents at random timesteps, ask ``denoise(noisy,
     timesteps)`` for its prediction, compare with the target.
 
     The trainer, the toy model's pretraining and the method comparison all call this, so the
     random draws (noise, then timesteps, then any input perturbation) and the objective are the
     same everywhere. `noise` (every noise option) replaces the `noise_offset` shorthand.
+    Validation passes its own `fixed_noise` and `fixed_timesteps`, which skips those draws (and
+    the input perturbation, a training augmentation).
     """
     if noise is not None and noise_offset:
         raise ValueError("give the offset in `noise` (NoiseOptions) or as noise_offset, not both")
     noise = noise or NoiseOptions(offset=noise_offset)
     with torch.no_grad():
-        eps = noise.draw(latents)
-        high = max_timestep or scheduler.config.num_train_timesteps
-        timesteps = sample_timesteps(latents.shape[0], min_timestep, high, latents.device)
-        noisy = scheduler.add_noise(latents, noise.for_input(eps), timesteps)
+        eps = noise.draw(latents) if fixed_noise is None else fixed_noise
+        if fixed_timesteps is None:
+            high = max_timestep or scheduler.config.num_train_timesteps
+            timesteps = sample_timesteps(latents.shape[0], min_timestep, high, latents.device)
+        else:
+            timesteps = fixed_timesteps
+        noisy = scheduler.add_noise(latents, noise.for_input(eps) if fixed_noise is None else eps, timesteps)
         target = target_for(scheduler, latents, eps, timesteps, prediction_type)
     pred = denoise(noisy, timesteps)
     return diffusion_loss(pred, target, timesteps, scheduler, prediction_type, min_snr_gamma, sample_weights,
@@ -279,14 +286,16 @@ def flow_matching_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, t
                        logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none",
                        noise_offset: float = 0.0, sample_weights: torch.Tensor | None = None,
                        noise: NoiseOptions | None = None, loss_fn: LossFunction | None = None,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+                       mask: torch.Tensor | None = None, fixed_noise: torch.Tensor | None = None,
+                       fixed_sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """One rectified-flow training step: x_s = (1 - s) x_0 + s e, the model predicts e - x_0.
 
     ``denoise(noisy, timesteps)`` gets timesteps s * 1000, the scale of Diffusers' flow-matching
     schedulers (the family's forward rescales if its denoiser wants [0, 1]). The draws are noise,
     then positions, then any input perturbation, as in :func:`denoising_loss`. For the Huber
     schedules a sample's position is s (the shifted one the denoiser sees) and its
-    noise-to-signal ratio s / (1 - s). `mask`: see `apply_loss_mask`.
+    noise-to-signal ratio s / (1 - s). `mask`: see `apply_loss_mask`. Validation passes fixed
+    `fixed_noise` and `fixed_sigmas` (used as they are, no shift) instead of the draws.
     """
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -295,12 +304,15 @@ def flow_matching_loss(latents: torch.Tensor, denoise: Callable[[torch.Tensor, t
     noise = noise or NoiseOptions(offset=noise_offset)
     loss_fn = loss_fn or LossFunction()
     with torch.no_grad():
-        eps = noise.draw(latents)
-        sigmas = shift_sigmas(sample_flow_positions(latents.shape[0], sampling, logit_mean=logit_mean,
-                                                    logit_std=logit_std, mode_scale=mode_scale,
-                                                    device=latents.device), shift)
+        eps = noise.draw(latents) if fixed_noise is None else fixed_noise
+        if fixed_sigmas is None:
+            sigmas = shift_sigmas(sample_flow_positions(latents.shape[0], sampling, logit_mean=logit_mean,
+                                                        logit_std=logit_std, mode_scale=mode_scale,
+                                                        device=latents.device), shift)
+        else:
+            sigmas = fixed_sigmas
         s = sigmas.view(-1, *([1] * (latents.dim() - 1)))
-        noisy = (1 - s) * latents + s * noise.for_input(eps)
+        noisy = (1 - s) * latents + s * (noise.for_input(eps) if fixed_noise is None else eps)
         target = eps - latents
     pred = denoise(noisy, sigmas * 1000)
     per_sample = loss_fn.per_sample(pred, target, sigmas, sigmas / (1 - sigmas), mask)

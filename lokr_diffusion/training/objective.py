@@ -36,7 +36,10 @@ _NOISE_DEFAULTS = {"min_snr_gamma": None, "zero_terminal_snr": False, "min_times
 
 class Objective(Protocol):
     def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None,
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; `noise` and `timesteps` (the denoiser's scale, [0, 1000)) replace
+        the random draws when given (validation)."""
         ...
 
     def describe(self) -> str:
@@ -57,11 +60,12 @@ class NoisePrediction:
     loss_fn: LossFunction = LossFunction()
 
     def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None,
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
         return denoising_loss(latents, denoise, self.scheduler, self.prediction_type, noise=self.noise,
                               min_timestep=self.min_timestep, max_timestep=self.max_timestep,
                               min_snr_gamma=self.min_snr_gamma, sample_weights=sample_weights, loss_fn=self.loss_fn,
-                              mask=mask)
+                              mask=mask, fixed_noise=noise, fixed_timesteps=timesteps)
 
     def describe(self) -> str:
         return (f"prediction {self.prediction_type}{', zero terminal SNR' if self.zero_snr else ''}"
@@ -92,11 +96,14 @@ class RectifiedFlow:
         return math.exp(base_shift + slope * (self.tokens(latents) - base_len))
 
     def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, *, noise: torch.Tensor | None = None,
+             timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """`timesteps` (validation) are on the denoiser's scale: sigma = timesteps / 1000, unshifted."""
+        sigmas = None if timesteps is None else timesteps.float() / 1000
         return flow_matching_loss(latents, denoise, self.shift_for(latents), sampling=self.sampling,
                                   logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
                                   weighting=self.weighting, noise=self.noise, loss_fn=self.loss_fn,
-                                  sample_weights=sample_weights, mask=mask)
+                                  sample_weights=sample_weights, mask=mask, fixed_noise=noise, fixed_sigmas=sigmas)
 
     def describe(self) -> str:
         shift = ("resolution-dependent shift" if self.dynamic is not None and self.tokens is not None
