@@ -27,8 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algos.common import Algorithm, apply_weight
+from .dora import decomposed_delta
 from .errors import ConfigError
 from .storage import FP8, StoredLayer
+
+
+DORA_TENSOR = "dora_scale"  # the file name of a DoRA module's magnitude vector
 
 
 class _Holder(nn.Module):
@@ -138,7 +142,9 @@ class AdapterModule(nn.Module):
             # a Parameter is kept as given: the row slices of one fused file module share theirs
             owner.register_parameter(leaf, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
-        self._rank = algo.rank(self.tensors())  # from shapes only: fixed for the module's life
+        # DoRA: a magnitude vector beside the factors rescales W + D (lokr_diffusion.dora)
+        self.dora = DORA_TENSOR in self.tensor_names
+        self._rank = algo.rank(self.factors())  # from shapes only: fixed for the module's life
         self._cache_scale()
         self._attached = False
         self._state = {"multiplier": float(multiplier), "enabled": True, "merged": False}
@@ -150,8 +156,19 @@ class AdapterModule(nn.Module):
         return self._base[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors under their file names (e.g. 'lokr_w1', 'lora_down.weight')."""
+        """Tensors under their file names (e.g. 'lokr_w1', 'lora_down.weight', 'dora_scale')."""
         return {n: self.get_parameter(n) for n in self.tensor_names}
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The algorithm's own tensors: `tensors()` without the DoRA magnitude."""
+        return {n: self.get_parameter(n) for n in self.tensor_names if n != DORA_TENSOR}
+
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen layer's weight in `dtype` (a narrower stored weight widened), detached:
+        what a DoRA module normalises against."""
+        base = self.base
+        w = base.dense_weight(dtype) if isinstance(base, StoredLayer) else base.weight.to(dtype)
+        return w.detach()
 
     def _cache_scale(self) -> None:
         """alpha as a Python number: the forward reads it without a host sync (Tensor.item() is
@@ -170,8 +187,13 @@ class AdapterModule(nn.Module):
         return self._scale
 
     def delta_weight(self) -> torch.Tensor:
-        """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight."""
-        return self.algo.delta_weight(self.tensors(), tuple(self.base.weight.shape)) * self.scale
+        """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight; for
+        DoRA the change W' - W of the decomposed weight against the layer's current weight."""
+        update = self.algo.delta_weight(self.factors(), tuple(self.base.weight.shape)) * self.scale
+        if self.dora:
+            magnitude = self.get_parameter(DORA_TENSOR)
+            return decomposed_delta(self.base_weight(update.dtype), update, magnitude.to(update.dtype))
+        return update
 
     # -- forward -----------------------------------------------------------------------------
     def _set(self, name: str, value) -> None:
@@ -206,13 +228,16 @@ class AdapterModule(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """multiplier * scale * dW applied to x: the factored path where the algorithm has one."""
-        t = self.tensors()
+        t = self.factors()
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)  # adapter math in the adapter's dtype (fp32), cast back by the caller
         r = self._rank
         s = self.multiplier if r is None else self._alpha * (self.multiplier / r)
-        y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
+        if self.dora:  # the norm of W + D needs the whole update
+            y = apply_weight(x, (self.delta_weight() * self.multiplier).to(x.dtype), self.base)
+        else:
+            y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
             y = apply_weight(x, w.to(x.dtype) * s, self.base)
@@ -234,6 +259,8 @@ class AdapterModule(nn.Module):
                               "bf16 or fp32 to fuse")
         m = self.multiplier if multiplier is None else float(multiplier)
         w = self.base.weight
+        if self.dora:  # its change depends on W itself: keep W to put it back exactly
+            self._unmerged_weight = w.detach().clone()
         w.copy_((w.float() + m * self.delta_weight().float().to(w.device)).to(w.dtype))
         self._merged_multiplier = m
         self.merged = True
@@ -243,7 +270,11 @@ class AdapterModule(nn.Module):
         if not self.merged:
             return
         w = self.base.weight
-        w.copy_((w.float() - self._merged_multiplier * self.delta_weight().float().to(w.device)).to(w.dtype))
+        if self.dora:
+            w.copy_(self._unmerged_weight)
+            del self._unmerged_weight
+        else:
+            w.copy_((w.float() - self._merged_multiplier * self.delta_weight().float().to(w.device)).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -17,7 +17,9 @@ from .algos import ALGORITHMS, ModuleSettings, get_algorithm
 from .errors import ConfigError
 from .families import Family, family_of_models, family_of_text_encoders, get_family
 from .fileformat import training_metadata, write_safetensors
-from .layers import AdapterModule
+from .dora import init_magnitude
+from .layers import DORA_TENSOR, AdapterModule
+from .storage import StoredLayer
 from .schema import Scope, check_fields, setting
 from .targets import PRESETS, Target, select_targets
 
@@ -53,6 +55,12 @@ class AdapterConfig:
     conv_alpha: float | None = setting(None, gt=0, default_doc="= conv_dim", help="alpha of k x k convs")
     full_matrix: bool = setting(False, help="LoKr: never decompose w2")
     decompose_both: bool = setting(False, help="LoKr: also decompose w1 when the rank is small enough")
+    weight_decompose: bool = setting(False, help="DoRA (LyCORIS `dora_wd`): also train a magnitude per output row, "
+                                                 "saved as `dora_scale` (see docs/toolbox.md for how each UI "
+                                                 "applies it)")
+    use_tucker: bool = setting(False, help="k x k convs with a low-rank factor store it as a Tucker core "
+                                           "(`lokr_t2`, `hada_t1`/`hada_t2`, `lora_mid`), as LyCORIS `use_tucker`; "
+                                           "ComfyUI skips Tucker LoKr layers")
     include: tuple[str, ...] = setting((), help="shell globs on module paths or file keys to adapt, e.g. "
                                                 "`\"*attn2*\"`, `\"lora_unet_mid_block_*\"`")
     exclude: tuple[str, ...] = setting((), help="shell globs of modules to leave out (same forms as `include`)")
@@ -68,16 +76,19 @@ class AdapterConfig:
     def settings(self, kxk_conv: bool) -> ModuleSettings:
         dim = self.conv_dim if kxk_conv else self.dim
         alpha = self.conv_alpha if kxk_conv else self.alpha
-        return ModuleSettings(dim, dim if alpha is None else alpha, self.factor, self.full_matrix, self.decompose_both)
+        return ModuleSettings(dim, dim if alpha is None else alpha, self.factor, self.full_matrix, self.decompose_both,
+                              self.use_tucker)
 
     def network_args(self) -> dict[str, object]:
         """The `ss_network_args` sd-scripts users know."""
         args = {"algo": self.algo, "preset": self.preset, "factor": self.factor}
         if self.conv_dim:
             args.update(conv_dim=self.conv_dim, conv_alpha=self.conv_alpha if self.conv_alpha is not None else self.conv_dim)
-        for name in ("full_matrix", "decompose_both"):
+        for name in ("full_matrix", "decompose_both", "use_tucker"):
             if getattr(self, name):
                 args[name] = True
+        if self.weight_decompose:
+            args["dora_wd"] = True  # LyCORIS's name for it
         for name in ("rank_dropout", "module_dropout"):
             if getattr(self, name):
                 args[name] = getattr(self, name)
@@ -266,6 +277,9 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
             settings = config.settings(target.is_kxk_conv)
             with torch.device(weight.device):
                 tensors = algo.init_tensors(tuple(weight.shape), settings)
+                if config.weight_decompose:
+                    dense = target.module.dense_weight(torch.float32) if isinstance(target.module, StoredLayer) else weight
+                    tensors[DORA_TENSOR] = init_magnitude(dense)
             # both LoKr factors full: scale is 1 in every tool, store alpha = rank to say so
             alpha = settings.alpha if algo.rank(tensors) is not None else settings.dim
             adapter = AdapterModule(key_of(target.path), target.module, algo, tensors, alpha,

@@ -73,13 +73,21 @@ def weight_dims(weight_shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...
 class ModuleSettings:
     """The settings one wrapped layer is built from (linear or conv values already chosen)."""
 
-    __slots__ = ("dim", "alpha", "factor", "full_matrix", "decompose_both")
+    __slots__ = ("dim", "alpha", "factor", "full_matrix", "decompose_both", "use_tucker")
 
     def __init__(self, dim: int, alpha: float, factor: int = -1, full_matrix: bool = False,
-                 decompose_both: bool = False) -> None:
+                 decompose_both: bool = False, use_tucker: bool = False) -> None:
         self.dim, self.alpha, self.factor = int(dim), float(alpha), int(factor)
         self.full_matrix, self.decompose_both = bool(full_matrix), bool(decompose_both)
+        self.use_tucker = bool(use_tucker)
 
     def __repr__(self) -> str:
         return (f"ModuleSettings(dim={self.dim}, alpha={self.alpha}, factor={self.factor}, "
-                f"full_matrix={self.full_matrix}, decompose_both={self.decompose_both})")
+                f"full_matrix={self.full_matrix}, decompose_both={self.decompose_both}, "
+                f"use_tucker={self.use_tucker})")
+
+
+def tucker_applies(settings: ModuleSettings, kernel: tuple[int, ...]) -> bool:
+    """Whether a layer gets a Tucker core: `use_tucker` on a conv whose kernel is more than 1x1
+    (LyCORIS's rule; each algorithm adds its own condition on the rank)."""
+    return settings.use_tucker and any(k != 1 for k in kernel)

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from ..algos import ALGORITHMS, detect_algorithm
+from ..dora import on_output_axis
 from ..errors import AdapterFileError
 from ..families import FAMILIES, FileFamily, family_of_adapter
 
@@ -284,6 +285,20 @@ def module_problem(tensors: Mapping[str, torch.Tensor], algo: ModuleType) -> str
     except (RuntimeError, ValueError, IndexError, KeyError, ZeroDivisionError) as exc:
         found = ", ".join(f"{n} {tuple(t.shape)}" for n, t in sorted(tensors.items()))
         return f"tensors do not fit together ({found}; {exc})"
+    return None
+
+
+def magnitude_problem(magnitude: torch.Tensor, weight_shape: tuple[int, ...]) -> str | None:
+    """What makes a DoRA `dora_scale` unusable for a weight of `weight_shape` (None when it fits):
+    a float tensor of one finite magnitude per output row or per input column."""
+    if magnitude.dtype not in FACTOR_DTYPES:
+        return f"dora_scale has dtype {dtype_name(magnitude.dtype)}; expected a float type"
+    try:
+        on_output_axis(tuple(magnitude.shape), tuple(weight_shape))
+    except ValueError as exc:
+        return str(exc)
+    if not torch.isfinite(magnitude.float()).all():
+        return "dora_scale has non-finite values (NaN or inf)"
     return None
 
 

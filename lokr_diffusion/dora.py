@@ -1,0 +1,67 @@
+"""DoRA (weight decomposition, LyCORIS `weight_decompose`, file tensor `dora_scale`) as pure functions.
+
+A DoRA module stores a magnitude vector m next to its factors. With W the frozen weight and
+D = scale * dW the module's scaled update, the patched weight is
+
+    W' = (W + D) * m / (||W + D|| + eps)
+
+where the norm is taken per output row (m of shape (out, 1[, 1, 1]), LyCORIS's default
+`wd_on_out`) or per input column (m of shape (1, in[, 1, 1])), over everything else
+(the kernel included), and eps is float32's machine epsilon. This is LyCORIS 4.1.3's forward
+at multiplier 1; the norm is not detached, so training differentiates through it as LyCORIS
+does. A multiplier lambda scales the resulting change, W + lambda * (W' - W), as ComfyUI and
+AUTOMATIC1111 apply a strength (docs/toolbox.md compares the tools).
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def on_output_axis(magnitude_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> bool:
+    """Whether a `dora_scale` of this shape holds one magnitude per output row (else per input column).
+
+    Raises ValueError for a shape that is neither (out, 1, ...) nor (1, in, ...) of the weight.
+    """
+    ones = (1,) * (len(weight_shape) - 2)
+    if tuple(magnitude_shape) == (weight_shape[0], 1, *ones):
+        return True
+    if tuple(magnitude_shape) == (1, weight_shape[1], *ones):
+        return False
+    raise ValueError(f"dora_scale of shape {tuple(magnitude_shape)} fits neither the output axis "
+                     f"{(weight_shape[0], 1, *ones)} nor the input axis {(1, weight_shape[1], *ones)} "
+                     f"of a weight {tuple(weight_shape)}")
+
+
+def axis_norm(weight: torch.Tensor, out_axis: bool = True) -> torch.Tensor:
+    """||weight|| per output row (shape (out, 1, ...)) or per input column (shape (1, in, ...))."""
+    if out_axis:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    cols = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return cols.reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
+def init_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """The initial `dora_scale`: the base weight's row norms in float32, so W' = W at the start
+    (up to eps), the shape LyCORIS writes by default."""
+    return axis_norm(weight.detach().float(), out_axis=True)
+
+
+def decomposed_weight(weight: torch.Tensor, update: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """W' = (W + D) * m / (||W + D|| + eps), the norm on the axis `magnitude`'s shape names."""
+    merged = weight + update
+    norm = axis_norm(merged, on_axis_of(magnitude, merged)) + EPS
+    return merged * (magnitude.to(merged.dtype) / norm)
+
+
+def decomposed_delta(weight: torch.Tensor, update: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """W' - W: what a DoRA module adds to the layer's weight at multiplier 1."""
+    return decomposed_weight(weight, update, magnitude) - weight
+
+
+def on_axis_of(magnitude: torch.Tensor, weight: torch.Tensor) -> bool:
+    return on_output_axis(tuple(magnitude.shape), tuple(weight.shape))
+
+
+__all__ = ["EPS", "axis_norm", "decomposed_delta", "decomposed_weight", "init_magnitude", "on_output_axis"]
