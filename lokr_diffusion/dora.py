@@ -29,7 +29,7 @@ def on_output_axis(magnitude_shape: tuple[int, ...], weight_shape: tuple[int, ..
         return True
     if tuple(magnitude_shape) == (1, weight_shape[1], *ones):
         return False
-    raise ValueError(f"dora_scale of shape {tuple(magnitude_shape)} fits neither the output axis "
+    raise ValueError(f"DoRA magnitude dora_scale of shape {tuple(magnitude_shape)} fits neither the output axis "
                      f"{(weight_shape[0], 1, *ones)} nor the input axis {(1, weight_shape[1], *ones)} "
                      f"of a weight {tuple(weight_shape)}")
 
