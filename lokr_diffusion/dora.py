@@ -64,4 +64,53 @@ def on_axis_of(magnitude: torch.Tensor, weight: torch.Tensor) -> bool:
     return on_output_axis(tuple(magnitude.shape), tuple(weight.shape))
 
 
-__all__ = ["EPS", "axis_norm", "decomposed_delta", "decomposed_weight", "init_magnitude", "on_output_axis"]
+# -- the factored training path ------------------------------------------------------------------
+#
+# Per output row i, ||W_i + D_i||^2 = ||W_i||^2 + 2 <W_i, D_i> + ||D_i||^2, and for LoKr and LoRA
+# the last two terms contract W and the factors without forming D. With g = m / (||W + D|| + eps)
+# per output channel, the layer's change is (W' - W) x = (g - 1) * (W x) + g * (D x): W x is the
+# frozen layer's own output (less its bias) and D x the algorithm's factored product, so training
+# never builds D nor multiplies the activations by a full-size weight.
+
+
+def update_row_terms(algo_name: str, factors: dict[str, torch.Tensor],
+                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(<W_i, dW_i>, ||dW_i||^2) per output row for the unscaled update dW of the factors, without
+    forming dW; None where no such form is implemented (LoHa, a LoRA with a Tucker mid)."""
+    from .algos import lokr
+
+    out_dim = weight.shape[0]
+    if algo_name == "lokr":
+        w1 = lokr.make_w1(factors)
+        a, c = w1.shape
+        b, d = out_dim // a, weight.shape[1] // c
+        kernel = tuple(weight.shape[2:])
+        w2 = lokr.make_w2(factors, b, d, kernel).reshape(b, d, -1)  # (b, d, kh*kw)
+        w5 = weight.reshape(a, b, c, d, w2.shape[2])  # row p*b + j, column q*d + r: kron's layout
+        inner = (torch.einsum("pjqrk,jrk->pjq", w5, w2) * w1[:, None, :]).sum(-1)
+        sq = w1.pow(2).sum(1)[:, None] * w2.pow(2).flatten(1).sum(1)[None, :]
+        return inner.reshape(out_dim), sq.reshape(out_dim)
+    if algo_name == "lora" and "lora_mid.weight" not in factors:
+        up, down = factors["lora_up.weight"].flatten(1), factors["lora_down.weight"].flatten(1)
+        projected = weight.flatten(1) @ down.t()  # (out, r)
+        return (up * projected).sum(1), ((up @ (down @ down.t())) * up).sum(1)
+    return None
+
+
+def row_gain(weight: torch.Tensor, inner: torch.Tensor, sq: torch.Tensor, scale: float,
+             magnitude: torch.Tensor) -> torch.Tensor:
+    """g = m / (||W + scale * dW|| + eps) per output row, from the row terms (a vector of `out`)."""
+    w_sq = weight.flatten(1).pow(2).sum(1)
+    norm = (w_sq + (2 * scale) * inner + (scale * scale) * sq).clamp_min(0).sqrt() + EPS
+    return magnitude.reshape(-1).to(norm.dtype) / norm
+
+
+def factored_change(base_wx: torch.Tensor, update_x: torch.Tensor, gain: torch.Tensor,
+                    conv: bool) -> torch.Tensor:
+    """(W' - W) x = (g - 1) * (W x) + g * (D x), the gain broadcast over the channel axis."""
+    g = gain.view(1, -1, *([1] * (base_wx.dim() - 2))) if conv else gain
+    return (g - 1) * base_wx + g * update_x
+
+
+__all__ = ["EPS", "axis_norm", "decomposed_delta", "decomposed_weight", "factored_change", "init_magnitude",
+           "on_output_axis", "row_gain", "update_row_terms"]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algos.common import Algorithm, apply_weight
-from .dora import decomposed_delta
+from .dora import decomposed_delta, factored_change, row_gain, update_row_terms
 from .errors import ConfigError
 from .storage import FP8, StoredLayer
 
@@ -73,17 +73,17 @@ class _Dispatch:
         training = torch.is_grad_enabled() and any(p.requires_grad for a in active for p in a.parameters())
         if not training and not self.stored:
             return self._merged(x, active)
-        out = self.original(x, *args, **kwargs)
+        out = base_out = self.original(x, *args, **kwargs)
         compiling = torch.compiler.is_compiling()
         for a in active:
             if training and a.training and a.module_dropout:
                 keep = torch.rand(()) >= a.module_dropout  # drawn before the delta's own draws
                 if compiling:  # no host sync: a dropped module adds 0 (its gradient is 0, not None)
-                    out = out + a.delta(x).to(out.dtype) * keep
+                    out = out + a.delta(x, base_out).to(out.dtype) * keep
                     continue
                 if not keep:
                     continue
-            out = out + a.delta(x).to(out.dtype)
+            out = out + a.delta(x, base_out).to(out.dtype)
         return out
 
     def _build_merged(self, active: list[AdapterModule]) -> torch.Tensor:
@@ -226,16 +226,21 @@ class AdapterModule(nn.Module):
             self.base.__dict__["_lokr_dispatch"].remove(self)
             self._attached = False
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * dW applied to x: the factored path where the algorithm has one."""
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """multiplier * scale * dW applied to x: the factored path where the algorithm has one.
+
+        `base_out` is the frozen layer's output for x: a DoRA module rescales it per output
+        channel instead of rebuilding W + D (lokr_diffusion.dora)."""
         t = self.factors()
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)  # adapter math in the adapter's dtype (fp32), cast back by the caller
         r = self._rank
         s = self.multiplier if r is None else self._alpha * (self.multiplier / r)
-        if self.dora:  # the norm of W + D needs the whole update
-            y = apply_weight(x, (self.delta_weight() * self.multiplier).to(x.dtype), self.base)
+        if self.dora:
+            y = self._dora_factored(x, t, base_out)
+            if y is None:  # the norm of W + D from the rebuilt update
+                y = apply_weight(x, (self.delta_weight() * self.multiplier).to(x.dtype), self.base)
         else:
             y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
         if y is None:
@@ -246,6 +251,27 @@ class AdapterModule(nn.Module):
             keep = keep.to(y.dtype) / (1.0 - self.rank_dropout)
             y = y * (keep.view(1, -1, 1, 1) if y.dim() == 4 else keep)
         return y
+
+    def _dora_factored(self, x: torch.Tensor, factors: dict[str, torch.Tensor],
+                       base_out: torch.Tensor | None) -> torch.Tensor | None:
+        """multiplier * (W' - W) x without forming W + D: the row norms from contractions of W
+        with the factors, D x on the algorithm's factored path; None where either is missing
+        (a magnitude per input column, LoHa, a grouped conv, the cost model preferring a rebuild)."""
+        magnitude = self.get_parameter(DORA_TENSOR)
+        if base_out is None or magnitude.shape[0] != self.base.weight.shape[0] or magnitude.shape[1] != 1:
+            return None
+        update_x = self.algo.forward(x, factors, self.base, scale=self.scale)
+        if update_x is None:
+            return None
+        weight = self.base_weight(magnitude.dtype)
+        terms = update_row_terms(self.algo.NAME, factors, weight)
+        if terms is None:
+            return None
+        gain = row_gain(weight, *terms, self.scale, magnitude)
+        conv = isinstance(self.base, nn.Conv2d)
+        bias = self.base.bias
+        wx = base_out if bias is None else base_out - (bias.view(1, -1, 1, 1) if conv else bias)
+        return factored_change(wx.to(update_x.dtype), update_x, gain.to(update_x.dtype), conv) * self.multiplier
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -300,10 +326,10 @@ class RowSliceAdapter(AdapterModule):
         self.fused_shape = tuple(int(n) for n in fused_shape)
 
     def delta_weight(self) -> torch.Tensor:
-        full = self.algo.delta_weight(self.tensors(), self.fused_shape)
+        full = self.algo.delta_weight(self.factors(), self.fused_shape)
         return torch.cat([full[s:e] for s, e in self.rows]) * self.scale
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """multiplier * this layer's rows of the scaled fused dW, applied to x (no factored path:
         the rows of a product are no product of the factors' rows in general)."""
         w = self.delta_weight() * self.multiplier

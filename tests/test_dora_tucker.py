@@ -21,9 +21,10 @@ from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 from lokr_diffusion import AdapterConfig, create_network, load_network  # noqa: E402
-from lokr_diffusion.algos import ModuleSettings, get_algorithm  # noqa: E402
+from lokr_diffusion.algos import ModuleSettings, get_algorithm, lokr  # noqa: E402
 from lokr_diffusion.dora import EPS, axis_norm, decomposed_weight, init_magnitude  # noqa: E402
 from lokr_diffusion.errors import AdapterFileError  # noqa: E402
+from lokr_diffusion.algos.common import apply_weight  # noqa: E402
 from lokr_diffusion.layers import AdapterModule  # noqa: E402
 
 from .helpers import load_components  # noqa: E402
@@ -267,5 +268,36 @@ def test_bad_dora_scale_is_refused_with_the_module_named(unet, tmp_path):
                                                     f"{key}.dora_scale": torch.ones(16, 1)}
     file = tmp_path / "bad.safetensors"
     save_file(sd, str(file))
-    with pytest.raises(AdapterFileError, match=r"ff_net_0_proj: dora_scale of shape \(16, 1\) fits neither"):
+    with pytest.raises(AdapterFileError, match=r"ff_net_0_proj: DoRA magnitude dora_scale of shape \(16, 1\) fits neither"):
         load_network(file, unet=unet)
+
+
+@pytest.mark.parametrize("algo, path, tucker", [("lokr", LINEAR, False), ("lokr", CONV, False), ("lokr", CONV, True),
+                                                ("lora", LINEAR, False), ("lora", CONV, False)],
+                         ids=["lokr-linear", "lokr-conv", "lokr-conv-tucker", "lora-linear", "lora-conv"])
+def test_dora_trains_through_the_factored_path(unet, algo, path, tucker):
+    """Training never forms W + D: the row norms come from contractions of W with the factors and
+    the frozen layer's own output is rescaled. Same outputs and gradients as the rebuilt weight,
+    on every LoKr order the cost model may pick."""
+    layer = unet.get_submodule(path)
+    settings = ModuleSettings(RANK, ALPHA, factor=2, use_tucker=tucker)
+    tensors = get_algorithm(algo).init_tensors(tuple(layer.weight.shape), settings)
+    tensors["dora_scale"] = init_magnitude(layer.weight)
+    adapter = AdapterModule(KEYS[path], layer, get_algorithm(algo), tensors, ALPHA, multiplier=0.8)
+    _randomize(adapter.named_parameters(), seed=9)
+    adapter.attach()
+    x = _inputs(path)
+    try:
+        original = adapter.base.__dict__["_lokr_dispatch"].original
+        want_y = original(x) + apply_weight(x, adapter.delta_weight() * 0.8, layer)  # the rebuilt W + D
+        want_grads = torch.autograd.grad(want_y.square().sum(), list(adapter.parameters()))
+        for order in (("in", "out", "tok") if algo == "lokr" else (None,)):
+            with lokr.force_path(order):
+                assert adapter._dora_factored(x, adapter.factors(), original(x)) is not None, order
+                y = layer(x)
+            grads = torch.autograd.grad(y.square().sum(), list(adapter.parameters()))
+            assert _rel(y, want_y) <= 1e-5, order
+            for got, want in zip(grads, want_grads):
+                assert _rel(got, want) <= 1e-5, order
+    finally:
+        adapter.detach()
