@@ -90,8 +90,8 @@ class _Dispatch:
         """W + sum of multiplier * scale * dW, rebuilt in float32, in the weight's dtype."""
         weight = self.base.weight
         w = weight.float()
-        for a in active:
-            w = w + a.multiplier * a.delta_weight().to(w.device, torch.float32)
+        for a in active:  # in order: a DoRA module normalises the weight the adapters before it left
+            w = w + a.multiplier * a.delta_weight(w if a.dora else None).to(w.device, torch.float32)
         return w.to(weight.dtype)
 
     def _merged(self, x: torch.Tensor, active: list[AdapterModule]) -> torch.Tensor:
@@ -186,13 +186,15 @@ class AdapterModule(nn.Module):
         """alpha / rank (1 where the algorithm has no rank), a Python float."""
         return self._scale
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight; for
-        DoRA the change W' - W of the decomposed weight against the layer's current weight."""
+        DoRA the change W' - W of the decomposed weight against `weight` (by default the layer's
+        current weight: stacked adapters pass the weight the ones before them made)."""
         update = self.algo.delta_weight(self.factors(), tuple(self.base.weight.shape)) * self.scale
         if self.dora:
             magnitude = self.get_parameter(DORA_TENSOR)
-            return decomposed_delta(self.base_weight(update.dtype), update, magnitude.to(update.dtype))
+            w = self.base_weight(update.dtype) if weight is None else weight.to(update.dtype)
+            return decomposed_delta(w, update, magnitude.to(update.dtype))
         return update
 
     # -- forward -----------------------------------------------------------------------------
@@ -203,7 +205,12 @@ class AdapterModule(nn.Module):
 
     multiplier = property(lambda self: self._state["multiplier"], lambda self, v: self._set("multiplier", float(v)))
     enabled = property(lambda self: self._state["enabled"], lambda self, v: self._set("enabled", bool(v)))
-    merged = property(lambda self: self._state["merged"], lambda self, v: self._set("merged", bool(v)))
+    def _set_merged(self, value: bool) -> None:
+        if not value:  # unfused by whoever kept the weight (fuse_adapter): a DoRA copy is not needed
+            self.__dict__.pop("_unmerged_weight", None)
+        self._set("merged", bool(value))
+
+    merged = property(lambda self: self._state["merged"], _set_merged)
 
     @property
     def active(self) -> bool:
@@ -286,7 +293,7 @@ class AdapterModule(nn.Module):
         m = self.multiplier if multiplier is None else float(multiplier)
         w = self.base.weight
         if self.dora:  # its change depends on W itself: keep W to put it back exactly
-            self._unmerged_weight = w.detach().clone()
+            self._unmerged_weight = w.detach().to("cpu", copy=True)  # off the accelerator while fused
         w.copy_((w.float() + m * self.delta_weight().float().to(w.device)).to(w.dtype))
         self._merged_multiplier = m
         self.merged = True
@@ -297,8 +304,7 @@ class AdapterModule(nn.Module):
             return
         w = self.base.weight
         if self.dora:
-            w.copy_(self._unmerged_weight)
-            del self._unmerged_weight
+            w.copy_(self._unmerged_weight.to(w.device))
         else:
             w.copy_((w.float() - self._merged_multiplier * self.delta_weight().float().to(w.device)).to(w.dtype))
         self.merged = False
