@@ -2,7 +2,8 @@
 
 Accepts what the tools in the wild write: `lora_unet_` with diffusers or ldm names,
 `lycoris_`, `lora_te_`/`lora_te1_`/`lora_te2_` with or without `text_model_`, LoKr (incl.
-Tucker and 4-D w2_b), LoHa and LoRA/LoCon, and PEFT LoKr state dicts; module keys may contain
+Tucker and 4-D w2_b), LoHa and LoRA/LoCon, each with or without a DoRA magnitude
+(`dora_scale`, applied per lokr_diffusion.dora), and PEFT LoKr state dicts; module keys may contain
 dots (`transformer.transformer_blocks.0.attn.to_q.lokr_w1`), and a module of a family's fused
 original layer (Flux's `img_attn.qkv`) is applied to the Diffusers layers as row slices.
 """
