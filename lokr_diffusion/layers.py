@@ -331,7 +331,8 @@ class RowSliceAdapter(AdapterModule):
         self.rows = tuple((int(s), int(e)) for s, e in rows)
         self.fused_shape = tuple(int(n) for n in fused_shape)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's rows of the scaled fused dW (`weight` is for DoRA, which row slices never are)."""
         full = self.algo.delta_weight(self.factors(), self.fused_shape)
         return torch.cat([full[s:e] for s, e in self.rows]) * self.scale
 
