@@ -27,8 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algos.common import Algorithm, apply_weight, scalar_target
+from .dora import decomposed_delta, factored_change, row_gain, update_row_terms
 from .errors import ConfigError
 from .storage import FP8, StoredLayer
+
+
+DORA_TENSOR = "dora_scale"  # the file name of a DoRA module's magnitude vector
 
 
 class _Holder(nn.Module):
@@ -69,25 +73,25 @@ class _Dispatch:
         training = torch.is_grad_enabled() and any(p.requires_grad for a in active for p in a.parameters())
         if not training and not self.stored:
             return self._merged(x, active)
-        out = self.original(x, *args, **kwargs)
+        out = base_out = self.original(x, *args, **kwargs)
         compiling = torch.compiler.is_compiling()
         for a in active:
             if training and a.training and a.module_dropout:
                 keep = torch.rand(()) >= a.module_dropout  # drawn before the delta's own draws
                 if compiling:  # no host sync: a dropped module adds 0 (its gradient is 0, not None)
-                    out = out + a.delta(x).to(out.dtype) * keep
+                    out = out + a.delta(x, base_out).to(out.dtype) * keep
                     continue
                 if not keep:
                     continue
-            out = out + a.delta(x).to(out.dtype)
+            out = out + a.delta(x, base_out).to(out.dtype)
         return out
 
     def _build_merged(self, active: list[AdapterModule]) -> torch.Tensor:
         """W + sum of multiplier * scale * dW, rebuilt in float32, in the weight's dtype."""
         weight = self.base.weight
         w = weight.float()
-        for a in active:
-            w = w + a.multiplier * a.delta_weight().to(w.device, torch.float32)
+        for a in active:  # in order: a DoRA module normalises the weight the adapters before it left
+            w = w + a.multiplier * a.delta_weight(w if a.dora else None).to(w.device, torch.float32)
         return w.to(weight.dtype)
 
     def _merged(self, x: torch.Tensor, active: list[AdapterModule]) -> torch.Tensor:
@@ -155,7 +159,11 @@ class AdapterModule(nn.Module):
         # use_scalar (LyCORIS): a learnable factor on the update, 0 at first so that both factors
         # can start non-zero; files never hold it, it is folded into one factor (file_tensors)
         self.scalar = nn.Parameter(torch.zeros((), device=next(iter(tensors.values())).device)) if use_scalar else None
-        self._rank = algo.rank(self.tensors())  # from shapes only: fixed for the module's life
+        # DoRA: a magnitude vector beside the factors rescales W + D (lokr_diffusion.dora)
+        self.dora = DORA_TENSOR in self.tensor_names
+        if self.dora and use_scalar:
+            raise ConfigError(f"{key}: use_scalar together with a DoRA magnitude (dora_scale) is not supported")
+        self._rank = algo.rank(self.factors())  # from shapes only: fixed for the module's life
         self._cache_scale()
         self._attached = False
         self._state = {"multiplier": float(multiplier), "enabled": True, "merged": False}
@@ -168,7 +176,7 @@ class AdapterModule(nn.Module):
         return self._base[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors under their file names (e.g. 'lokr_w1', 'lora_down.weight')."""
+        """Tensors under their file names (e.g. 'lokr_w1', 'lora_down.weight', 'dora_scale')."""
         return {n: self.get_parameter(n) for n in self.tensor_names}
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
@@ -179,6 +187,17 @@ class AdapterModule(nn.Module):
             name = scalar_target(t.keys())
             t[name] = t[name] * self.scalar
         return t
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The algorithm's own tensors: `tensors()` without the DoRA magnitude."""
+        return {n: self.get_parameter(n) for n in self.tensor_names if n != DORA_TENSOR}
+
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen layer's weight in `dtype` (a narrower stored weight widened), detached:
+        what a DoRA module normalises against."""
+        base = self.base
+        w = base.dense_weight(dtype) if isinstance(base, StoredLayer) else base.weight.to(dtype)
+        return w.detach()
 
     def _cache_scale(self) -> None:
         """alpha as a Python number: the forward reads it without a host sync (Tensor.item() is
@@ -196,10 +215,18 @@ class AdapterModule(nn.Module):
         """alpha / rank (1 where the algorithm has no rank), a Python float."""
         return self._scale
 
-    def delta_weight(self) -> torch.Tensor:
-        """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight."""
-        dw = self.algo.delta_weight(self.tensors(), tuple(self.base.weight.shape)) * self.scale
-        return dw if self.scalar is None else dw * self.scalar
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight; for
+        DoRA the change W' - W of the decomposed weight against `weight` (by default the layer's
+        current weight: stacked adapters pass the weight the ones before them made)."""
+        update = self.algo.delta_weight(self.factors(), tuple(self.base.weight.shape)) * self.scale
+        if self.scalar is not None:
+            update = update * self.scalar
+        if self.dora:
+            magnitude = self.get_parameter(DORA_TENSOR)
+            w = self.base_weight(update.dtype) if weight is None else weight.to(update.dtype)
+            return decomposed_delta(w, update, magnitude.to(update.dtype))
+        return update
 
     # -- forward -----------------------------------------------------------------------------
     def _set(self, name: str, value) -> None:
@@ -209,7 +236,12 @@ class AdapterModule(nn.Module):
 
     multiplier = property(lambda self: self._state["multiplier"], lambda self, v: self._set("multiplier", float(v)))
     enabled = property(lambda self: self._state["enabled"], lambda self, v: self._set("enabled", bool(v)))
-    merged = property(lambda self: self._state["merged"], lambda self, v: self._set("merged", bool(v)))
+    def _set_merged(self, value: bool) -> None:
+        if not value:  # unfused by whoever kept the weight (fuse_adapter): a DoRA copy is not needed
+            self.__dict__.pop("_unmerged_weight", None)
+        self._set("merged", bool(value))
+
+    merged = property(lambda self: self._state["merged"], _set_merged)
 
     @property
     def active(self) -> bool:
@@ -232,9 +264,12 @@ class AdapterModule(nn.Module):
             self.base.__dict__["_lokr_dispatch"].remove(self)
             self._attached = False
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * dW applied to x: the factored path where the algorithm has one."""
-        t = self.tensors()
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """multiplier * scale * dW applied to x: the factored path where the algorithm has one.
+
+        `base_out` is the frozen layer's output for x: a DoRA module rescales it per output
+        channel instead of rebuilding W + D (lokr_diffusion.dora)."""
+        t = self.factors()
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(dtype)  # adapter math in the adapter's dtype (fp32), cast back by the caller
@@ -242,7 +277,12 @@ class AdapterModule(nn.Module):
         s = self.multiplier if r is None else self._alpha * (self.multiplier / r)
         if self.scalar is not None:
             s = self.scalar.to(x.dtype) * s
-        y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
+        if self.dora:
+            y = self._dora_factored(x, t, base_out)
+            if y is None:  # the norm of W + D from the rebuilt update
+                y = apply_weight(x, (self.delta_weight() * self.multiplier).to(x.dtype), self.base)
+        else:
+            y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
             y = apply_weight(x, w.to(x.dtype) * s, self.base)
@@ -251,6 +291,27 @@ class AdapterModule(nn.Module):
                                      self.rank_dropout_scale, y.device).to(y.dtype)
             y = y * (keep.view(1, -1, 1, 1) if y.dim() == 4 else keep)
         return y
+
+    def _dora_factored(self, x: torch.Tensor, factors: dict[str, torch.Tensor],
+                       base_out: torch.Tensor | None) -> torch.Tensor | None:
+        """multiplier * (W' - W) x without forming W + D: the row norms from contractions of W
+        with the factors, D x on the algorithm's factored path; None where either is missing
+        (a magnitude per input column, LoHa, a grouped conv, the cost model preferring a rebuild)."""
+        magnitude = self.get_parameter(DORA_TENSOR)
+        if base_out is None or magnitude.shape[0] != self.base.weight.shape[0] or magnitude.shape[1] != 1:
+            return None
+        update_x = self.algo.forward(x, factors, self.base, scale=self.scale)
+        if update_x is None:
+            return None
+        weight = self.base_weight(magnitude.dtype)
+        terms = update_row_terms(self.algo.NAME, factors, weight)
+        if terms is None:
+            return None
+        gain = row_gain(weight, *terms, self.scale, magnitude)
+        conv = isinstance(self.base, nn.Conv2d)
+        bias = self.base.bias
+        wx = base_out if bias is None else base_out - (bias.view(1, -1, 1, 1) if conv else bias)
+        return factored_change(wx.to(update_x.dtype), update_x, gain.to(update_x.dtype), conv) * self.multiplier
 
     # -- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -264,6 +325,8 @@ class AdapterModule(nn.Module):
                               "bf16 or fp32 to fuse")
         m = self.multiplier if multiplier is None else float(multiplier)
         w = self.base.weight
+        if self.dora:  # its change depends on W itself: keep W to put it back exactly
+            self._unmerged_weight = w.detach().to("cpu", copy=True)  # off the accelerator while fused
         w.copy_((w.float() + m * self.delta_weight().float().to(w.device)).to(w.dtype))
         self._merged_multiplier = m
         self.merged = True
@@ -273,7 +336,10 @@ class AdapterModule(nn.Module):
         if not self.merged:
             return
         w = self.base.weight
-        w.copy_((w.float() - self._merged_multiplier * self.delta_weight().float().to(w.device)).to(w.dtype))
+        if self.dora:
+            w.copy_(self._unmerged_weight.to(w.device))
+        else:
+            w.copy_((w.float() - self._merged_multiplier * self.delta_weight().float().to(w.device)).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -298,11 +364,12 @@ class RowSliceAdapter(AdapterModule):
         self.rows = tuple((int(s), int(e)) for s, e in rows)
         self.fused_shape = tuple(int(n) for n in fused_shape)
 
-    def delta_weight(self) -> torch.Tensor:
-        full = self.algo.delta_weight(self.tensors(), self.fused_shape)
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's rows of the scaled fused dW (`weight` is for DoRA, which row slices never are)."""
+        full = self.algo.delta_weight(self.factors(), self.fused_shape)
         return torch.cat([full[s:e] for s, e in self.rows]) * self.scale
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         """multiplier * this layer's rows of the scaled fused dW, applied to x (no factored path:
         the rows of a product are no product of the factors' rows in general)."""
         w = self.delta_weight() * self.multiplier

@@ -2,7 +2,8 @@
 
 Accepts what the tools in the wild write: `lora_unet_` with diffusers or ldm names,
 `lycoris_`, `lora_te_`/`lora_te1_`/`lora_te2_` with or without `text_model_`, LoKr (incl.
-Tucker and 4-D w2_b), LoHa and LoRA/LoCon, and PEFT LoKr state dicts; module keys may contain
+Tucker and 4-D w2_b), LoHa and LoRA/LoCon, each with or without a DoRA magnitude
+(`dora_scale`, applied per lokr_diffusion.dora), and PEFT LoKr state dicts; module keys may contain
 dots (`transformer.transformer_blocks.0.attn.to_q.lokr_w1`), and a module of a family's fused
 original layer (Flux's `img_attn.qkv`) is applied to the Diffusers layers as row slices.
 """
@@ -23,10 +24,10 @@ from .algos import ALGORITHMS, Algorithm, detect_algorithm, scalar_target
 from .errors import AdapterFileError, ConfigError
 from .families import Family, family_of_adapter_keys
 from .fileformat import read_safetensors
-from .layers import AdapterModule, RowSliceAdapter
+from .layers import DORA_TENSOR, AdapterModule, RowSliceAdapter
 from .network import AdapterNetwork, component_models, family_of
 from .targets import Target
-from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name
+from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name, magnitude_problem
 from .tools.peft import from_peft, is_peft_layout
 
 # from_peft lives in tools.peft, the one PEFT reader
@@ -167,10 +168,13 @@ def check_module_tensors(source: str, key: str, weight_shape: tuple[int, ...], t
                          weight: str = "the model's weight") -> Algorithm:
     """The algorithm of one module's tensors, after checking they rebuild a weight of `weight_shape`
     (`weight` says whose, for the messages)."""
+    tensors = dict(tensors)
+    magnitude = tensors.pop(DORA_TENSOR, None)
     names = set(tensors)
-    if "dora_scale" in names:
-        raise AdapterFileError(f"{source}: module {key} uses DoRA (dora_scale), which lokr-diffusion does not apply; "
-                               "the tools disagree on its meaning, so loading it without would give wrong weights")
+    if magnitude is not None:
+        dora_problem = magnitude_problem(magnitude, tuple(weight_shape))
+        if dora_problem is not None:
+            raise AdapterFileError(f"{source}: module {key}: {dora_problem} ({weight})")
     algo = detect_algorithm(names)
     if algo is None:
         raise AdapterFileError(f"{source}: module {key} has tensors {sorted(names)}, which are no LoKr "
@@ -212,7 +216,7 @@ def _module_params(source: str, module_key: str, group: dict[str, torch.Tensor],
         group.pop(name)
         report.ignored_tensors.append(f"{module_key}.{name}")
     algo = check_module_tensors(source, module_key, weight_shape, group, weight)
-    unknown = set(group) - set(algo.TENSOR_NAMES)
+    unknown = set(group) - set(algo.TENSOR_NAMES) - {DORA_TENSOR}
     if unknown:
         raise AdapterFileError(f"{source}: module {module_key} has unknown tensors {sorted(unknown)} "
                                f"for {algo.NAME} (expected some of {list(algo.TENSOR_NAMES)})")
@@ -291,6 +295,10 @@ def network_from_tensors(tensors: Mapping[str, torch.Tensor], unet: nn.Module | 
                 raise AdapterFileError(f"{source}: modules {seen[id(target.module)]} and {module_key} both patch "
                                        f"{target.component} module {target.path}")
             seen[id(target.module)] = module_key
+        if DORA_TENSOR in group and slices[0][2] is not None:
+            raise AdapterFileError(f"{source}: module {module_key} is a DoRA module (dora_scale) over "
+                                   f"{weight}; a magnitude normalised over the fused weight cannot be applied "
+                                   "to its row slices")
         algo, params, alpha = _module_params(source, module_key, group, shape, weight, dtype, report)
         device = slices[0][0].module.weight.device
         params = {n: nn.Parameter(t.to(device)) for n, t in params.items()}  # one set, shared by the slices

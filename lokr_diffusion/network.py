@@ -19,8 +19,10 @@ from .algos import ALGORITHMS, ModuleSettings, get_algorithm
 from .errors import ConfigError
 from .families import Family, family_of_models, family_of_text_encoders, get_family
 from .fileformat import training_metadata, write_safetensors
-from .layers import AdapterModule
+from .dora import init_magnitude
+from .layers import DORA_TENSOR, AdapterModule
 from .overrides import ModuleOverride, containing_classes, first_match, parse_overrides
+from .storage import StoredLayer
 from .schema import Scope, check_fields, setting
 from .targets import PRESETS, Target, select_targets
 
@@ -56,6 +58,12 @@ class AdapterConfig:
     conv_alpha: float | None = setting(None, gt=0, default_doc="= conv_dim", help="alpha of k x k convs")
     full_matrix: bool = setting(False, help="LoKr: never decompose w2")
     decompose_both: bool = setting(False, help="LoKr: also decompose w1 when the rank is small enough")
+    weight_decompose: bool = setting(False, help="DoRA (LyCORIS `dora_wd`): also train a magnitude per output row, "
+                                                 "saved as `dora_scale` (see docs/toolbox.md for how each UI "
+                                                 "applies it)")
+    use_tucker: bool = setting(False, help="k x k convs with a low-rank factor store it as a Tucker core "
+                                           "(`lokr_t2`, `hada_t1`/`hada_t2`, `lora_mid`), as LyCORIS `use_tucker`; "
+                                           "ComfyUI skips Tucker LoKr layers")
     include: tuple[str, ...] = setting((), help="shell globs on module paths or file keys to adapt, e.g. "
                                                 "`\"*attn2*\"`, `\"lora_unet_mid_block_*\"`")
     exclude: tuple[str, ...] = setting((), help="shell globs of modules to leave out (same forms as `include`)")
@@ -96,7 +104,7 @@ class AdapterConfig:
         get = lambda name: o.get(name, getattr(self, name))  # noqa: E731
         settings = None if dim is None else ModuleSettings(
             dim, dim if alpha is None else alpha, get("factor"), get("full_matrix"), get("decompose_both"),
-            use_scalar=get("use_scalar"), unbalanced=get("unbalanced_factorization"))
+            use_scalar=get("use_scalar"), unbalanced=get("unbalanced_factorization"), use_tucker=self.use_tucker)
         return ModulePlan(get("algo"), settings, get("rs_lora"), get("rank_dropout"), get("module_dropout"))
 
     def network_args(self) -> dict[str, object]:
@@ -105,9 +113,11 @@ class AdapterConfig:
         if self.conv_dim:
             args.update(conv_dim=self.conv_dim, conv_alpha=self.conv_alpha if self.conv_alpha is not None else self.conv_dim)
         for name in ("full_matrix", "decompose_both", "use_scalar", "rs_lora", "unbalanced_factorization",
-                     "rank_dropout_scale"):
+                     "rank_dropout_scale", "use_tucker"):
             if getattr(self, name):
                 args[name] = True
+        if self.weight_decompose:
+            args["dora_wd"] = True  # LyCORIS's name for it
         for name in ("rank_dropout", "module_dropout"):
             if getattr(self, name):
                 args[name] = getattr(self, name)
@@ -320,7 +330,8 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
             if index is not None:
                 used[index] += 1
                 network.override_of[key] = index
-            adapter = new_adapter(key, target.module, plan, config.rank_dropout_scale)
+            adapter = new_adapter(key, target.module, plan, config.rank_dropout_scale,
+                                  weight_decompose=config.weight_decompose)
             network.add_adapter(Target(component, target.path, target.module), adapter.key, adapter)
     if skipped_convs:
         logger.info("skipped %d k x k convolutions of preset %r: set conv_dim to train them", skipped_convs, config.preset)
@@ -331,13 +342,20 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
     return network
 
 
-def new_adapter(key: str, base: nn.Module, plan: ModulePlan, rank_dropout_scale: bool = False) -> AdapterModule:
-    """A freshly initialised adapter for `base` as `plan` says (the update starts at exactly 0)."""
+def new_adapter(key: str, base: nn.Module, plan: ModulePlan, rank_dropout_scale: bool = False, *,
+                weight_decompose: bool = False) -> AdapterModule:
+    """A freshly initialised adapter for `base` as `plan` says (the update starts at exactly 0);
+    with `weight_decompose` (DoRA) its magnitude starts as the base weight's row norms."""
     algo, settings = get_algorithm(plan.algo), plan.settings
     weight = base.weight
     with torch.device(weight.device):
         tensors = algo.init_tensors(tuple(weight.shape), settings)
-    rank = algo.rank(tensors)
+        rank = algo.rank(tensors)
+        if weight_decompose:
+            if settings.use_scalar:
+                raise ConfigError(f"{key}: use_scalar together with weight_decompose (DoRA) is not supported")
+            dense = base.dense_weight(torch.float32) if isinstance(base, StoredLayer) else weight
+            tensors[DORA_TENSOR] = init_magnitude(dense)
     # both LoKr factors full: scale is 1 in every tool, store alpha = rank to say so
     alpha = stored_alpha(settings.alpha, rank, plan.rs_lora) if rank is not None else settings.dim
     return AdapterModule(key, base, algo, tensors, alpha, rank_dropout=plan.rank_dropout,

@@ -248,9 +248,9 @@ def test_family_mismatch_and_dora(saved, tmp_path, sd15, sdxl):
     with pytest.raises(AdapterFileError, match="for SD 1.x or SD 2.x, but the model is SDXL"):
         load_network(saved[0], unet=sdxl[0], text_encoders=sdxl[1])
 
-    def dora(sd):
-        sd[f"{KEY}.dora_scale"] = torch.ones(1, 4)
-    with pytest.raises(AdapterFileError, match=rf"{KEY} uses DoRA"):
+    def dora(sd):  # a DoRA magnitude must give one value per output row or input column
+        sd[f"{KEY}.dora_scale"] = torch.ones(3, 3)
+    with pytest.raises(AdapterFileError, match=rf"{KEY}: DoRA magnitude dora_scale of shape \(3, 3\) fits neither"):
         load_network(_file_with(tmp_path, saved[0], dora), unet=sd15[0], text_encoders=sd15[1])
 
 

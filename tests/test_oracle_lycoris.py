@@ -137,10 +137,14 @@ def test_full_network_loads_through_lycoris_kohya_loader(tiny_sd15_path, tmp_pat
 
 @pytest.mark.parametrize("algo,extra", [("lokr", {"factor": 4}), ("lokr", {"factor": -1, "full_matrix": True}),
                                         ("loha", {}), ("locon", {}),
-                                        ("loha", {"use_scalar": True, "rs_lora": True})])
+                                        ("loha", {"use_scalar": True, "rs_lora": True}),
+                                        ("lokr", {"factor": 4, "dora_wd": True}),
+                                        ("loha", {"dora_wd": True, "use_tucker": True}),
+                                        ("locon", {"dora_wd": True, "use_tucker": True})])
 def test_lycoris_files_load_here(tiny_sd15_path, tmp_path, algo, extra):
     """A file LyCORIS writes (on a transformers-5 CLIP, so its TE keys lack text_model_) loads into
-    our modules and the UNet/TE outputs equal LyCORIS's own forward."""
+    our modules and the UNet/TE outputs equal LyCORIS's own forward; DoRA (`dora_wd`) and Tucker
+    (`use_tucker`) files too."""
     unet, tes = load_components(tiny_sd15_path)
     te = tes[0]
     lyco_unet, lyco_te = copy.deepcopy(unet), copy.deepcopy(te)
@@ -157,6 +161,10 @@ def test_lycoris_files_load_here(tiny_sd15_path, tmp_path, algo, extra):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     file = tmp_path / "lyco.safetensors"
     network.save_weights(str(file), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    from safetensors.torch import load_file
+    names = {k.rsplit(".", 1)[-1] if "lora_" not in k else k.split(".", 1)[1] for k in load_file(file)}
+    assert ("dora_scale" in names) == bool(extra.get("dora_wd"))
+    assert bool(names & {"hada_t1", "lora_mid.weight"}) == bool(extra.get("use_tucker"))
 
     ours, report = load_network(file, unet=unet, text_encoders=[te], strict=True)
     assert not report.unmatched

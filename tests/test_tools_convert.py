@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lokr_diffusion import load_adapter, unload_adapter
+from lokr_diffusion.tools.adapterfile import group_modules
 from lokr_diffusion.tools.keymap import alias_table
 
 from .helpers import load_components
@@ -148,14 +149,28 @@ def test_dtype_and_missing_alpha(capsys, sd15, sd15_lokr, tmp_path):
     assert code == 0 and "max abs diff 0" in text and "alpha written where missing: 3" in text
 
 
-def test_refusals_exit_2(capsys, sd15_lokr, tmp_path):
-    def add_dora(t):
-        key = next(k for k in t if k.endswith("lokr_w1")).replace("lokr_w1", "dora_scale")
-        return {**t, key: torch.ones(4, 1)}
+def _add_dora(t):
+    """A magnitude per output row on every module, as LyCORIS writes them."""
+    g = torch.Generator().manual_seed(4)
+    for key, m in group_modules(t).items():
+        t[f"{key}.dora_scale"] = 1 + torch.rand(m.flat_shape()[0], 1, *([1, 1] if m.kernel() else []), generator=g)
+    return t
 
-    dora = rewrite(sd15_lokr, tmp_path / "dora.safetensors", add_dora)
-    code, _, err = run_cli(capsys, "convert", dora, tmp_path / "x.safetensors")
-    assert code == 2 and "DoRA" in err and not (tmp_path / "x.safetensors").exists()
+
+def test_dora_file_converts_with_its_magnitudes_copied(capsys, sd15_lokr, tmp_path):
+    dora = rewrite(sd15_lokr, tmp_path / "dora.safetensors", _add_dora)
+    out = tmp_path / "out.safetensors"
+    r = run_json(capsys, "convert", dora, out)
+    assert r["max_rel_diff"] == 0
+    want, got = load_file(dora), load_file(out)
+    mags = [k for k in want if k.endswith(".dora_scale")]
+    assert mags and all(torch.equal(got[k], want[k]) for k in mags)
+
+
+def test_refusals_exit_2(capsys, sd15_lokr, tmp_path):
+    dora = rewrite(sd15_lokr, tmp_path / "dora.safetensors", _add_dora)
+    code, _, err = run_cli(capsys, "convert", dora, tmp_path / "x", "--to", "peft")
+    assert code == 2 and "DoRA" in err and not (tmp_path / "x").exists()
     code, _, err = run_cli(capsys, "convert", tmp_path / "missing.safetensors", tmp_path / "y.safetensors")
     assert code == 2 and "no such file" in err
     code, _, err = run_cli(capsys, "convert", sd15_lokr, tmp_path / "out.bin", "--to", "lycoris")

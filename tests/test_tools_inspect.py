@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lokr_diffusion.tools.adapterfile import group_modules
 from lokr_diffusion.tools.keymap import alias_table
 
 from .helpers import load_components
@@ -103,7 +104,7 @@ def _tucker(t):
 
 def _dora(t):
     mod = _first(t, "lokr_w1")
-    t[f"{mod}.dora_scale"] = torch.ones(4, 1)
+    t[f"{mod}.dora_scale"] = torch.ones(group_modules(t)[mod].flat_shape()[0], 1)  # one magnitude per output row
     return t
 
 

@@ -19,7 +19,7 @@ def sd15_adapters(tiny_sd15_path, tmp_path_factory):
     unet, tes = load_components(tiny_sd15_path)
     a, b = folder / "a.safetensors", folder / "b.safetensors"
     make_adapter(unet, tes, a, seed=1, algo="lokr", preset="full", factor=4, dim=2, conv_dim=2)
-    make_adapter(unet, tes, b, seed=2, algo="loha", preset="attn-mlp", dim=2, alpha=1.0)
+    make_adapter(unet, tes, b, seed=2, algo="loha", preset="attn-mlp", dim=2, alpha=1.0, weight_decompose=True)
     return a, b
 
 
@@ -39,6 +39,7 @@ def _assert_same(model, reference, tol):
 
 
 def test_folder_equals_loaded_adapters(capsys, tiny_sd15_path, sd15_adapters, tmp_path):
+    """b is a DoRA file: merged after a, it normalises the weight a left, as when both are loaded."""
     a, b = sd15_adapters
     out = tmp_path / "merged"
     r = run_json(capsys, "merge", "--base", tiny_sd15_path, "--adapter", f"{a}:0.7", "--adapter", b, "--out", out)

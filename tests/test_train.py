@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lokr_diffusion import load_network
+from lokr_diffusion.dora import init_magnitude
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.training.config import config_from_dict, load_config, parse_override
 from lokr_diffusion.training.logs import read_log
@@ -150,8 +151,10 @@ def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_end_to_end_with_text_encoder(tiny_sdxl_path, tmp_path):
+    """Also DoRA and Tucker: the ResNet convs of the `full` preset get Tucker cores, every module a magnitude."""
     cfg = write_config(tmp_path, tiny_sdxl_path,
-                       network={"algo": "loha", "dim": 2, "train_text_encoder": True, "preset": "attn-only"},
+                       network={"algo": "loha", "dim": 2, "train_text_encoder": True, "preset": "full", "conv_dim": 2,
+                                "weight_decompose": True, "use_tucker": True},
                        train={"max_steps": 2, "text_encoder_lr": 5e-4},
                        sample={"prompts": ["a blue square"], "every_steps": 2, "steps": 2, "num_images": 1,
                                "width": 64, "height": 64})
@@ -160,9 +163,15 @@ def test_sdxl_end_to_end_with_text_encoder(tiny_sdxl_path, tmp_path):
     sd = load_file(adapter)
     assert any(k.startswith("lora_unet_input_blocks_") for k in sd)
     assert any(k.startswith("lora_te1_text_model_") for k in sd) and any(k.startswith("lora_te2_text_model_") for k in sd)
+    modules = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".alpha")}
+    assert {k.rsplit(".", 1)[0] for k in sd if k.endswith(".dora_scale")} == modules
+    tucker = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".hada_t1")}
+    assert tucker and all(sd[f"{m}.hada_t1"].shape[2:] == (3, 3) for m in tucker)
     unet, tes = load_components(tiny_sdxl_path)
     net, report = load_network(adapter, unet=unet, text_encoders=tes, strict=True)
     assert set(report.patched) == {"unet", "te1", "te2"}
+    trained = next(a for a in net.adapters() if a.key in tucker)  # the magnitudes moved from the base norms
+    assert not torch.allclose(trained.dora_scale, init_magnitude(trained.base.weight))
     net.remove()
     assert "family sdxl" in log
 

@@ -76,20 +76,23 @@ class ModuleSettings:
     `use_scalar` (LyCORIS `use_scalar`): the second factor starts Kaiming/normal instead of
     zero, the update being held at 0 by a learnable scalar that starts at 0 (AdapterModule).
     `unbalanced` (LyCORIS `unbalanced_factorization`): LoKr puts the larger output factor on w1.
+    `use_tucker` (LyCORIS `use_tucker`): k x k convs with a low-rank factor get a Tucker core.
     """
 
-    __slots__ = ("dim", "alpha", "factor", "full_matrix", "decompose_both", "use_scalar", "unbalanced")
+    __slots__ = ("dim", "alpha", "factor", "full_matrix", "decompose_both", "use_scalar", "unbalanced", "use_tucker")
 
     def __init__(self, dim: int, alpha: float, factor: int = -1, full_matrix: bool = False,
-                 decompose_both: bool = False, use_scalar: bool = False, unbalanced: bool = False) -> None:
+                 decompose_both: bool = False, use_scalar: bool = False, unbalanced: bool = False,
+                 use_tucker: bool = False) -> None:
         self.dim, self.alpha, self.factor = int(dim), float(alpha), int(factor)
         self.full_matrix, self.decompose_both = bool(full_matrix), bool(decompose_both)
         self.use_scalar, self.unbalanced = bool(use_scalar), bool(unbalanced)
+        self.use_tucker = bool(use_tucker)
 
     def __repr__(self) -> str:
         return (f"ModuleSettings(dim={self.dim}, alpha={self.alpha}, factor={self.factor}, "
                 f"full_matrix={self.full_matrix}, decompose_both={self.decompose_both}, "
-                f"use_scalar={self.use_scalar}, unbalanced={self.unbalanced})")
+                f"use_scalar={self.use_scalar}, unbalanced={self.unbalanced}, use_tucker={self.use_tucker})")
 
 
 def scalar_target(names: "set[str] | tuple[str, ...]") -> str:
@@ -99,3 +102,9 @@ def scalar_target(names: "set[str] | tuple[str, ...]") -> str:
         if name in names:
             return name
     raise ValueError(f"no factor to fold a scalar into among {sorted(names)}")
+
+
+def tucker_applies(settings: ModuleSettings, kernel: tuple[int, ...]) -> bool:
+    """Whether a layer gets a Tucker core: `use_tucker` on a conv whose kernel is more than 1x1
+    (LyCORIS's rule; each algorithm adds its own condition on the rank)."""
+    return settings.use_tucker and any(k != 1 for k in kernel)

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from .common import ModuleSettings, weight_dims
+from .common import ModuleSettings, tucker_applies, weight_dims
 
 NAME = "loha"
 TENSOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -22,10 +22,23 @@ def detect(names: set[str]) -> bool:
 
 def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
     """LyCORIS initialisation: w2_a zero, so the product (and dW) starts at exactly 0 (with
-    `use_scalar` w2_a is normal(0.1) like w1_a: the module's scalar holds dW at 0)."""
+    `use_scalar` w2_a is normal(0.1) like w1_a: the module's scalar holds dW at 0).
+
+    With `use_tucker` on a k x k conv each half is a Tucker product as LyCORIS writes it:
+    cores hada_t1, hada_t2 (r, r, kh, kw) and factors hada_wi_a (r, out), hada_wi_b (r, in).
+    """
     out_dim, in_dim, kernel = weight_dims(weight_shape)
     k = math.prod(kernel)
     r = settings.dim
+    if tucker_applies(settings, kernel):
+        return {
+            "hada_t1": torch.randn(r, r, *kernel) * 0.1,
+            "hada_w1_a": torch.randn(r, out_dim) * 0.1,
+            "hada_w1_b": torch.randn(r, in_dim),
+            "hada_t2": torch.randn(r, r, *kernel) * 0.1,
+            "hada_w2_a": torch.randn(r, out_dim) * 0.1 if settings.use_scalar else torch.zeros(r, out_dim),
+            "hada_w2_b": torch.randn(r, in_dim),
+        }
     return {
         "hada_w1_a": torch.randn(out_dim, r) * 0.1,
         "hada_w1_b": torch.randn(r, in_dim * k),

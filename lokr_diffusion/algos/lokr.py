@@ -16,7 +16,7 @@ from torch import nn
 
 from ..kron import factorization, kron
 from ..kron_autograd import kron_conv2d, kron_linear
-from .common import ModuleSettings, kaiming_, weight_dims
+from .common import ModuleSettings, kaiming_, tucker_applies, weight_dims
 
 NAME = "lokr"
 TENSOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -43,7 +43,12 @@ def factor_shapes(weight_shape: tuple[int, ...], factor: int, unbalanced: bool =
 
 def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
     """LyCORIS initialisation: w2 (or w2_b) zero, the rest Kaiming, so dW starts at exactly 0
-    (with `use_scalar` w2 is Kaiming too: the module's scalar, 0 at first, holds dW at 0)."""
+    (with `use_scalar` w2 is Kaiming too: the module's scalar, 0 at first, holds dW at 0).
+
+    With `use_tucker` on a k x k conv whose w2 is low-rank, w2 is a Tucker product as LyCORIS
+    writes it: core lokr_t2 (r, r, kh, kw), lokr_w2_a (r, b) (transposed against the plain
+    form) and lokr_w2_b (r, d) (zero).
+    """
     _, _, kernel = weight_dims(weight_shape)
     s = settings
     a, b, c, d = factor_shapes(weight_shape, s.factor, s.unbalanced)
@@ -55,7 +60,11 @@ def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dic
         t["lokr_w1_b"] = kaiming_(torch.empty(r, c))
     else:
         t["lokr_w1"] = kaiming_(torch.empty(a, c))
-    if not s.full_matrix and r < max(b, d) / 2:
+    if not s.full_matrix and r < max(b, d) / 2 and tucker_applies(s, kernel):
+        t["lokr_t2"] = kaiming_(torch.empty(r, r, *kernel))
+        t["lokr_w2_a"] = kaiming_(torch.empty(r, b))
+        t["lokr_w2_b"] = _second(torch.empty(r, d), s.use_scalar)
+    elif not s.full_matrix and r < max(b, d) / 2:
         t["lokr_w2_a"] = kaiming_(torch.empty(b, r))
         t["lokr_w2_b"] = _second(torch.empty(r, d * k), s.use_scalar)
     else:

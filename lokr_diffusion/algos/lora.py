@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import ModuleSettings, kaiming_, weight_dims
+from .common import ModuleSettings, kaiming_, tucker_applies, weight_dims
 
 NAME = "lora"
 TENSOR_NAMES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -21,10 +21,21 @@ def detect(names: set[str]) -> bool:
 
 def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
     """down Kaiming, up zero: the update starts at exactly 0 (with `use_scalar` up is Kaiming
-    too and the module's scalar holds the update at 0)."""
+    too and the module's scalar holds the update at 0).
+
+    With `use_tucker` on a k x k conv (LoCon), down is a 1x1 conv (r, in, 1, 1), the kernel sits
+    in a core lora_mid (r, r, kh, kw) (Kaiming), as LyCORIS writes it.
+    """
     out_dim, in_dim, kernel = weight_dims(weight_shape)
     r = settings.dim
     ones = (1,) * len(kernel)
+    if tucker_applies(settings, kernel):
+        return {
+            "lora_down.weight": kaiming_(torch.empty(r, in_dim, *ones)),
+            "lora_mid.weight": kaiming_(torch.empty(r, r, *kernel)),
+            "lora_up.weight": (kaiming_(torch.empty(out_dim, r, *ones)) if settings.use_scalar
+                               else torch.zeros(out_dim, r, *ones)),
+        }
     return {
         "lora_down.weight": kaiming_(torch.empty(r, in_dim, *kernel)),
         "lora_up.weight": (kaiming_(torch.empty(out_dim, r, *ones)) if settings.use_scalar
@@ -48,13 +59,19 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
             scale: float | torch.Tensor | None = None) -> torch.Tensor | None:
-    """Bypass path down -> up, never forming the (out, in) matrix; the result times `scale`
-    when given. None for a Tucker mid on a conv or unexpected tensor ranks."""
+    """Bypass path down [-> mid] -> up, never forming the (out, in) matrix; the result times
+    `scale` when given. None for unexpected tensor ranks or a grouped conv with a Tucker mid."""
     down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+    mid = tensors.get("lora_mid.weight")
     if isinstance(base, nn.Conv2d):
-        if "lora_mid.weight" in tensors or down.dim() != 4 or up.dim() != 4:
+        if down.dim() != 4 or up.dim() != 4:
             return None
-        h = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)
+        if mid is not None:  # Tucker: 1x1 down, the layer's geometry on the core, 1x1 up
+            if base.groups != 1 or down.shape[2:] != (1, 1):
+                return None
+            h = F.conv2d(F.conv2d(x, down), mid, None, base.stride, base.padding, base.dilation)
+        else:
+            h = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)
         y = F.conv2d(h, up)
     else:
         if down.dim() != 2 or up.dim() != 2:

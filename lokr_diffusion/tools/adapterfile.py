@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from ..algos import ALGORITHMS, detect_algorithm
+from ..dora import on_output_axis
 from ..errors import AdapterFileError
 from ..families import FAMILIES, FileFamily, family_of_adapter
 
@@ -287,6 +288,38 @@ def module_problem(tensors: Mapping[str, torch.Tensor], algo: ModuleType) -> str
     return None
 
 
+def magnitude_problem(magnitude: torch.Tensor, weight_shape: tuple[int, ...]) -> str | None:
+    """What makes a DoRA `dora_scale` unusable for a weight of `weight_shape` (None when it fits):
+    a float tensor of one finite magnitude per output row or per input column."""
+    if magnitude.dtype not in FACTOR_DTYPES:
+        return f"dora_scale has dtype {dtype_name(magnitude.dtype)}; expected a float type"
+    try:
+        on_output_axis(tuple(magnitude.shape), tuple(weight_shape))
+    except ValueError as exc:
+        return str(exc)
+    if not torch.isfinite(magnitude.float()).all():
+        return "dora_scale has non-finite values (NaN or inf)"
+    return None
+
+
+def flat_magnitude_problem(magnitude: torch.Tensor, flat: tuple[int, int]) -> str | None:
+    """`magnitude_problem` for a module known only by its flattened shape (out, in*kh*kw), as in a
+    file read without its model: one magnitude per output row, or per input channel of a size
+    that divides in*kh*kw."""
+    shape = tuple(magnitude.shape)
+    out, in_k = flat
+    fits = len(shape) >= 2 and all(s == 1 for s in shape[2:]) and (
+        (shape[0] == out and shape[1] == 1) or (shape[0] == 1 and shape[1] >= 1 and in_k % shape[1] == 0))
+    if not fits:
+        return (f"dora_scale has shape {shape}; expected one magnitude per output row ({out}, 1[, 1, 1]) "
+                "or per input channel (1, in[, 1, 1])")
+    if magnitude.dtype not in FACTOR_DTYPES:
+        return f"dora_scale has dtype {dtype_name(magnitude.dtype)}; expected a float type"
+    if not torch.isfinite(magnitude.float()).all():
+        return "dora_scale has non-finite values (NaN or inf)"
+    return None
+
+
 def alpha_problem(alpha: torch.Tensor) -> str | None:
     """What is wrong with a stored alpha (None when it is one number)."""
     if alpha.numel() != 1:
@@ -331,6 +364,8 @@ def check_modules(modules: Mapping[str, FileModule], source: str, finite: bool =
         problem = module_problem(m.tensors, m.algo)
         if problem is None and m.alpha is not None:
             problem = alpha_problem(m.alpha)
+        if problem is None and "dora_scale" in m.extras:
+            problem = flat_magnitude_problem(m.extras["dora_scale"], m.flat_shape())
         if problem is not None:
             raise AdapterFileError(f"{source}: module {m.key}: {problem}")
         names = non_finite(m)

@@ -5,7 +5,9 @@ architecture, a Tucker core is multiplied out into the plain w2 that ComfyUI and
 load (its alpha / r folded so the effective weight stays put), PEFT's always-applied
 alpha / r becomes the LyCORIS scale. Before anything is written, the effective update
 scale * dW of every module of the output is compared with the input's; a mismatch beyond
-the output dtype's rounding is an error, and the largest difference is reported.
+the output dtype's rounding is an error, and the largest difference is reported. A DoRA
+magnitude (`dora_scale`) is copied unchanged: with D = scale * dW kept, the decomposed weight
+is kept too.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from .adapterfile import (
 )
 from .outputs import atomic_folder, check_output
 
+DORA = "dora_scale"
 _DROPPED = ("scale", "bias", "on_input")  # only A1111 reads `scale`; nobody needs the others
 _REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -99,9 +102,6 @@ def read_any(src: str | Path, family: str | Family | None = None, component: str
             names = sorted(f"{key}.{n}".rstrip(".") for n in m.extras)
             raise AdapterFileError(f"{src}: tensors {names} are no LoKr, LoHa or LoRA set (lokr_w1..., hada_w1_a..., "
                                    "lora_down.weight...); remove them or fix their names")
-        if "dora_scale" in m.extras:
-            raise AdapterFileError(f"{src}: module {key} uses DoRA (dora_scale); the tools disagree on its meaning, "
-                                   "so it cannot be converted without changing the result")
     reference = {k: m.delta() for k, m in modules.items()}
     return modules, reference, metadata, "lycoris", [], given or detect_family(modules, metadata)
 
@@ -126,7 +126,8 @@ def _untucker(m: FileModule) -> tuple[dict[str, torch.Tensor], float]:
 
 
 def plain_form(m: FileModule, default_alpha: float | None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The module in the safe profile: no Tucker core, 2-D w2_b, a float32 alpha, no extras."""
+    """The module in the safe profile: no Tucker core, 2-D w2_b, a float32 alpha, no extras but a
+    DoRA magnitude."""
     t = dict(m.tensors)
     changes = []
     alpha = None if m.alpha is None else float(m.alpha.float().reshape(-1)[0])
@@ -140,6 +141,8 @@ def plain_form(m: FileModule, default_alpha: float | None) -> tuple[dict[str, to
         r = m.rank
         alpha = float(r) if r is not None else (default_alpha or 1.0)  # scale 1, as the UIs read it
         changes.append("alpha_added")
+    if DORA in m.extras:  # the magnitude is kept as it is: the update D it rescales is kept exactly
+        t[DORA] = m.extras[DORA]
     dropped = [n for n in m.extras if n in _DROPPED]
     if dropped:
         changes.append("dropped:" + ",".join(sorted(dropped)))
@@ -200,6 +203,11 @@ def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtyp
     check_output(dst, overwrite)
     modules, reference, metadata, layout, notes, found = read_any(src, family, component)
     found = keymap.require_family(found, str(src))
+    dora = next((k for k, m in modules.items() if DORA in m.extras), None)
+    if dora is not None and (to != "lycoris" or found.naming_family.file_layouts):
+        raise AdapterFileError(f"{src}: module {dora} uses DoRA (dora_scale); it converts only to the LyCORIS layout "
+                               "of a family with one key layout (PEFT LoKr has no magnitude vector, and splitting "
+                               "or stacking fused layers would change what the magnitude normalises)")
     if found.naming_family.file_layouts and to != "peft":
         return _convert_layout(src, dst, to, dtype, modules, reference, metadata, layout, notes, found)
     if to not in ("lycoris", "peft"):
@@ -232,7 +240,8 @@ def _convert(src: str | Path, dst: str | Path, to: str | None, dtype: torch.dtyp
     out_dtypes = {v.dtype for m in plain.values() for v in m.tensors.values()}
     tol = max(_REL_TOL.get(d, 1e-5) for d in out_dtypes)
     if to == "lycoris":
-        tensors = {f"{k}.{n}": v for k, m in plain.items() for n, v in {**m.tensors, "alpha": m.alpha}.items()}
+        tensors = {f"{k}.{n}": v for k, m in plain.items()
+                   for n, v in {**m.tensors, **{n: e for n, e in m.extras.items() if n == DORA}, "alpha": m.alpha}.items()}
         produced = {k: plain[out_key[k]].delta() for k in reference}
         report["max_abs_diff"], report["max_rel_diff"] = _check(reference, produced, tol)
         write_safetensors(dst, tensors, _metadata(metadata, found.family, plain, dst, src))

@@ -81,13 +81,17 @@ def _check_module(m: FileModule, info: dict, family: Family | None, layout: str,
         w.add("unknown_module", "tensors are no LoKr, LoHa or LoRA set; every loader skips these modules", key)
         return
     if "lokr_t2" in m.tensors:
-        w.add("tucker", "Tucker LoKr (lokr_t2): ComfyUI silently skips these layers and LyCORIS's loader fails on "
-              "them; `lokr-diffusion convert` rebuilds the plain w2 exactly", key)
+        w.add("tucker", "Tucker LoKr (lokr_t2): ComfyUI leaves every such layer unpatched (its issue #11245, "
+              "\"view size is not compatible\" in the log) and LyCORIS's loader misreads their rank, while "
+              "AUTOMATIC1111 and lokr-diffusion apply them; `lokr-diffusion convert` rebuilds the plain w2 exactly", key)
     if "lokr_w2_b" in m.tensors and m.tensors["lokr_w2_b"].dim() == 4 and "lokr_t2" not in m.tensors:
         w.add("w2_b_4d", "4-D lokr_w2_b: ComfyUI and A1111 cannot rebuild it; `convert` flattens it", key)
     if "dora_scale" in m.extras:
-        w.add("dora_scale", "dora_scale: LyCORIS, ComfyUI and A1111 each compute DoRA differently and Diffusers drops "
-              "it, so the result depends on the tool (lokr-diffusion refuses to load it)", key)
+        w.add("dora_scale", "dora_scale (DoRA): lokr-diffusion and LyCORIS apply (W + D) * m / ||W + D||; for a "
+              "magnitude per output row (LyCORIS's default) ComfyUI divides by the base weight's norm ||W|| and "
+              "A1111 by the norm of each input column, so the same file gives other weights there (per input "
+              "channel all three agree, and LyCORIS's loader refuses it); Diffusers drops it. See docs/toolbox.md",
+              key)
     if set(m.extras) & {"scale", "bias", "on_input"}:
         w.add("extra_tensors", "scale/bias tensors: only A1111 reads `scale`, the other tools ignore them", key)
     if layout == "lycoris" and m.alpha is None:
