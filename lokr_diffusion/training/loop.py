@@ -657,9 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from ..errorhandling import run_guarded
+    from ..quiet import silence_unrelated_warnings
     from .config import load_config
     from .lock import release_all
 
+    silence_unrelated_warnings()
     parser = argparse.ArgumentParser(prog="train.py", description="Train a LoKr/LoHa/LoRA adapter.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
