@@ -24,6 +24,14 @@ def command(name: str, setup: Callable[[argparse.ArgumentParser], None]):
     return register
 
 
+def _dtype_word(word: str, full_precision: str = "fp32") -> str:
+    """argparse `type` of dtype options: torch's names (float16, bfloat16, float32) are accepted
+    and become the short spelling the choices list."""
+    from .dtypes import canonical_dtype_name
+
+    return canonical_dtype_name(word, full_precision)
+
+
 def _tiny_model_args(p: argparse.ArgumentParser) -> None:
     from .families import family_names
 
@@ -143,7 +151,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     _tool_network_args(p)
     p.add_argument("--alpha", type=float, default=None, help="alpha of Linear layers / 1x1 convs (default: dim)")
     p.add_argument("--conv-alpha", type=float, default=None, help="alpha of k x k convs (default: conv dim)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16",
+    p.add_argument("--mixed-precision", type=lambda w: _dtype_word(w, "no"), choices=["no", "fp16", "bf16"],
+                   default="bf16",
                    help="memory estimate: dtype of the frozen weights, as train.mixed_precision (default bf16)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"], default="adamw",
                    help="memory estimate: optimizer whose states count (default adamw)")
@@ -193,7 +202,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
                    help="adapter to bake in, optionally with a strength (default 1.0); repeat for several")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="a folder (Diffusers layout) or a .safetensors file (original single-file layout for the UIs)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+    p.add_argument("--dtype", type=_dtype_word, choices=["fp16", "bf16", "fp32"], default=None,
                    help="dtype of the written weights (default: fp32; the merge itself is always done in fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -239,7 +248,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                           "modules over to_q/to_k/to_v (and proj_mlp) are stacked into qkv / linear1 (LoKr and LoHa "
                           "cannot be: three Kronecker products are not one); out of them, fused modules are split "
                           "into their rows")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
+    p.add_argument("--dtype", type=_dtype_word, choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
     p.add_argument("--family", choices=family_names(), default=None, metavar="FAMILY",
                    help="model family, when the keys and metadata cannot tell (tiny or unusual models): "
                         + ", ".join(family_names()))
@@ -276,7 +285,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model")
     p.add_argument("--out", required=True, metavar="FILE", help="adapter .safetensors to write")
     _tool_network_args(p, algos=("lokr", "lora"))
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the factors (default fp16)")
+    p.add_argument("--dtype", type=_dtype_word, choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the factors (default fp16)")
     p.add_argument("--device", default="cpu", help="where to run the SVDs, e.g. cuda (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON, with every module's error")

@@ -98,8 +98,12 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from .lock import lock_output_dir
+    from .precision import resolve_mixed_precision
 
     t_cfg, output_dir = cfg.train, cfg.output_dir
+    # unset: Accelerate's choice; set: the config's, said aloud when Accelerate asked otherwise (precision.py).
+    # Resolved here, once, so the weights' dtype, the metadata and the resume check read one word.
+    t_cfg.mixed_precision, precision_notice = resolve_mixed_precision(t_cfg.mixed_precision)
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on a CPU machine):
     # Accelerate only picks its gloo CPU backend when told the run is on the CPU.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -112,8 +116,11 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     if t_cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
+        raise ConfigError("mixed precision 'fp16' (train.mixed_precision, or Accelerate's setting when the key is "
+                          "unset) needs a GPU; use 'bf16' or 'no' on the CPU")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    if precision_notice and accelerator.is_main_process:
+        logger.warning(precision_notice)
     lock_output_dir(accelerator, output_dir, break_lock=break_lock)  # one run per folder; refuses unusable paths
     return Run(cfg, config_path, accelerator)
 
