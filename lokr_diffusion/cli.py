@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -44,8 +45,6 @@ def _tiny_model_args(p: argparse.ArgumentParser) -> None:
 @command("tiny-model", _tiny_model_args)
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     """Write a small randomly initialised Diffusers pipeline (no network needed)."""
-    from pathlib import Path
-
     from .errors import OutputError
     from .families import get_family
 
@@ -318,6 +317,17 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
                    help="override a key of the quickstart config, e.g. train.max_steps=100 (repeatable)")
 
 
+def quickstart_argv(config: Path, out: Path, sets: list[str]) -> list[str]:
+    """The trainer's command line for the quickstart writing into `out` (absolute)."""
+    import json
+
+    # JSON's string syntax is TOML's basic string: the path survives backslashes, quotes and spaces
+    argv = ["--config", str(config), "--set", f"output.dir={json.dumps(str(out), ensure_ascii=False)}"]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
 @command("quickstart", _quickstart_args)
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     """Train the offline quickstart from any folder: LoKr teaches the bundled toy model a new shape.
@@ -327,17 +337,12 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     in the package, and every output under --output. Then score the adapter with the command it
     prints (`lokr-diffusion toy score`).
     """
-    import json
-
     from .resources import quickstart_config, refuse_package_path
     from .training.loop import main as train_main
 
     config = quickstart_config()
     out = refuse_package_path(args.output, "--output")
-    # JSON's string syntax is TOML's basic string: the path survives backslashes, quotes and spaces
-    argv = ["--config", str(config), "--set", f"output.dir={json.dumps(str(out), ensure_ascii=False)}"]
-    for item in args.set:
-        argv += ["--set", item]
+    argv = quickstart_argv(config, out, args.set)
     print(f"quickstart: config {config}, outputs in {out}", flush=True)
     code = train_main(argv)
     if code == 0:

@@ -126,3 +126,18 @@ def test_outputs_inside_the_package_are_refused(argv, capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "inside the lokr_diffusion package" in err and "Give a folder outside it" in err
     assert sorted(p.name for p in PACKAGE_DIR.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["plain", "with space", "it's \"quoted\"", "back\\slash", "1e5", "ünï"])
+def test_quickstart_writes_where_it_is_told(name, tmp_path):
+    """The quickstart's output folder reaches the trainer intact, whatever its name, and every
+    other path of the config still resolves to the toy files."""
+    from lokr_diffusion.cli import quickstart_argv
+    from lokr_diffusion.training.config import load_config
+
+    out = tmp_path / name / "quickstart"
+    argv = quickstart_argv(quickstart_config(), out, ["train.max_steps=5"])
+    config, sets = argv[1], argv[3::2]
+    cfg = load_config(config, sets)
+    assert cfg.output_dir == out and cfg.train.max_steps == 5
+    assert (cfg.base_dir / cfg.model.pretrained_model).resolve() == ROOT / "assets" / "toy" / "model"
