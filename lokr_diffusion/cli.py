@@ -309,6 +309,57 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_kohya_args(p: argparse.ArgumentParser) -> None:
+    from .training.config import FAMILIES
+
+    p.add_argument("--config", metavar="KOHYA_TOML", default=None,
+                   help="a kohya sd-scripts training TOML (--config_file; flat or in sections)")
+    p.add_argument("--dataset-config", metavar="TOML", default=None,
+                   help="a kohya dataset_config.toml (default: the one the kohya options name, if any)")
+    p.add_argument("--out", required=True, metavar="OUT.toml", help="this project's config to write")
+    p.add_argument("--report", metavar="REPORT.md", default=None,
+                   help="where the report goes (default: OUT's name + _kohya_report.md)")
+    p.add_argument("--script", default=None, metavar="NAME",
+                   help="the kohya script the TOML was for (train_network.py, sdxl_train_network.py, "
+                        "flux_train_network.py, sd3_train_network.py): picks the family")
+    p.add_argument("--family", choices=FAMILIES, default=None, metavar="FAMILY",
+                   help="the model family, when neither the script nor the options tell it")
+    p.add_argument("--kohya-dir", default=None, metavar="DIR",
+                   help="the folder kohya ran in: its relative paths are relative to it (default: here)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and the report if they exist")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("kohya_args", nargs="*", metavar="-- KOHYA COMMAND LINE",
+                   help="after `--`: the kohya command line (`accelerate launch sdxl_train_network.py --... ` "
+                        "or just its options); it wins over --config, as in kohya")
+
+
+@command("import-kohya", _import_kohya_args)
+def _cmd_import_kohya(args: argparse.Namespace) -> int:
+    """Convert a kohya sd-scripts setup (training TOML or command line, dataset_config.toml, LyCORIS
+    network_args) into this project's config, with a report of every option.
+
+    Each option is mapped, mapped with a changed meaning (the report says how), or dropped (the
+    report says why). kohya defaults that differ from this project's (alpha 1, no bucketing,
+    `.caption` captions, 2e-6 learning rate...) are written explicitly, so the run trains what the
+    kohya run trained. The config is checked with the trainer's own loader before it is written.
+    """
+    from pathlib import Path
+
+    from .tools.kohya import import_kohya
+    from .tools.kohya_write import format_summary, write_import
+    from .tools.text import to_json
+
+    result = import_kohya(args.config, args.kohya_args, dataset_config=args.dataset_config, family=args.family,
+                          script=args.script, kohya_dir=args.kohya_dir)
+    out, report = write_import(result, Path(args.out), args.report, overwrite=args.overwrite)
+    if args.json:
+        print(to_json({"config": str(out), "report": str(report), "family": result.family,
+                       "options": [line.as_dict() for line in result.lines]}))
+    else:
+        print(format_summary(result, out, report))
+    return 0
+
+
 def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="output/quickstart", metavar="DIR",
                    help="folder for the adapter, samples, logs and checkpoint (default output/quickstart, under the "

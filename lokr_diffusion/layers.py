@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algos.common import Algorithm, apply_weight
+from .algos.common import Algorithm, apply_weight, scalar_target
 from .errors import ConfigError
 from .storage import FP8, StoredLayer
 
@@ -115,12 +115,26 @@ class _Dispatch:
             del self.base._lokr_dispatch
 
 
+def rank_dropout_mask(n: int, p: float, by_kept_fraction: bool, device: torch.device | None = None) -> torch.Tensor:
+    """Keep (1) or drop (0) each of `n` output channels with probability `p`, rescaled.
+
+    Drawn as LyCORIS draws it (`rand(n) > p`). Rescaled by the expected kept fraction
+    1 / (1 - p) (as dropout does), or with `by_kept_fraction` (LyCORIS `rank_dropout_scale`) by
+    the fraction actually kept in this draw; all dropped gives zeros, not NaN. LyCORIS without
+    `rank_dropout_scale` does not rescale at all.
+    """
+    keep = (torch.rand(n, device=device) > p).float()
+    if by_kept_fraction:
+        return keep / keep.mean().clamp_min(1.0 / n)
+    return keep / (1.0 - p)
+
+
 class AdapterModule(nn.Module):
     """The trainable (or loaded) tensors of one layer plus the rules to apply them."""
 
     def __init__(self, key: str, base: nn.Module, algo: Algorithm, tensors: dict[str, torch.Tensor],
                  alpha: float, multiplier: float = 1.0, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0) -> None:
+                 module_dropout: float = 0.0, use_scalar: bool = False, rank_dropout_scale: bool = False) -> None:
         super().__init__()
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{key}: adapters wrap nn.Linear or nn.Conv2d, got {type(base).__name__}")
@@ -138,12 +152,16 @@ class AdapterModule(nn.Module):
             # a Parameter is kept as given: the row slices of one fused file module share theirs
             owner.register_parameter(leaf, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        # use_scalar (LyCORIS): a learnable factor on the update, 0 at first so that both factors
+        # can start non-zero; files never hold it, it is folded into one factor (file_tensors)
+        self.scalar = nn.Parameter(torch.zeros((), device=next(iter(tensors.values())).device)) if use_scalar else None
         self._rank = algo.rank(self.tensors())  # from shapes only: fixed for the module's life
         self._cache_scale()
         self._attached = False
         self._state = {"multiplier": float(multiplier), "enabled": True, "merged": False}
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
 
     @property
     def base(self) -> nn.Module:
@@ -152,6 +170,15 @@ class AdapterModule(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """Tensors under their file names (e.g. 'lokr_w1', 'lora_down.weight')."""
         return {n: self.get_parameter(n) for n in self.tensor_names}
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as a file stores them: with `use_scalar`, the scalar multiplied into one
+        factor (LyCORIS's choice, see `scalar_target`), so every loader gets the same update."""
+        t = self.tensors()
+        if self.scalar is not None:
+            name = scalar_target(t.keys())
+            t[name] = t[name] * self.scalar
+        return t
 
     def _cache_scale(self) -> None:
         """alpha as a Python number: the forward reads it without a host sync (Tensor.item() is
@@ -171,7 +198,8 @@ class AdapterModule(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """multiplier-free scaled dW in the adapter's dtype, shaped like the base weight."""
-        return self.algo.delta_weight(self.tensors(), tuple(self.base.weight.shape)) * self.scale
+        dw = self.algo.delta_weight(self.tensors(), tuple(self.base.weight.shape)) * self.scale
+        return dw if self.scalar is None else dw * self.scalar
 
     # -- forward -----------------------------------------------------------------------------
     def _set(self, name: str, value) -> None:
@@ -212,13 +240,15 @@ class AdapterModule(nn.Module):
             x = x.to(dtype)  # adapter math in the adapter's dtype (fp32), cast back by the caller
         r = self._rank
         s = self.multiplier if r is None else self._alpha * (self.multiplier / r)
+        if self.scalar is not None:
+            s = self.scalar.to(x.dtype) * s
         y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
             y = apply_weight(x, w.to(x.dtype) * s, self.base)
         if self.training and self.rank_dropout:
-            keep = (torch.rand(y.shape[1] if y.dim() == 4 else y.shape[-1], device=y.device) > self.rank_dropout)
-            keep = keep.to(y.dtype) / (1.0 - self.rank_dropout)
+            keep = rank_dropout_mask(y.shape[1] if y.dim() == 4 else y.shape[-1], self.rank_dropout,
+                                     self.rank_dropout_scale, y.device).to(y.dtype)
             y = y * (keep.view(1, -1, 1, 1) if y.dim() == 4 else keep)
         return y
 

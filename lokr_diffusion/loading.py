@@ -19,7 +19,7 @@ from typing import Container, Mapping, Sequence
 import torch
 from torch import nn
 
-from .algos import ALGORITHMS, Algorithm, detect_algorithm
+from .algos import ALGORITHMS, Algorithm, detect_algorithm, scalar_target
 from .errors import AdapterFileError, ConfigError
 from .families import Family, family_of_adapter_keys
 from .fileformat import read_safetensors
@@ -30,7 +30,7 @@ from .tools.adapterfile import FACTOR_DTYPES, alpha_problem, dtype_name
 from .tools.peft import from_peft, is_peft_layout
 
 # from_peft lives in tools.peft, the one PEFT reader
-__all__ = ["FusedTarget", "LoadReport", "build_alias_table", "build_fused_table", "check_module_tensors",
+__all__ = ["FusedTarget", "InitReport", "LoadReport", "init_from_file", "build_alias_table", "build_fused_table", "check_module_tensors",
            "finite_scale", "from_peft", "load_network", "network_from_tensors", "split_key"]
 
 logger = logging.getLogger(__name__)
@@ -334,3 +334,100 @@ def load_network(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]
     tensors, metadata = read_safetensors(path_or_tensors, allow_pickle=allow_pickle)
     return network_from_tensors(tensors, unet, text_encoders, metadata=metadata, source=str(Path(path_or_tensors)),
                                 strict=strict, multiplier=multiplier, family=family)
+
+
+@dataclass
+class InitReport:
+    """What `init_from_file` did: modules started from the file, and those that start fresh."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        s = f"{self.source}: {len(self.loaded)} modules start from the file"
+        if self.fresh:
+            s += (f"; {len(self.fresh)} modules of the config are not in it and start fresh (e.g. "
+                  f"{', '.join(self.fresh[:3])})")
+        return s
+
+
+def init_from_file(network: AdapterNetwork, path: str | os.PathLike, unet: nn.Module | None = None,
+                   text_encoders: Sequence[nn.Module] = ()) -> InitReport:
+    """Start `network` (fresh from `create_network`) from an adapter file: ours or another tool's.
+
+    Every module of the file must be one the network trains, with the same algorithm and the
+    same tensor shapes (the config decides them; a mismatch is an error naming each module and
+    both shapes). Modules of the network the file lacks keep their fresh start (the report lists
+    them). The file's scale is folded into one factor (`scalar_target`), so the update starts
+    equal to the file's while alpha stays the config's; a `use_scalar` scalar starts at 1. The
+    models are the ones the network is attached to, for the file's key spellings.
+    """
+    source = str(Path(path))
+    tensors, metadata = read_safetensors(path)
+    if is_peft_layout(list(tensors)):
+        tensors = from_peft(tensors, source=source)
+    else:
+        tensors = {_lora_tensor_names(k): t for k, t in tensors.items()}
+    table = build_alias_table(unet, tuple(text_encoders), network.family)
+    fused = build_fused_table(unet, network.family)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module, tensor = split_key(key, table.keys() | fused.keys())
+        groups.setdefault(module, {})[tensor] = t
+    file_family = family_of_adapter_keys(list(groups), metadata)
+    if not file_family.allows(network.family):
+        raise ConfigError(f"network.init_from: {source} is for {file_family.title}, but the model is "
+                          f"{network.family.title}")
+    ours = set(network.module_keys())
+    report, load_report = InitReport(source), LoadReport(source)
+    problems: list[str] = []
+    chosen: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
+    for module_key, group in groups.items():
+        canonical = table[module_key][1] if module_key in table else None
+        if module_key in fused:
+            problems.append(f"{module_key}: a fused layer of the original model ({fused[module_key].describe()}), "
+                            "which cannot start the training of separate layers")
+            continue
+        if canonical not in ours:
+            problems.append(f"{module_key}: in the file, but the config trains no such module"
+                            + (" (not a module of this model)" if canonical is None else " (see preset/include/exclude)"))
+            continue
+        adapter = network.adapter(canonical)
+        shape = tuple(adapter.base.weight.shape)
+        algo, params, alpha = _module_params(source, module_key, group, shape, "the model's weight", torch.float32,
+                                             load_report)
+        expected = {n: tuple(t.shape) for n, t in adapter.tensors().items()}
+        found = {n: tuple(t.shape) for n, t in params.items()}
+        if algo.NAME != adapter.algo.NAME or expected != found:
+            problems.append(f"{canonical}: the config makes {adapter.algo.NAME} {_shapes(expected)}, the file has "
+                            f"{algo.NAME} {_shapes(found)}")
+            continue
+        rank = algo.rank(params)
+        chosen[canonical] = (params, 1.0 if rank is None else alpha / rank)
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ConfigError(f"network.init_from: {source} does not fit the config in {len(problems)} module(s) "
+                          "(the config's algo, factor, dim, full_matrix... decide each module's shapes):\n  "
+                          + "\n  ".join(problems[:10]) + more)
+    if not chosen:
+        raise ConfigError(f"network.init_from: {source} has no module this config trains")
+    with torch.no_grad():
+        for key, (params, file_scale) in chosen.items():
+            adapter = network.adapter(key)
+            target = scalar_target(params.keys())
+            for name, p in adapter.tensors().items():
+                value = params[name] * (file_scale / adapter.scale) if name == target else params[name]
+                p.copy_(value.to(p.device, p.dtype))
+            if adapter.scalar is not None:
+                adapter.scalar.fill_(1.0)
+            report.loaded.append(key)
+    report.fresh = [k for k in network.module_keys() if k not in chosen]
+    if report.fresh:
+        logger.warning("network.init_from: %d module(s) of the config are not in %s and start fresh (e.g. %s)",
+                       len(report.fresh), source, ", ".join(report.fresh[:3]))
+    return report
+
+
+def _shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return "{" + ", ".join(f"{n} {s}" for n, s in sorted(shapes.items())) + "}"

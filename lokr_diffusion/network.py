@@ -5,7 +5,9 @@ loading and Accelerate's checkpointing all use one naming.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,6 +20,7 @@ from .errors import ConfigError
 from .families import Family, family_of_models, family_of_text_encoders, get_family
 from .fileformat import training_metadata, write_safetensors
 from .layers import AdapterModule
+from .overrides import ModuleOverride, containing_classes, first_match, parse_overrides
 from .schema import Scope, check_fields, setting
 from .targets import PRESETS, Target, select_targets
 
@@ -60,28 +63,76 @@ class AdapterConfig:
                                   help="training-time dropout of output channels")
     module_dropout: float = setting(0.0, ge=0, lt=1, problem="expected a probability in [0, 1)",
                                     help="training-time dropout of whole modules")
+    rank_dropout_scale: bool = setting(False, help="LyCORIS `rank_dropout_scale`: rescale the kept channels by the "
+                                                   "fraction kept in each draw instead of by 1 / (1 - rank_dropout) "
+                                                   "(LyCORIS without it does not rescale at all)")
+    use_scalar: bool = setting(False, help="LyCORIS `use_scalar`: a learnable scalar per module, 0 at first, so both "
+                                           "factors start non-zero; files hold it folded into w1 / hada_w1_a / "
+                                           "lora_up")
+    rs_lora: bool = setting(False, help="LyCORIS `rs_lora`: rank-stabilised scale alpha / sqrt(dim); files store "
+                                        "alpha * sqrt(dim) so that every loader's alpha / dim gives it (no effect "
+                                        "where LoKr keeps both factors full: scale 1)")
+    unbalanced_factorization: bool = setting(False, help="LyCORIS `unbalanced_factorization`, LoKr: the larger "
+                                                         "factor of the output dimension goes to w1")
+    overrides: tuple[ModuleOverride, ...] = setting(
+        (), parse=lambda v, scope, key: parse_overrides(v, scope, key), expect="array of tables",
+        help="per-module settings, first match wins: `{ match = \"<glob or class>\", algo, factor, dim, alpha, "
+             "full_matrix, decompose_both, unbalanced_factorization, use_scalar, rs_lora, rank_dropout, "
+             "module_dropout }`; see [Per-module settings](#per-module-settings)")
 
     def __post_init__(self) -> None:
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        self.overrides = parse_overrides(self.overrides)
         check_fields(self, Scope("network", ConfigError))
 
-    def settings(self, kxk_conv: bool) -> ModuleSettings:
-        dim = self.conv_dim if kxk_conv else self.dim
-        alpha = self.conv_alpha if kxk_conv else self.alpha
-        return ModuleSettings(dim, dim if alpha is None else alpha, self.factor, self.full_matrix, self.decompose_both)
+    def settings(self, kxk_conv: bool, override: ModuleOverride | None = None) -> ModuleSettings:
+        """One module's settings: `[network]`'s for its kind, then what `override` sets."""
+        return self.module_plan(kxk_conv, override).settings
+
+    def module_plan(self, kxk_conv: bool, override: ModuleOverride | None = None) -> "ModulePlan":
+        o = override.given() if override is not None else {}
+        dim = o.get("dim", self.conv_dim if kxk_conv else self.dim)
+        alpha = o.get("alpha", self.conv_alpha if kxk_conv else self.alpha)  # LyCORIS: the network's alpha
+        get = lambda name: o.get(name, getattr(self, name))  # noqa: E731
+        settings = None if dim is None else ModuleSettings(
+            dim, dim if alpha is None else alpha, get("factor"), get("full_matrix"), get("decompose_both"),
+            use_scalar=get("use_scalar"), unbalanced=get("unbalanced_factorization"))
+        return ModulePlan(get("algo"), settings, get("rs_lora"), get("rank_dropout"), get("module_dropout"))
 
     def network_args(self) -> dict[str, object]:
-        """The `ss_network_args` sd-scripts users know."""
-        args = {"algo": self.algo, "preset": self.preset, "factor": self.factor}
+        """The `ss_network_args` sd-scripts users know (LyCORIS's names)."""
+        args: dict[str, object] = {"algo": self.algo, "preset": self.preset, "factor": self.factor}
         if self.conv_dim:
             args.update(conv_dim=self.conv_dim, conv_alpha=self.conv_alpha if self.conv_alpha is not None else self.conv_dim)
-        for name in ("full_matrix", "decompose_both"):
+        for name in ("full_matrix", "decompose_both", "use_scalar", "rs_lora", "unbalanced_factorization",
+                     "rank_dropout_scale"):
             if getattr(self, name):
                 args[name] = True
         for name in ("rank_dropout", "module_dropout"):
             if getattr(self, name):
                 args[name] = getattr(self, name)
+        if self.overrides:
+            args["overrides"] = json.dumps([{"match": o.match, **o.given()} for o in self.overrides])
         return args
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """How one selected layer is trained; `settings` None: a k x k conv nobody gave a rank."""
+
+    algo: str
+    settings: ModuleSettings | None
+    rs_lora: bool
+    rank_dropout: float
+    module_dropout: float
+
+
+def stored_alpha(alpha: float, dim: int, rs_lora: bool) -> float:
+    """The alpha a file stores so that every loader's alpha / dim is the intended scale.
+
+    rs_lora (LyCORIS `rs_lora`) means scale = alpha / sqrt(dim): stored as alpha * sqrt(dim),
+    the value LyCORIS writes too."""
+    return alpha * math.sqrt(dim) if rs_lora else alpha
 
 
 @dataclass
@@ -104,6 +155,7 @@ class AdapterNetwork(nn.Module):
         self.config = config
         self.components: dict[str, str] = {}  # key -> component
         self.paths: dict[str, str] = {}  # key -> module path inside the component
+        self.override_of: dict[str, int] = {}  # key -> index of the config override it follows
 
     # -- building ------------------------------------------------------------------------------
     def add_adapter(self, target: Target, key: str, adapter: AdapterModule) -> None:
@@ -167,11 +219,10 @@ class AdapterNetwork(nn.Module):
     def file_tensors(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
         """The file layout: factors in `dtype`, alpha as a float32 0-dim tensor."""
         out = {}
-        for key, t in self.state_dict().items():
-            if key.endswith(".alpha"):
-                out[key] = t.detach().float().reshape(())
-            else:
-                out[key] = t.detach().to(dtype) if dtype is not None else t.detach()
+        for a in self.adapters():
+            for name, t in a.file_tensors().items():
+                out[f"{a.key}.{name}"] = t.detach().to(dtype) if dtype is not None else t.detach()
+            out[f"{a.key}.alpha"] = a.alpha.detach().float().reshape(())
         return out
 
     def metadata(self, title: str = "adapter", extra: dict | None = None) -> dict[str, str]:
@@ -252,29 +303,47 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
         raise ConfigError("create_network: give a unet, text encoders, or both")
     text_encoders = tuple(text_encoders)
     family = get_family(family) if family is not None else family_of(unet, text_encoders)
-    algo = get_algorithm(config.algo)
     network = AdapterNetwork(family, config, prediction_type)
     skipped_convs = 0
+    used = [0] * len(config.overrides)
     for component, model, key_of, _ in component_models(family, unet, text_encoders):
         targets = select_targets(component, model, config.preset, key_of,
                                  config.include, config.exclude, family=family)
+        classes = containing_classes(model) if config.overrides else {}
         for target in targets:
-            if target.is_kxk_conv and config.conv_dim is None:
+            key = key_of(target.path)
+            index = first_match(config.overrides, target.path, key, classes.get(target.path, ()))
+            plan = config.module_plan(target.is_kxk_conv, None if index is None else config.overrides[index])
+            if plan.settings is None:
                 skipped_convs += 1
                 continue
-            weight = target.module.weight
-            settings = config.settings(target.is_kxk_conv)
-            with torch.device(weight.device):
-                tensors = algo.init_tensors(tuple(weight.shape), settings)
-            # both LoKr factors full: scale is 1 in every tool, store alpha = rank to say so
-            alpha = settings.alpha if algo.rank(tensors) is not None else settings.dim
-            adapter = AdapterModule(key_of(target.path), target.module, algo, tensors, alpha,
-                                    rank_dropout=config.rank_dropout, module_dropout=config.module_dropout)
+            if index is not None:
+                used[index] += 1
+                network.override_of[key] = index
+            adapter = new_adapter(key, target.module, plan, config.rank_dropout_scale)
             network.add_adapter(Target(component, target.path, target.module), adapter.key, adapter)
     if skipped_convs:
         logger.info("skipped %d k x k convolutions of preset %r: set conv_dim to train them", skipped_convs, config.preset)
+    for o, n in zip(config.overrides, used):
+        if not n:  # a config may serve several families: a warning, not an error
+            logger.warning("network.overrides: %r matches no module that gets an adapter (check the glob against "
+                           "`lokr-diffusion plan`; overrides never add modules: use include)", o.match)
     return network
 
 
-__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "chosen_text_encoders", "component_models",
-           "create_network", "family_of"]
+def new_adapter(key: str, base: nn.Module, plan: ModulePlan, rank_dropout_scale: bool = False) -> AdapterModule:
+    """A freshly initialised adapter for `base` as `plan` says (the update starts at exactly 0)."""
+    algo, settings = get_algorithm(plan.algo), plan.settings
+    weight = base.weight
+    with torch.device(weight.device):
+        tensors = algo.init_tensors(tuple(weight.shape), settings)
+    rank = algo.rank(tensors)
+    # both LoKr factors full: scale is 1 in every tool, store alpha = rank to say so
+    alpha = stored_alpha(settings.alpha, rank, plan.rs_lora) if rank is not None else settings.dim
+    return AdapterModule(key, base, algo, tensors, alpha, rank_dropout=plan.rank_dropout,
+                         module_dropout=plan.module_dropout, use_scalar=settings.use_scalar,
+                         rank_dropout_scale=rank_dropout_scale)
+
+
+__all__ = ["AdapterConfig", "AdapterNetwork", "ModuleInfo", "ModuleOverride", "ModulePlan", "chosen_text_encoders",
+           "component_models", "create_network", "family_of", "new_adapter", "stored_alpha"]

@@ -6,6 +6,10 @@ variants, and on a bare denoiser or text encoder. Adapters are kept per
 name on the object; each one is a forward hook per layer, so several stack and a new scale
 takes effect without reloading. Fusing keeps a copy of the original weights (on the CPU), so
 unfusing and unloading restore them bit for bit.
+
+The state kept here (names, which are active, scales per component, what is fused) is also what
+`lokr_diffusion.diffusers_api` drives under Diffusers' method names (`pipe.set_adapters`...), so
+both APIs see the same adapters.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError
+from .layers import AdapterModule
 from .families import family_of_pipeline
 from .loading import LoadReport, finite_scale, load_network
 from .network import AdapterNetwork
@@ -32,13 +37,22 @@ class _Adapter:
     unet_scale: float | None
     text_encoder_scale: float | None
     report: LoadReport
+    # per-component multipliers (component: "unet", "te", "te1"...), set by Diffusers-style
+    # set_adapters weights such as {"unet": 0.8, "text_encoder": 0.5}; they win over the three above
+    component_scales: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class _State:
     adapters: dict[str, _Adapter] = field(default_factory=dict)
-    fused: list[str] = field(default_factory=list)
-    originals: dict[int, tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)  # the adapters that compute, in set_adapters order
+    enabled: bool = True  # False after disable_lora: no adapter computes, none is forgotten
+    # id(layer) -> (layer, its weight before the first fuse, on the CPU; its component)
+    originals: dict[int, tuple[nn.Module, torch.Tensor, str]] = field(default_factory=dict)
+
+    def fused(self) -> list[str]:
+        """Names of the adapters with at least one layer baked into the weights."""
+        return [n for n, a in self.adapters.items() if any(m.merged for m in a.network.adapters())]
 
 
 def _components(pipe: Any) -> tuple[nn.Module | None, list[nn.Module]]:
@@ -91,10 +105,32 @@ def _check_scales(scale: float, unet_scale: float | None, text_encoder_scale: fl
     return float(scale)
 
 
+def _multiplier(adapter: _Adapter, component: str) -> float:
+    if component in adapter.component_scales:
+        return adapter.component_scales[component]
+    part = adapter.unet_scale if component == "unet" else adapter.text_encoder_scale
+    return adapter.scale if part is None else part
+
+
 def _apply_scales(adapter: _Adapter) -> None:
     net = adapter.network
-    net.set_multiplier(adapter.scale if adapter.unet_scale is None else adapter.unet_scale, "unet")
-    net.set_multiplier(adapter.scale if adapter.text_encoder_scale is None else adapter.text_encoder_scale, "te")
+    for a in net.adapters():
+        if a.merged:
+            raise RuntimeError("unfuse before changing the multiplier of a fused adapter")
+        a.multiplier = _multiplier(adapter, net.components[a.key])
+
+
+def _apply_enabled(state: _State) -> None:
+    """An adapter computes when it is active and the pipeline's adapters are enabled."""
+    for name, adapter in state.adapters.items():
+        adapter.network.set_enabled(state.enabled and name in state.active)
+
+
+def _sync_fused(pipe: Any, state: _State) -> None:
+    """Keep a pipeline's own `fused_loras` / `num_fused_loras` (Diffusers' LoraBaseMixin reads
+    `_merged_adapters`) telling the truth about the adapters fused here."""
+    if hasattr(type(pipe), "fused_loras"):
+        object.__setattr__(pipe, "_merged_adapters", set(state.fused()))
 
 
 def load_adapter(pipe: Any, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], scale: float = 1.0,
@@ -108,8 +144,8 @@ def load_adapter(pipe: Any, path_or_state_dict: str | os.PathLike | Mapping[str,
     _check_scales(scale, unet_scale, text_encoder_scale)
     unet, tes = _components(pipe)
     state = _state(pipe)
-    if state.fused:
-        raise RuntimeError("unfuse_adapter(pipe) before loading another adapter")
+    if state.fused():
+        raise RuntimeError("unfuse first (unfuse_adapter(pipe), or pipe.unfuse_lora()) before loading another adapter")
     source: Any = path_or_state_dict
     if not isinstance(source, Mapping) and Path(source).is_dir():
         folder = Path(source)
@@ -127,6 +163,12 @@ def load_adapter(pipe: Any, path_or_state_dict: str | os.PathLike | Mapping[str,
     adapter = _Adapter(network, float(scale), unet_scale, text_encoder_scale, report)
     _apply_scales(adapter)
     state.adapters[name] = adapter
+    state.active.append(name)
+    _apply_enabled(state)
+    if not isinstance(pipe, nn.Module):  # a pipeline: its Diffusers adapter methods now drive these adapters
+        from .diffusers_api import install_if_possible
+
+        install_if_possible(pipe)
     return report
 
 
@@ -135,10 +177,11 @@ def set_adapter_scale(pipe: Any, adapter_name: str, scale: float, unet_scale: fl
     """Change an adapter's strength; takes effect on the next forward, no reload."""
     _check_scales(scale, unet_scale, text_encoder_scale)
     state = _state(pipe)
-    if adapter_name in state.fused:
+    if adapter_name in state.fused():
         raise RuntimeError(f"adapter {adapter_name!r} is fused; unfuse_adapter(pipe) before changing its scale")
     adapter = _get(state, adapter_name)
     adapter.scale, adapter.unet_scale, adapter.text_encoder_scale = float(scale), unet_scale, text_encoder_scale
+    adapter.component_scales = {}
     _apply_scales(adapter)
 
 
@@ -150,52 +193,93 @@ def _get(state: _State, name: str) -> _Adapter:
 
 
 def list_adapters(pipe: Any) -> dict[str, dict[str, Any]]:
-    """name -> {scale, unet_scale, text_encoder_scale, modules per component, fused}."""
+    """name -> {scale, unet_scale, text_encoder_scale, modules per component, fused, active}."""
     state = _state(pipe)
+    fused = state.fused()
     return {name: {"scale": a.scale, "unet_scale": a.unet_scale, "text_encoder_scale": a.text_encoder_scale,
-                   "modules": dict(a.report.patched), "fused": name in state.fused}
+                   "modules": dict(a.report.patched), "fused": name in fused, "active": name in state.active}
             for name, a in state.adapters.items()}
 
 
 @torch.no_grad()
-def fuse_adapter(pipe: Any, adapter_names: list[str] | None = None) -> None:
-    """Bake adapters into the weights at their current scales: inference then costs nothing extra."""
-    state = _state(pipe)
-    names = list(state.adapters) if adapter_names is None else list(adapter_names)
-    for name in names:
-        if name in state.fused:
-            continue
-        adapter = _get(state, name)
-        for a in adapter.network.adapters():
-            w = a.base.weight
-            if id(a.base) not in state.originals:
-                state.originals[id(a.base)] = (a.base, w.detach().to("cpu", copy=True))
-            a.merge()
-        state.fused.append(name)
+def _fuse(state: _State, names: list[str], components: set[str] | None = None, lora_scale: float = 1.0,
+          safe: bool = False) -> None:
+    """Bake the named adapters' layers of `components` (all when None) into the weights at
+    multiplier x `lora_scale`, keeping each layer's weight from before its first fuse.
+
+    With `safe`, every weight is first rebuilt aside and checked: an update that overflows the
+    weight's dtype (or is NaN) is refused before any weight changes.
+    """
+    chosen = [(net.components[a.key], a) for net in (_get(state, name).network for name in names)
+              for a in net.adapters() if not a.merged and (components is None or net.components[a.key] in components)]
+    if safe:
+        by_layer: dict[int, list[AdapterModule]] = {}
+        for _, a in chosen:
+            by_layer.setdefault(id(a.base), []).append(a)
+        for group in by_layer.values():
+            w = group[0].base.weight
+            new = w.float() + sum(a.multiplier * lora_scale * a.delta_weight().float().to(w.device) for a in group)
+            if not torch.isfinite(new.to(w.dtype)).all():
+                raise ValueError(f"fusing would make the weight of {', '.join(a.key for a in group)} non-finite "
+                                 f"(NaN or beyond {w.dtype}); nothing was fused")
+    for component, a in chosen:
+        if id(a.base) not in state.originals:
+            state.originals[id(a.base)] = (a.base, a.base.weight.detach().to("cpu", copy=True), component)
+        a.merge(a.multiplier * lora_scale)
 
 
 @torch.no_grad()
+def _unfuse(state: _State, components: set[str] | None = None) -> None:
+    """Restore the weights saved at fuse time (of `components`, all when None), bit for bit,
+    and switch their adapters back to hooks at their set multipliers."""
+    for key, (module, original, component) in list(state.originals.items()):
+        if components is None or component in components:
+            module.weight.copy_(original.to(module.weight.device))
+            del state.originals[key]
+    for adapter in state.adapters.values():
+        for a in adapter.network.adapters():
+            if a.merged and (components is None or adapter.network.components[a.key] in components):
+                a.merged = False
+
+
+def fuse_adapter(pipe: Any, adapter_names: list[str] | None = None) -> None:
+    """Bake adapters (the active ones by default) into the weights at their current scales:
+    inference then costs nothing extra."""
+    state = _state(pipe)
+    _fuse(state, list(state.active) if adapter_names is None else list(adapter_names))
+    _sync_fused(pipe, state)
+
+
 def unfuse_adapter(pipe: Any) -> None:
     """Restore the weights saved at fuse time, exactly, and switch the adapters back to hooks."""
     state = _state(pipe)
-    for module, original in state.originals.values():
-        module.weight.copy_(original.to(module.weight.device))
-    state.originals.clear()
-    for name in state.fused:
-        for a in state.adapters[name].network.adapters():
-            a.merged = False
-    state.fused.clear()
+    _unfuse(state)
+    _sync_fused(pipe, state)
+
+
+def _remove(state: _State, name: str, keep_fused: bool = False) -> None:
+    """Take one adapter out. A fused layer keeps the update in its weight with `keep_fused`
+    (what Diffusers' unload after fuse does); otherwise the caller unfuses first."""
+    adapter = _get(state, name)
+    for a in adapter.network.adapters():
+        if a.merged and keep_fused:
+            a.merged = False  # the weight keeps the update; remove() must not subtract it
+    adapter.network.remove()
+    del state.adapters[name]
+    if name in state.active:
+        state.active.remove(name)
 
 
 def unload_adapter(pipe: Any, adapter_name: str | None = None) -> None:
     """Remove one adapter (or all): the model's weights are exactly as before loading."""
     state = _state(pipe)
-    if state.fused:
-        unfuse_adapter(pipe)
-    names = list(state.adapters) if adapter_name is None else [adapter_name]
-    for name in names:
-        _get(state, name).network.remove()
-        del state.adapters[name]
+    if adapter_name is not None:
+        _get(state, adapter_name)
+    if state.fused():
+        _unfuse(state)
+    for name in list(state.adapters) if adapter_name is None else [adapter_name]:
+        _remove(state, name)
+    _sync_fused(pipe, state)
 
 
 __all__ = ["fuse_adapter", "list_adapters", "load_adapter", "set_adapter_scale", "unfuse_adapter", "unload_adapter"]

@@ -111,7 +111,9 @@ class Fp8Linear(nn.Linear, StoredLayer):
     """`weight` is float8_e4m3fn (out, in); `weight_scale` float32 (out, 1): W = weight * scale."""
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.float() * self.weight_scale).to(dtype)
+        # one transient float32 copy, scaled in place (a product would briefly make two)
+        w = self.weight.float()
+        return w.mul_(self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _widened(self, x)

@@ -181,3 +181,17 @@ def test_inspect_base_model_weights_exit_2_and_say_what_they_are(tiny_sd15_path,
     assert code == 2 and captured.out == ""
     assert "not an adapter file" in captured.err and "UNet" in captured.err and "base model" in captured.err
     assert "expected" in captured.err and "lokr_w1" in captured.err
+
+
+def test_kohya_import_keeps_kohyas_bucket_limits(tmp_path):
+    """kohya's bucket limits are 256..1024 whatever the resolution; with the limits here following
+    the resolution, an import that does not set them writes kohya's."""
+    from lokr_diffusion.tools.kohya import import_kohya
+
+    argv = ["sdxl_train_network.py", "--pretrained_model_name_or_path", "m.safetensors", "--resolution", "1024",
+            "--enable_bucket", "--train_data_dir", "img", "--network_module", "networks.lora"]
+    data = import_kohya(argv=argv, kohya_dir=tmp_path).config["data"]
+    assert (data["min_bucket_reso"], data["max_bucket_reso"]) == (256, 1024)
+    argv += ["--min_bucket_reso", "512", "--max_bucket_reso", "2048"]
+    data = import_kohya(argv=argv, kohya_dir=tmp_path).config["data"]
+    assert (data["min_bucket_reso"], data["max_bucket_reso"]) == (512, 2048)

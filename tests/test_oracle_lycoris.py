@@ -136,7 +136,8 @@ def test_full_network_loads_through_lycoris_kohya_loader(tiny_sd15_path, tmp_pat
 
 
 @pytest.mark.parametrize("algo,extra", [("lokr", {"factor": 4}), ("lokr", {"factor": -1, "full_matrix": True}),
-                                        ("loha", {}), ("locon", {})])
+                                        ("loha", {}), ("locon", {}),
+                                        ("loha", {"use_scalar": True, "rs_lora": True})])
 def test_lycoris_files_load_here(tiny_sd15_path, tmp_path, algo, extra):
     """A file LyCORIS writes (on a transformers-5 CLIP, so its TE keys lack text_model_) loads into
     our modules and the UNet/TE outputs equal LyCORIS's own forward."""

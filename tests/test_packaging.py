@@ -141,3 +141,16 @@ def test_quickstart_writes_where_it_is_told(name, tmp_path):
     cfg = load_config(config, sets)
     assert cfg.output_dir == out and cfg.train.max_steps == 5
     assert (cfg.base_dir / cfg.model.pretrained_model).resolve() == ROOT / "assets" / "toy" / "model"
+
+
+def test_resume_hint_of_the_installed_quickstart(tmp_path):
+    """Stopped, the installed quickstart says how to resume it with the command that started it:
+    there is no train.py in a wheel, and its outputs are not where the bundled config says."""
+    from lokr_diffusion.resources import BUNDLE_DIR
+    from lokr_diffusion.training.loop import _resume_command
+
+    out = tmp_path / "output" / "quickstart"
+    assert _resume_command(BUNDLE_DIR / "train_configs" / "quickstart.toml", out) == \
+        f"lokr-diffusion quickstart --output {out} --set train.resume=latest"
+    assert _resume_command(ROOT / "train_configs" / "quickstart.toml", out) == \
+        f"accelerate launch train.py --config {ROOT / 'train_configs' / 'quickstart.toml'} --set train.resume=latest"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lokr_diffusion import load_network
@@ -57,6 +59,8 @@ def _toml(v):
         return '"' + v.replace("\\", "\\\\") + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     return repr(v)
 
 
@@ -82,26 +86,56 @@ def _ok(result):
     return result.stdout + result.stderr
 
 
+def _masks_for(dataset: Path, out: Path) -> Path:
+    """A mask per image of `dataset`: the left half trains, the right half does not."""
+    out.mkdir()
+    for image in dataset.glob("*.png"):
+        w, h = Image.open(image).size
+        mask = Image.new("L", (w, h), 0)
+        mask.paste(255, (0, 0, w // 2, h))
+        mask.save(out / image.name)
+    return out
+
+
 @pytest.mark.slow
 def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
-    """With the same folder as regularisation images too, weighted 2 (prior preservation)."""
-    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0, "prior_loss_weight": 2.0},
-                       data={"datasets": [{"dir": str(DATASET)}, {"dir": str(DATASET), "is_reg": True}]},
+    """With the same folder as regularisation images too, weighted 2 (prior preservation); masked
+    loss from a mask folder on the training images (the regularisation ones have none); samples
+    from a prompt file with per-prompt settings; and the sd-scripts options together: Huber
+    loss, multires noise, input perturbation, clip skip (text cache and samples), optimizer
+    arguments, per-group weight decay, cosine restarts."""
+    masks = _masks_for(DATASET, tmp_path / "masks")
+    (tmp_path / "prompts.txt").write_text("# samples\na red circle --w 64 --h 32 --d 5 --n blurry --l 6.5\n")
+    kohya = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1, "multires_noise_iterations": 4,
+             "multires_noise_discount": 0.3, "ip_noise_gamma": 0.1, "clip_skip": 2,
+             "optimizer_args": {"betas": [0.9, 0.99], "eps": 1e-7}, "unet_weight_decay": 0.0,
+             "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 2}
+    cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 3, "min_snr_gamma": 5.0, "prior_loss_weight": 2.0,
+                                                        "masked_loss": True, **kohya},
+                       data={"datasets": [{"dir": str(DATASET), "conditioning_data_dir": str(masks)},
+                                          {"dir": str(DATASET), "is_reg": True}]},
                        output={"save_every_steps": 2},
-                       sample={"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1,
+                       sample={"prompt_file": "prompts.txt", "every_steps": 2, "steps": 2, "num_images": 1,
                                "width": 64, "height": 64})
     log = _ok(launch(cfg))
     out = tmp_path / "out"
     adapter = out / "t.safetensors"
     assert adapter.exists() and (out / "t-step000002.safetensors").exists()
     assert "adapter identical on all 1 process(es)" in log
+    assert f"loss masks from {masks}" in log and "no loss masks (every pixel trains)" in log
+    assert "huber loss (huber_c 0.1, snr schedule), multires noise (4 levels, discount 0.3), input perturbation 0.1" \
+        in log
     assert (out / "config.json").exists()
-    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
-        "step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
+    samples = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step000002-00-a-red-circle.png", "step000003-00-a-red-circle.png"]
+    assert all(Image.open(p).size == (64, 32) for p in samples)  # the prompt's --w / --h, not [sample]'s
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     sd = load_file(adapter)
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert any(v.abs().sum() > 0 for k, v in sd.items() if "lokr_w1" in k)
+    with safe_open(adapter, "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_clip_skip"], meta["ss_loss_type"], meta["ss_multires_noise_iterations"]) == ("2", "huber", "4")
     unet, tes = load_components(tiny_sd15_path)
     net, report = load_network(adapter, unet=unet, text_encoders=tes, strict=True)
     assert report.patched == {"unet": 192}  # attn-mlp on the SD1.5 block structure

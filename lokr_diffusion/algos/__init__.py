@@ -9,7 +9,7 @@ ALGORITHMS (tests/test_layers.py checks every listed module against the protocol
 from __future__ import annotations
 
 from . import loha, lokr, lora
-from .common import Algorithm, ModuleSettings
+from .common import Algorithm, ModuleSettings, scalar_target
 
 ALGORITHMS: dict[str, Algorithm] = {m.NAME: m for m in (lokr, loha, lora)}
 
@@ -30,4 +30,5 @@ def detect_algorithm(tensor_names: set[str]) -> Algorithm | None:
     return None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ModuleSettings", "detect_algorithm", "get_algorithm", "lokr", "loha", "lora"]
+__all__ = ["ALGORITHMS", "Algorithm", "ModuleSettings", "detect_algorithm", "get_algorithm", "lokr", "loha", "lora",
+           "scalar_target"]

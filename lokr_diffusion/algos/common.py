@@ -71,15 +71,31 @@ def weight_dims(weight_shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...
 
 
 class ModuleSettings:
-    """The settings one wrapped layer is built from (linear or conv values already chosen)."""
+    """The settings one wrapped layer is built from (linear or conv values already chosen).
 
-    __slots__ = ("dim", "alpha", "factor", "full_matrix", "decompose_both")
+    `use_scalar` (LyCORIS `use_scalar`): the second factor starts Kaiming/normal instead of
+    zero, the update being held at 0 by a learnable scalar that starts at 0 (AdapterModule).
+    `unbalanced` (LyCORIS `unbalanced_factorization`): LoKr puts the larger output factor on w1.
+    """
+
+    __slots__ = ("dim", "alpha", "factor", "full_matrix", "decompose_both", "use_scalar", "unbalanced")
 
     def __init__(self, dim: int, alpha: float, factor: int = -1, full_matrix: bool = False,
-                 decompose_both: bool = False) -> None:
+                 decompose_both: bool = False, use_scalar: bool = False, unbalanced: bool = False) -> None:
         self.dim, self.alpha, self.factor = int(dim), float(alpha), int(factor)
         self.full_matrix, self.decompose_both = bool(full_matrix), bool(decompose_both)
+        self.use_scalar, self.unbalanced = bool(use_scalar), bool(unbalanced)
 
     def __repr__(self) -> str:
         return (f"ModuleSettings(dim={self.dim}, alpha={self.alpha}, factor={self.factor}, "
-                f"full_matrix={self.full_matrix}, decompose_both={self.decompose_both})")
+                f"full_matrix={self.full_matrix}, decompose_both={self.decompose_both}, "
+                f"use_scalar={self.use_scalar}, unbalanced={self.unbalanced})")
+
+
+def scalar_target(names: "set[str] | tuple[str, ...]") -> str:
+    """The factor a `use_scalar` scalar is folded into when a file is written, as LyCORIS folds
+    it (and the one `init_from` rescales): LoKr's w1 (or w1_a), LoHa's w1_a, LoRA's up."""
+    for name in ("lokr_w1", "lokr_w1_a", "hada_w1_a", "lora_up.weight"):
+        if name in names:
+            return name
+    raise ValueError(f"no factor to fold a scalar into among {sorted(names)}")

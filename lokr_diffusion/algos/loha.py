@@ -21,14 +21,15 @@ def detect(names: set[str]) -> bool:
 
 
 def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
-    """LyCORIS initialisation: w2_a zero, so the product (and dW) starts at exactly 0."""
+    """LyCORIS initialisation: w2_a zero, so the product (and dW) starts at exactly 0 (with
+    `use_scalar` w2_a is normal(0.1) like w1_a: the module's scalar holds dW at 0)."""
     out_dim, in_dim, kernel = weight_dims(weight_shape)
     k = math.prod(kernel)
     r = settings.dim
     return {
         "hada_w1_a": torch.randn(out_dim, r) * 0.1,
         "hada_w1_b": torch.randn(r, in_dim * k),
-        "hada_w2_a": torch.zeros(out_dim, r),
+        "hada_w2_a": torch.randn(out_dim, r) * 0.1 if settings.use_scalar else torch.zeros(out_dim, r),
         "hada_w2_b": torch.randn(r, in_dim * k),
     }
 

@@ -27,19 +27,26 @@ def detect(names: set[str]) -> bool:
     return bool(names & {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"})
 
 
-def factor_shapes(weight_shape: tuple[int, ...], factor: int) -> tuple[int, int, int, int]:
-    """(a, b, c, d): out = a*b, in = c*d, the split every file tensor shape follows."""
+def factor_shapes(weight_shape: tuple[int, ...], factor: int, unbalanced: bool = False) -> tuple[int, int, int, int]:
+    """(a, b, c, d): out = a*b, in = c*d, the split every file tensor shape follows.
+
+    `unbalanced` (LyCORIS `unbalanced_factorization`) swaps the output split only, so w1 gets
+    the larger output factor (a >= b) while the input split stays small-first.
+    """
     out_dim, in_dim, _ = weight_dims(weight_shape)
     a, b = factorization(out_dim, factor)
+    if unbalanced:
+        a, b = b, a
     c, d = factorization(in_dim, factor)
     return a, b, c, d
 
 
 def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
-    """LyCORIS initialisation: w2 (or w2_b) zero, the rest Kaiming, so dW starts at exactly 0."""
+    """LyCORIS initialisation: w2 (or w2_b) zero, the rest Kaiming, so dW starts at exactly 0
+    (with `use_scalar` w2 is Kaiming too: the module's scalar, 0 at first, holds dW at 0)."""
     _, _, kernel = weight_dims(weight_shape)
     s = settings
-    a, b, c, d = factor_shapes(weight_shape, s.factor)
+    a, b, c, d = factor_shapes(weight_shape, s.factor, s.unbalanced)
     k = math.prod(kernel)
     r = s.dim
     t: dict[str, torch.Tensor] = {}
@@ -50,10 +57,15 @@ def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dic
         t["lokr_w1"] = kaiming_(torch.empty(a, c))
     if not s.full_matrix and r < max(b, d) / 2:
         t["lokr_w2_a"] = kaiming_(torch.empty(b, r))
-        t["lokr_w2_b"] = torch.zeros(r, d * k)
+        t["lokr_w2_b"] = _second(torch.empty(r, d * k), s.use_scalar)
     else:
-        t["lokr_w2"] = torch.zeros(b, d, *kernel)
+        t["lokr_w2"] = _second(torch.empty(b, d, *kernel), s.use_scalar)
     return t
+
+
+def _second(t: torch.Tensor, use_scalar: bool) -> torch.Tensor:
+    """The factor that holds dW at 0: zero, or Kaiming when a scalar does that instead."""
+    return kaiming_(t) if use_scalar else t.zero_()
 
 
 def make_w1(t: dict[str, torch.Tensor]) -> torch.Tensor:

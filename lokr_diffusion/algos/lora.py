@@ -20,13 +20,15 @@ def detect(names: set[str]) -> bool:
 
 
 def init_tensors(weight_shape: tuple[int, ...], settings: ModuleSettings) -> dict[str, torch.Tensor]:
-    """down Kaiming, up zero: the update starts at exactly 0."""
+    """down Kaiming, up zero: the update starts at exactly 0 (with `use_scalar` up is Kaiming
+    too and the module's scalar holds the update at 0)."""
     out_dim, in_dim, kernel = weight_dims(weight_shape)
     r = settings.dim
     ones = (1,) * len(kernel)
     return {
         "lora_down.weight": kaiming_(torch.empty(r, in_dim, *kernel)),
-        "lora_up.weight": torch.zeros(out_dim, r, *ones),
+        "lora_up.weight": (kaiming_(torch.empty(out_dim, r, *ones)) if settings.use_scalar
+                           else torch.zeros(out_dim, r, *ones)),
     }
 
 

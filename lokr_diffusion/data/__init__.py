@@ -45,6 +45,8 @@ Batch keys (`collate_samples`)
   `build_dataset(tokenizers=...)`), padded to `tokenizer.model_max_length` by
   `lokr_diffusion.text.tokenize`, the trainer's own tokenisation;
 * `text_embeds` dict of (B, ...) tensors, after `cache_text_embeddings`.
+* `mask` float (B, 1, H, W) in [0, 1] in a masked run (module `masks`, docs/data.md): at the pixel size,
+  or at the latent size (B, 1, h, w) when latents are cached.
 All samples of a batch come from one bucket, so H and W are the same within a batch.
 
 Example data
@@ -59,7 +61,8 @@ caption_suffix, shuffle_caption, keep_tokens, caption_dropout, tag_dropout, miss
 ("class_token" | "empty" | "error"), resolution (int or [w, h]), enable_bucket, min_bucket_reso,
 max_bucket_reso, bucket_step, bucket_no_upscale, random_crop, flip, cache_latents
 ("memory" | "disk" | "off"), cache_dir, and alpha_background (colour transparent images are
-composited on: "white", "black", "grey", "#rrggbb" or [r, g, b]; default white).
+composited on: "white", "black", "grey", "#rrggbb" or [r, g, b]; default white), alpha_mask and
+conditioning_data_dir (loss masks, below).
 
 Semantics worth knowing
 -----------------------

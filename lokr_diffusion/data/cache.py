@@ -38,11 +38,15 @@ def _digest(parts: Mapping[str, object]) -> str:
 
 def latent_cache_key(*, content_sha256: str, bucket: tuple[int, int], resized: tuple[int, int],
                      crop_top_left: tuple[int, int], flip: bool, background: tuple[int, int, int],
-                     vae_id: str) -> str:
-    """The cache key of one encoded crop; any input that changes the pixels or the VAE is in it."""
-    return _digest({"format": CACHE_FORMAT, "kind": "latents", "image": content_sha256,
-                    "bucket": list(bucket), "resized": list(resized), "crop": list(crop_top_left),
-                    "flip": flip, "background": list(background), "vae": vae_id})
+                     vae_id: str, mask: str | None = None) -> str:
+    """The cache key of one encoded crop; any input that changes the pixels or the VAE is in it,
+    and the loss mask stored with it (`masks.mask_identity`) when there is one."""
+    parts = {"format": CACHE_FORMAT, "kind": "latents", "image": content_sha256,
+             "bucket": list(bucket), "resized": list(resized), "crop": list(crop_top_left),
+             "flip": flip, "background": list(background), "vae": vae_id}
+    if mask is not None:  # only then: unmasked entries keep the keys they had before masks existed
+        parts["mask"] = mask
+    return _digest(parts)
 
 
 def text_cache_key(*, caption: str, encoder_id: str) -> str:

@@ -170,6 +170,13 @@ class DatasetConfig:
         valid=lambda c: len(c) == 3 and all(0 <= v <= 255 for v in c), problem="must be three 0-255 values",
         allowed_doc="0-255 each",
         help='colour transparent images are composited on: a name (white, black, grey), `"#rrggbb"` or `[r, g, b]`')
+    # loss masks (kohya's names); see data/masks.py
+    alpha_mask: bool = setting(False, help="use each image's alpha channel as its loss mask (opaque trains, "
+                                           "transparent is ignored); images without one train everywhere")
+    conditioning_data_dir: Path | None = setting(
+        None, parse=_parse_path, expect="path",
+        help="folder of loss masks: for each image, a same-named image of the same size (white trains, black is "
+             "ignored, grey in between; colour masks use their red channel)")
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -181,6 +188,8 @@ class DatasetConfig:
             object.__setattr__(self, "metadata_file", Path(self.metadata_file))
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.conditioning_data_dir is not None and not isinstance(self.conditioning_data_dir, Path):
+            object.__setattr__(self, "conditioning_data_dir", Path(self.conditioning_data_dir))
         if isinstance(self.resolution, int):
             object.__setattr__(self, "resolution", (self.resolution, self.resolution))
         else:
@@ -212,6 +221,13 @@ class DatasetConfig:
         return self.cache_latents != "off"
 
     @property
+    def mask_source(self) -> str | None:
+        """"alpha", "folder" or None: where this dataset's loss masks come from."""
+        if self.alpha_mask:
+            return "alpha"
+        return "folder" if self.conditioning_data_dir is not None else None
+
+    @property
     def static_captions(self) -> bool:
         """Whether a sample's caption is the same every epoch (apart from whole-caption dropout),
         which is what makes text-encoder outputs cacheable."""
@@ -221,7 +237,7 @@ class DatasetConfig:
 _KEYS = tuple(keys_of(DatasetConfig))
 _SPECS = {f.name: spec_of(f) for f in fields(DatasetConfig) if f.name in _KEYS}
 _HINTS = typing.get_type_hints(DatasetConfig)
-_PATH_KEYS = ("dir", "metadata_file", "cache_dir")
+_PATH_KEYS = ("dir", "metadata_file", "cache_dir", "conditioning_data_dir")
 
 
 def _check_values(cfg: DatasetConfig, where: str) -> None:
@@ -250,6 +266,9 @@ def _check_values(cfg: DatasetConfig, where: str) -> None:
     if cfg.enable_bucket and cfg.min_bucket_reso * cfg.min_bucket_reso > cfg.resolution[0] * cfg.resolution[1]:
         fail("min_bucket_reso", f"({cfg.min_bucket_reso}) squared is larger than the resolution's area "
                                 f"{cfg.resolution[0]}x{cfg.resolution[1]}: no bucket would fit")
+    if cfg.alpha_mask and cfg.conditioning_data_dir is not None:
+        fail("alpha_mask", "and conditioning_data_dir both give loss masks: choose one (the alpha channel, or "
+                           "the mask folder)")
     if cfg.random_crop and cfg.caches_latents:
         fail("random_crop", "cannot be combined with cache_latents: the crop is baked into the cached "
                             "latents; set random_crop = false or cache_latents = \"off\"")

@@ -6,6 +6,7 @@ a pure function of (seed, epoch, sample index).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
@@ -24,7 +26,9 @@ from .buckets import MIN_CROP_SHARE, BucketSpec, CropPlan, Size, crop_share, pla
 from .cache import CacheStats, LatentEncodeFn, TensorStore, TextEncodeFn, latent_cache_key, text_cache_key
 from .captions import CaptionOptions, augment_caption, static_caption_variants
 from .config import DatasetConfig
-from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb, probe_image, resize_and_crop, to_tensor
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, BadImageError, ImageInfo, load_grey, load_rgb_alpha, mask_to_tensor,
+                     probe_image, resize_and_crop, to_tensor)
+from .masks import find_mask, mask_identity, mask_to_latent_size
 from .sampler import STREAM_CAPTION, STREAM_CROP, STREAM_FLIP, SampleKey, sample_rng
 from .sources import SkippedFile, SourceImage, find_images
 
@@ -56,6 +60,8 @@ class ImageRecord:
     size: Size  # (w, h) after EXIF orientation
     bucket: Size  # (w, h)
     sha256: str
+    mask_path: Path | None = None  # the mask file (conditioning_data_dir), checked at the scan
+    mask_sha256: str | None = None
 
 
 @dataclass
@@ -114,7 +120,7 @@ class ImageCaptionDataset(Dataset):
                  expand_caption: CaptionExpander | None = None,
                  cache_dir: Path | None = None, batch_size: int = 1,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 summary: ScanSummary | None = None) -> None:
+                 summary: ScanSummary | None = None, masked: bool = False) -> None:
         _check_epoch_size(sum(rec.repeats for rec in records), "the datasets' images")
         self.configs = list(configs)
         self.records = list(records)
@@ -129,6 +135,8 @@ class ImageCaptionDataset(Dataset):
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
         self.summary = summary or ScanSummary()
+        # items carry a loss mask: every dataset's, all ones where a dataset names no mask source
+        self.masked = masked or any(c.mask_source for c in configs)
         self._caption_options = [CaptionOptions(c.caption_prefix, c.caption_suffix, c.shuffle_caption,
                                                 c.keep_tokens, c.caption_dropout, c.tag_dropout)
                                  for c in self.configs]
@@ -204,11 +212,17 @@ class ImageCaptionDataset(Dataset):
             plan = self.center_plan(rec)
             store = self._latent_stores[rec.config_index]
             assert store is not None
-            item["latents"] = store.get(self._latent_keys[(ri, flip)])["latents"]
+            entry = store.get(self._latent_keys[(ri, flip)])
+            item["latents"] = entry["latents"]
+            if self.masked:  # cached at the latent size (mask_to_latent_size)
+                item["mask"] = entry.get("mask", torch.ones((1, *entry["latents"].shape[-2:])))
         else:
             crop_rng = sample_rng(self.seed, epoch, index, STREAM_CROP) if cfg.random_crop else None
             plan = plan_crop(rec.size, rec.bucket, random_crop=cfg.random_crop, rng=crop_rng)
-            item["pixel_values"] = self._pixels(rec, plan, flip)
+            pixels, mask = self._pixels_and_mask(rec, plan, flip)
+            item["pixel_values"] = pixels
+            if self.masked:  # at the pixel size; the loss reduces it to the latent grid
+                item["mask"] = mask if mask is not None else torch.ones((1, *pixels.shape[-2:]))
 
         caption = augment_caption(rec.caption, self._caption_options[rec.config_index],
                                   sample_rng(self.seed, epoch, index, STREAM_CAPTION))
@@ -231,17 +245,44 @@ class ImageCaptionDataset(Dataset):
                                                                       encoder_id=self._text_encoder_id))
         return item
 
-    def _pixels(self, rec: ImageRecord, plan: CropPlan, flip: bool) -> torch.Tensor:
+    def _pixels_and_mask(self, rec: ImageRecord, plan: CropPlan,
+                         flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sample's pixels, and its loss mask (1, H, W) in [0, 1] with the same resize, crop
+        and flip when the run is masked and its dataset has a mask source (else None)."""
         cfg = self.configs[rec.config_index]
         try:
-            img = load_rgb(rec.path, background=cfg.alpha_background, max_pixels=self.max_image_pixels)
+            img, alpha = load_rgb_alpha(rec.path, background=cfg.alpha_background, max_pixels=self.max_image_pixels)
         except BadImageError as exc:
             raise DatasetError(f"{rec.path}: {exc} (the file changed after the dataset was scanned)") from None
         if img.size != rec.size:
             raise DatasetError(f"{rec.path}: is now {img.size[0]}x{img.size[1]}, was {rec.size[0]}x"
                                f"{rec.size[1]} when the dataset was scanned")
-        img = resize_and_crop(img, plan.resized, (plan.top, plan.left), plan.bucket, flip)
-        return to_tensor(img)
+        crop = (plan.top, plan.left)
+        pixels = to_tensor(resize_and_crop(img, plan.resized, crop, plan.bucket, flip))
+        source = cfg.mask_source if self.masked else None
+        mask_img = alpha if source == "alpha" else self._mask_file(rec) if source == "folder" else None
+        if mask_img is None:
+            return pixels, None
+        return pixels, mask_to_tensor(resize_and_crop(mask_img, plan.resized, crop, plan.bucket, flip))
+
+    def _mask_file(self, rec: ImageRecord) -> Image.Image:
+        assert rec.mask_path is not None
+        try:
+            mask = load_grey(rec.mask_path, max_pixels=self.max_image_pixels)
+        except BadImageError as exc:
+            raise DatasetError(f"mask {rec.mask_path} of image {rec.path}: {exc} (the file changed after the "
+                               f"dataset was scanned)") from None
+        if mask.size != rec.size:
+            raise DatasetError(f"mask {rec.mask_path} is {mask.size[0]}x{mask.size[1]} but its image {rec.path} "
+                               f"is {rec.size[0]}x{rec.size[1]}: a mask must have its image's size")
+        return mask
+
+    def _mask_id(self, rec: ImageRecord) -> str | None:
+        """What the cache key says about the sample's mask (None: no mask is cached with it)."""
+        source = self.configs[rec.config_index].mask_source if self.masked else None
+        if source is None:
+            return None
+        return mask_identity("alpha") if source == "alpha" else mask_identity("file", rec.mask_sha256)
 
     # ---- latent cache
 
@@ -280,7 +321,7 @@ class ImageCaptionDataset(Dataset):
             for flip in self.latent_variants(rec.config_index):
                 key = latent_cache_key(content_sha256=rec.sha256, bucket=rec.bucket, resized=plan.resized,
                                        crop_top_left=(plan.top, plan.left), flip=flip,
-                                       background=cfg.alpha_background, vae_id=vae_id)
+                                       background=cfg.alpha_background, vae_id=vae_id, mask=self._mask_id(rec))
                 self._latent_keys[(ri, flip)] = key
                 store = self._latent_stores[rec.config_index]
                 assert store is not None
@@ -299,17 +340,21 @@ class ImageCaptionDataset(Dataset):
         for bucket, jobs in sorted(by_bucket.items()):
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start:start + batch_size]
-                pixels = torch.stack([self._pixels(self.records[ri], self.center_plan(self.records[ri]), flip)
-                                      for _, ri, flip in chunk])
+                loaded = [self._pixels_and_mask(self.records[ri], self.center_plan(self.records[ri]), flip)
+                          for _, ri, flip in chunk]
+                pixels = torch.stack([p for p, _ in loaded])
                 latents = encode(pixels)
                 if not isinstance(latents, torch.Tensor) or latents.shape[0] != len(chunk):
                     raise DatasetError(f"the latent encode function returned "
                                        f"{getattr(latents, 'shape', type(latents))} for {len(chunk)} images")
-                for (key, ri, flip), latent in zip(chunk, latents):
+                for (key, ri, flip), latent, (_, mask) in zip(chunk, latents, loaded):
                     rec = self.records[ri]
                     store = self._latent_stores[rec.config_index]
                     assert store is not None
-                    store.put(key, {"latents": latent}, {"source": str(rec.path), "flip": str(flip),
+                    tensors = {"latents": latent}
+                    if mask is not None:  # kept at the latent size: 1/64 of the pixels
+                        tensors["mask"] = mask_to_latent_size(mask[None].float(), latent.shape[-2:])[0]
+                    store.put(key, tensors, {"source": str(rec.path), "flip": str(flip),
                                                          "bucket": f"{bucket[0]}x{bucket[1]}",
                                                          "vae": vae_id})
         self._latents_ready = True
@@ -395,8 +440,13 @@ class ImageCaptionDataset(Dataset):
         for ci, cfg in enumerate(self.configs):
             recs = [r for r in self.records if r.config_index == ci]
             kind = " (regularisation)" if cfg.is_reg else ""
+            masks = ""
+            if self.masked:
+                masks = {"alpha": ", loss masks from the alpha channel",
+                         "folder": f", loss masks from {cfg.conditioning_data_dir}"}.get(
+                    cfg.mask_source or "", ", no loss masks (every pixel trains)")
             out.append(f"dataset {ci + 1}{kind}: {cfg.name}: {len(recs)} images, "
-                       f"{sum(r.repeats for r in recs)} samples per epoch")
+                       f"{sum(r.repeats for r in recs)} samples per epoch{masks}")
         out.append(self.bucket_table())
         skipped = self.summary.skipped
         if skipped:
@@ -415,7 +465,8 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
                   tokenizers: Sequence[Any] | None = None, expand_caption: CaptionExpander | None = None,
                   cache_dir: str | Path | None = None,
                   report: Report | None = print, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                  verify_images: bool = True, scan_workers: int | None = None) -> ImageCaptionDataset:
+                  verify_images: bool = True, scan_workers: int | None = None,
+                  masked_loss: bool = False) -> ImageCaptionDataset:
     """Scan, validate and bucket every dataset; call before loading any model.
 
     `cache_dir` is where "disk" latent caches go for datasets without their own `cache_dir`
@@ -425,9 +476,17 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
     calls `set_text` later, once the model is loaded). Unusable files are skipped with one logged
     warning each; a missing folder, an empty dataset, a caption rule that cannot be satisfied or
     inconsistent cache settings raise DatasetError.
+
+    Items carry a loss `mask` when `masked_loss` (the trainer's `train.masked_loss`) is on or a
+    dataset names a mask source (`alpha_mask`, `conditioning_data_dir`); a missing or mis-sized
+    mask file raises DatasetError naming the image and the mask.
     """
     if not configs:
         raise DatasetError("no datasets configured: add a [[data.datasets]] table with a `dir`")
+    if masked_loss and not any(c.mask_source for c in configs):
+        raise DatasetError("train.masked_loss is on but no dataset gives loss masks: set alpha_mask = true or "
+                           "conditioning_data_dir (a folder of mask images) under [data] or in a [[data.datasets]] "
+                           "entry")
     modes = {c.cache_latents != "off" for c in configs}
     if len(modes) > 1:
         raise DatasetError("cache_latents must be on (memory or disk) for every dataset or for none: "
@@ -453,7 +512,8 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
 
     dataset = ImageCaptionDataset(configs, records, seed=seed, tokenizers=tokenizers,
                                   expand_caption=expand_caption, cache_dir=Path(cache_dir) if cache_dir is not None else None,
-                                  batch_size=batch_size, max_image_pixels=max_image_pixels, summary=summary)
+                                  batch_size=batch_size, max_image_pixels=max_image_pixels, summary=summary,
+                                  masked=masked_loss)
     if report is not None:
         report(dataset.describe())
     for bucket, indices in dataset.bucket_samples.items():
@@ -468,8 +528,7 @@ def build_dataset(configs: Sequence[DatasetConfig], *, batch_size: int = 1, seed
 
 
 def _replace_repeats(rec: ImageRecord, repeats: int) -> ImageRecord:
-    return ImageRecord(rec.path, rec.caption, rec.config_index, repeats, rec.is_reg, rec.size,
-                       rec.bucket, rec.sha256)
+    return dataclasses.replace(rec, repeats=repeats)
 
 
 def _skip(summary: ScanSummary, path: Path, reason: str) -> None:
@@ -484,11 +543,20 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
     for s in scan.skipped:
         _skip(summary, s.path, s.reason)
 
-    def probe(src: SourceImage):
+    mask_dir = cfg.conditioning_data_dir
+    if mask_dir is not None and not mask_dir.is_dir():
+        raise DatasetError(f"{cfg.name}: conditioning_data_dir {mask_dir.resolve()} is not a folder (expected the "
+                           f"loss masks: one image per training image, with its name)")
+    root = cfg.dir if cfg.dir is not None else cfg.metadata_file.parent if cfg.metadata_file else Path(".")
+
+    def probe(src: SourceImage) -> tuple[ImageInfo, tuple[Path, str] | None] | BadImageError:
         try:
-            return probe_image(src.path, max_pixels=max_image_pixels, verify=verify)
+            info = probe_image(src.path, max_pixels=max_image_pixels, verify=verify)
         except BadImageError as exc:
             return exc
+        if mask_dir is None:
+            return info, None
+        return info, find_mask(src.path, (info.width, info.height), root, mask_dir, max_pixels=max_image_pixels)
 
     if workers > 1 and len(scan.images) > 16:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -501,10 +569,12 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
     buckets = spec.buckets()
     records: list[ImageRecord] = []
     no_caption: list[Path] = []
-    for src, info in zip(scan.images, infos):
-        if isinstance(info, BadImageError):
-            _skip(summary, src.path, str(info))
+    no_alpha = 0
+    for src, probed in zip(scan.images, infos):
+        if isinstance(probed, BadImageError):
+            _skip(summary, src.path, str(probed))
             continue
+        info, mask = probed
         size = (info.width, info.height)
         bucket = spec.assign(size, buckets)
         share = crop_share(size, bucket)
@@ -522,7 +592,9 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
             else:
                 no_caption.append(src.path)
                 continue
-        records.append(ImageRecord(src.path, caption, ci, src.repeats, cfg.is_reg, size, bucket, info.sha256))
+        no_alpha += cfg.alpha_mask and not info.has_alpha
+        records.append(ImageRecord(src.path, caption, ci, src.repeats, cfg.is_reg, size, bucket, info.sha256,
+                                   *(mask or (None, None))))
     if no_caption:
         examples = ", ".join(str(p) for p in no_caption[:3]) + (" ..." if len(no_caption) > 3 else "")
         if cfg.missing_caption == "error":
@@ -531,6 +603,9 @@ def _scan_config(ci: int, cfg: DatasetConfig, summary: ScanSummary, max_image_pi
         raise DatasetError(f"{cfg.name}: {len(no_caption)} image(s) have no caption and no class token: "
                            f"{examples}; add {cfg.caption_extension} files, set class_token, name the folder "
                            f"<repeats>_<token>, or set missing_caption = \"empty\"")
+    if no_alpha:
+        logger.warning("%s: alpha_mask is on but %d of %d images have no alpha channel: they train on every pixel",
+                       cfg.name, no_alpha, len(records))
     if not records:
         reasons = ""
         skipped_here = len(summary.skipped) - skipped_before

@@ -46,6 +46,7 @@ class ImageInfo:
     width: int  # after EXIF orientation
     height: int
     sha256: str  # of the file's bytes: the cache key's notion of "same image"
+    has_alpha: bool = False  # transparency to use as a loss mask (`alpha_mask`)
 
 
 def is_image_file(path: Path) -> bool:
@@ -131,7 +132,8 @@ def probe_image(path: Path, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     if verify:
         _decode(img)
     w, h = _oriented_size(img)
-    return ImageInfo(width=w, height=h, sha256=hashlib.sha256(data).hexdigest())
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    return ImageInfo(width=w, height=h, sha256=hashlib.sha256(data).hexdigest(), has_alpha=has_alpha)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -176,6 +178,35 @@ def load_rgb(path: Path, *, background: tuple[int, int, int] = (255, 255, 255),
     return to_rgb(img, background)
 
 
+def alpha_of(img: Image.Image) -> Image.Image | None:
+    """The transparency of `img` as an "L" image (0 transparent, 255 opaque), or None when the
+    image has none: modes with an alpha band, and palette or RGB images with a transparent colour."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return img.convert("RGBA").getchannel("A")
+    return None
+
+
+def load_rgb_alpha(path: Path, *, background: tuple[int, int, int] = (255, 255, 255),
+                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, Image.Image | None]:
+    """`load_rgb` and the image's alpha channel (`alpha_of`) from one decode: the alpha is the
+    loss mask of `alpha_mask` datasets, and must come from the same oriented pixels."""
+    img = _open(read_bytes(path), max_pixels)
+    _decode(img)
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img, background), alpha_of(img)
+
+
+def load_grey(path: Path, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A mask image as an "L" image: its grey level, or the red channel of a colour image (what
+    kohya's masked loss reads); transparent pixels count as black."""
+    img = _open(read_bytes(path), max_pixels)
+    _decode(img)
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "L":
+        return img
+    return to_rgb(img, (0, 0, 0)).getchannel("R")
+
+
 def resize_and_crop(img: Image.Image, resized: tuple[int, int], crop_top_left: tuple[int, int],
                     size: tuple[int, int], flip: bool = False) -> Image.Image:
     """Scale to `resized` (w, h), cut a `size` (w, h) window at `crop_top_left` (top, left),
@@ -187,6 +218,12 @@ def resize_and_crop(img: Image.Image, resized: tuple[int, int], crop_top_left: t
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return img
+
+
+def mask_to_tensor(img: Image.Image) -> torch.Tensor:
+    """(1, H, W) float32 in [0, 1] from an "L" mask image: 255 trains fully, 0 not at all."""
+    arr = np.asarray(img, dtype=np.float32)[None] / np.float32(255.0)
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -55,11 +55,13 @@ def collate_samples(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     `original_size`, `crop_top_left`, `target_size` long (B, 2) as (height, width) / (top, left);
     `flipped`, `is_reg` bool (B,); `paths` list[str]; `indices` long (B,); `data_position`
     {"epoch", "batches_done"} after this batch; after the dataset's `set_text`, `input_ids`
-    list of long (B, L), one per tokenizer; with the text cache `text_embeds` dict of (B, ...) tensors.
+    list of long (B, L), one per tokenizer; with the text cache `text_embeds` dict of (B, ...) tensors;
+    in a masked run `mask` (B, 1, H, W) in [0, 1], at the pixel size, or the latent size when
+    latents are cached.
     """
     first = items[0]
     batch: dict[str, Any] = {}
-    for key in ("pixel_values", "latents"):
+    for key in ("pixel_values", "latents", "mask"):
         if key in first:
             batch[key] = torch.stack([it[key] for it in items])
     batch["captions"] = [it["caption"] for it in items]

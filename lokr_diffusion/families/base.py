@@ -71,6 +71,9 @@ class Family:
     layouts_read = ""  # the layouts load_adapter reads (README family table)
     trigger_embeddings = True  # pivotal tuning of new CLIP tokens (every text encoder is a CLIP tower)
     text_cache_on_disk = False  # cache prompt embeddings on disk rather than in memory (T5: 8 MB a caption)
+    # why `[train] clip_skip` > 1 is refused for this family; None where encode_text takes clip_skip
+    clip_skip_refusal: str | None = ("its pipeline fixes which text-encoder layers make the prompt embedding "
+                                     "(clip_skip chooses the CLIP layer of SD 1.x / 2.x)")
 
     @property
     def default_trained_text_encoders(self) -> tuple[int, ...]:

@@ -80,6 +80,8 @@ class SDXL(StableDiffusionFamily):
     implementation = "https://github.com/Stability-AI/generative-models"
     needs_base_model_version = True
     shared_name = shared_title = ""  # no other family's files share its keys
+    clip_skip_refusal = ("SDXL already reads the penultimate layer of both CLIP encoders (kohya sd-scripts ignores "
+                         "clip_skip for SDXL)")
 
     def matches_pipeline_class(self, class_name: str) -> bool:
         return class_name.startswith("StableDiffusionXL")

@@ -197,9 +197,21 @@ class StableDiffusionFamily(Family):
         return chosen
 
     # -- conditioning -------------------------------------------------------------------------
+    clip_skip_refusal = None  # SD 1.x / 2.x: the prompt embedding is one CLIP layer, clip_skip chooses which
+
     def encode_text(self, text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor],
-                    device: torch.device) -> dict[str, torch.Tensor]:
-        return {"prompt_embeds": text_encoders[0](input_ids[0].to(device))[0]}
+                    device: torch.device, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+        """The last CLIP layer's hidden states; with ``clip_skip = n > 1`` the n-th from last
+        layer's, passed through the tower's final layer norm (A1111's and sd-scripts' clip skip)."""
+        te = text_encoders[0]
+        if clip_skip == 1:
+            return {"prompt_embeds": te(input_ids[0].to(device))[0]}
+        layers = te.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip {clip_skip}: the text encoder has {layers} layers")
+        hidden = te(input_ids[0].to(device), output_hidden_states=True).hidden_states[-clip_skip]
+        # transformers 5 folds CLIPTextModel.text_model into the model itself; older versions nest it
+        return {"prompt_embeds": getattr(te, "text_model", te).final_layer_norm(hidden)}
 
     def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 embeds: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:

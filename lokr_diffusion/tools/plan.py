@@ -155,7 +155,7 @@ def safetensors_size(network: AdapterNetwork, dtype: torch.dtype, metadata: dict
     then by name; the offsets' digits are part of the header, so that order matters.
     """
     entries = []
-    for key, t in network.state_dict().items():
+    for key, t in network.file_tensors(dtype=None).items():
         dt = torch.float32 if key.endswith(".alpha") else dtype
         entries.append((key, dt, tuple(t.shape)))
     entries.sort(key=lambda e: (-e[1].itemsize, e[0]))
@@ -176,16 +176,19 @@ def _kind(module: nn.Module) -> str:
 
 
 def _factor_comparison(network: AdapterNetwork, config: AdapterConfig) -> dict[str, int]:
-    """Total parameters at other factors, same dims: init_tensors is what create_network calls."""
-    algo = get_algorithm(config.algo)
-    shapes = Counter((tuple(a.base.weight.shape), _kind(a.base) == "conv") for a in network.adapters())
+    """Total parameters at other [network] factors, same dims (overrides that set their own factor
+    keep it): init_tensors is what create_network calls."""
+    shapes = Counter((tuple(a.base.weight.shape), _kind(a.base) == "conv", network.override_of.get(a.key))
+                     for a in network.adapters())
     out = {}
     for factor in sorted(set(_COMPARE_FACTORS) | {config.factor}):
         cfg = dataclasses.replace(config, factor=factor)
         total = 0
-        for (weight_shape, kxk), n in shapes.items():
+        for (weight_shape, kxk, index), n in shapes.items():
+            plan = cfg.module_plan(kxk, None if index is None else cfg.overrides[index])
             with torch.device("meta"):
-                total += n * sum(t.numel() for t in algo.init_tensors(weight_shape, cfg.settings(kxk)).values())
+                tensors = get_algorithm(plan.algo).init_tensors(weight_shape, plan.settings)
+            total += n * (sum(t.numel() for t in tensors.values()) + plan.settings.use_scalar)
         out[str(factor)] = total
     return out
 
@@ -212,11 +215,14 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, t
     modules, groups = [], {}
     for info in network.modules_info():
         base = network.adapter(info.key).base
-        entry = {"key": info.key, "component": info.component, "kind": info.kind,
+        adapter = network.adapter(info.key)
+        entry = {"key": info.key, "component": info.component, "kind": info.kind, "algo": adapter.algo.NAME,
+                 "override": network.override_of.get(info.key), "scale": adapter.scale,
                  "weight_shape": list(base.weight.shape), "tensors": {n: list(s) for n, s in info.shapes.items()},
                  "parameters": per_module[info.key]}
         modules.append(entry)
-        sig = json.dumps([info.component, info.kind, entry["weight_shape"], entry["tensors"]])
+        sig = json.dumps([info.component, info.kind, entry["algo"], entry["override"], entry["weight_shape"],
+                          entry["tensors"]])
         groups.setdefault(sig, {**{k: v for k, v in entry.items() if k != "key"}, "count": 0})["count"] += 1
     metadata = network.metadata(title=title)
     result = {
@@ -226,14 +232,17 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, t
                                      for c in dict.fromkeys(m["component"] for m in modules)},
         "file_size": {name: safetensors_size(network, dt, metadata) for name, dt in SAVE_DTYPES.items()},
         "shape_groups": list(groups.values()), "module_list": modules, "notes": [],
+        "overrides": [{"match": o.match, **o.given(),
+                       "modules": sum(1 for m in modules if m["override"] == i)} for i, o in enumerate(config.overrides)],
     }
-    if config.algo == "lokr":
+    if any(m["algo"] == "lokr" for m in modules):
         result["factor_comparison"] = _factor_comparison(network, config)
         low = sum(1 for m in modules if "lokr_w2_a" in m["tensors"])
-        result["lokr_w2_low_rank"] = {"low_rank": low, "full": len(modules) - low}
+        result["lokr_w2_low_rank"] = {"low_rank": low, "full": sum(1 for m in modules if "lokr_w2" in m["tensors"])}
         result["notes"].append(FACTOR_NOTE)
     if config.conv_dim is None and config.preset == "full":
-        result["notes"].append("k x k convolutions of preset full are skipped: give --conv-dim to train them")
+        result["notes"].append("k x k convolutions of preset full are skipped: give --conv-dim to train them "
+                               "(LyCORIS's full trains them at conv_dim = dim unless told otherwise)")
     result["memory"] = training_memory(family, unet, encoders, [te for te in trained if te is not None],
                                        network.num_parameters(), training or TrainingSetup())
     network.remove()
@@ -298,11 +307,15 @@ def format_plan(r: dict[str, Any]) -> str:
         lr = r["lokr_w2_low_rank"]
         lines.append(f"LoKr w2:     full in {lr['full']} modules, low-rank (rank {cfg['dim']}"
                      f"{'/' + str(cfg['conv_dim']) if cfg['conv_dim'] else ''}) in {lr['low_rank']}")
-    lines.append("factor shapes (component, layer, weight -> tensors: count x parameters each):")
+    for i, o in enumerate(r.get("overrides", [])):
+        given = ", ".join(f"{k} {v}" for k, v in o.items() if k not in ("match", "modules"))
+        lines.append(f"override {i + 1} {o['match']!r} -> {given}: {o['modules']} modules")
+    lines.append("factor shapes (component, layer, algo, weight -> tensors: count x parameters each):")
     for g in sorted(r["shape_groups"], key=lambda g: (g["component"], -g["count"])):
         tensors = ", ".join(f"{n} {shape(s)}" for n, s in g["tensors"].items())
-        lines.append(f"  {g['component']:5s} {g['kind']:8s} {shape(g['weight_shape']):>14s} -> {tensors}: "
-                     f"{g['count']} x {g['parameters']:,}")
+        rule = f" (override {g['override'] + 1})" if g.get("override") is not None else ""
+        lines.append(f"  {g['component']:5s} {g['kind']:8s} {g.get('algo', cfg['algo'])} {shape(g['weight_shape']):>14s} "
+                     f"-> {tensors}: {g['count']} x {g['parameters']:,}{rule}")
     if "factor_comparison" in r:
         by_factor = (f"{f}: {n:,}{' (this plan)' if int(f) == cfg['factor'] else ''}"
                      for f, n in r["factor_comparison"].items())

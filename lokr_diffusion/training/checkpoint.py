@@ -96,8 +96,12 @@ def run_identity(cfg, network, models: list[torch.nn.Module], family: Family, nu
     and sampling may change between runs; the shapes and meaning of the saved tensors may not.
     """
     net = dict(cfg.to_dict().get("network", {}))
-    for free in ("rank_dropout", "module_dropout"):
+    # init_from only sets the start: a checkpoint already holds what came of it
+    for free in ("rank_dropout", "module_dropout", "rank_dropout_scale", "init_from"):
         net.pop(free, None)
+    for later in ("use_scalar", "rs_lora", "unbalanced_factorization", "overrides"):  # keys newer than some
+        if not net.get(later):  # checkpoints: left out while off, so those still resume
+            net.pop(later, None)
     ident: dict[str, Any] = {f"network.{k}": _plain(v) for k, v in sorted(net.items())}
     keys = network.module_keys()
     shapes = sorted((n, tuple(p.shape)) for n, p in network.named_parameters())

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +21,8 @@ from ..dtypes import TORCH_ALIASES_DOC, dtype_setting
 from ..families import family_names
 from ..errors import ConfigError
 from ..network import AdapterConfig
-from .loss import FLOW_LOSS_WEIGHTING, TIMESTEP_SAMPLING
+from .loss import FLOW_LOSS_WEIGHTING, HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING
+from .prompts import SamplePrompt, collect_prompts
 from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
 
 # Every name here is one diffusers.optimization.get_scheduler builds from the arguments the trainer
@@ -76,6 +78,11 @@ class NetworkSection(AdapterConfig):
         None, default_doc="the family's: all (SD), `te1` (Flux: CLIP-L)",
         help="which text encoders get adapters when `train_text_encoder` is on, by file prefix (`te`, `te1`, "
              "`te2`...; Flux's `te2` is T5-XXL)")
+    init_from: str | None = setting(
+        None, help="start from this adapter file (ours or another tool's LoKr/LoHa/LoRA, relative to the config "
+                   "file) instead of from zero: its modules must have the config's algo and shapes; modules it "
+                   "lacks start fresh; `train.resume` still restores a checkpoint over it; see "
+                   "[Per-module settings](#per-module-settings)")
     embedding_trigger: str | None = setting(
         None, help="also train the text-encoder input vectors of this made-up trigger word (pivotal tuning), "
                    "saved beside the adapter as `<name>_emb.safetensors`; see "
@@ -86,6 +93,7 @@ class NetworkSection(AdapterConfig):
              "model reads the word")
 
     def adapter_config(self) -> AdapterConfig:
+        """The adapter structure alone (what `create_network` and `plan` read)."""
         return AdapterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AdapterConfig)})
 
     def check(self) -> None:  # the per-field rules were checked in __post_init__
@@ -167,6 +175,8 @@ class TrainSection:
     prior_loss_weight: float = setting(1.0, gt=0, le=1000,
                                        help="loss weight of regularisation images (`is_reg = true`) against the "
                                             "training images")
+    masked_loss: bool = setting(False, help="weight the loss per pixel by each image's mask (`alpha_mask` or "
+                                            "`conditioning_data_dir` under `[data]`); see docs/data.md")
     xformers: bool = setting(False, help="xformers attention on CUDA when installed; otherwise a warning")
     resume: str | None = setting(None, help="`\"latest\"` (newest checkpoint in the output folder) or a checkpoint "
                                             "folder, relative to the config file")
@@ -174,6 +184,51 @@ class TrainSection:
                                        help="skip steps with a non-finite loss or gradient; stop after this many "
                                             "in a row")
     num_workers: int = setting(0, ge=0, le=256, help="data loader worker processes")
+    # -- options named as kohya sd-scripts names them: loss, noise, clip skip, optimizer and schedule arguments
+    loss_type: str = setting("l2", choices=LOSS_TYPES,
+                             help="per-element loss: `l2` (squared error), `l1`, `huber` (2c(sqrt(d^2+c^2)-c): squared "
+                                  "near 0, linear beyond c) or `smooth_l1` (the same divided by c); per sample, "
+                                  "then min-SNR and the other weights")
+    huber_c: float = setting(0.1, gt=0, le=1,
+                             help="`huber` / `smooth_l1`: threshold c at full noise (`huber_schedule` raises it "
+                                  "towards 1 at low noise)")
+    huber_schedule: str = setting("snr", choices=HUBER_SCHEDULES,
+                                  help="`huber` / `smooth_l1`: `constant` c * scale, `exponential` scale * c^(t/T), "
+                                       "`snr` (1 - c) / (1 + r)^2 + c with r the noise-to-signal ratio; flow models "
+                                       "use t/T = s and r = s/(1-s) at path position s")
+    huber_scale: float = setting(1.0, gt=0, le=100,
+                                 help="`huber` / `smooth_l1`: multiplies the `constant` and `exponential` "
+                                      "thresholds (not `snr`'s, as in sd-scripts)")
+    multires_noise_iterations: int = setting(
+        0, ge=0, le=64, default_doc="0 (off)",
+        help="multires (pyramid) noise: add this many levels of low-resolution noise, each 2-4x coarser, then "
+             "rescale to unit std (6-10 is common); after `noise_offset`. UNet models only")
+    multires_noise_discount: float = setting(0.3, gt=0, le=1,
+                                             help="multires noise: weight of level i is discount^i")
+    ip_noise_gamma: float = setting(0.0, ge=0, le=1, default_doc="0 (off)",
+                                    help="input perturbation: the denoiser's input is noised with noise + gamma * "
+                                         "extra noise, the target keeps the plain noise (0.1 is common)")
+    ip_noise_gamma_random_strength: bool = setting(False, help="input perturbation: draw gamma uniformly from "
+                                                               "[0, ip_noise_gamma) each step")
+    clip_skip: int = setting(1, ge=1, le=48,
+                             help="prompt embedding from the n-th from last CLIP layer plus the final layer norm "
+                                  "(1: the last layer; 2: A1111's and sd-scripts' clip skip 2), in training, the "
+                                  "text cache and samples; SD 1.x / 2.x only (SD 2.x's encoder already ends one "
+                                  "layer early)")
+    optimizer_args: dict[str, Any] = setting(
+        default_factory=dict, parse=lambda v, scope, key: _optimizer_args(v, scope, key), expect="table",
+        default_doc="`{}`", allowed_doc="the optimizer's constructor arguments",
+        help="extra optimizer constructor arguments, e.g. `{ betas = [0.9, 0.99], eps = 1e-8 }` or Prodigy's "
+             "`{ d_coef = 2.0, decouple = true, use_bias_correction = true, safeguard_warmup = true }`; "
+             "checked against the optimizer's signature (`lr` and `weight_decay` have their own keys)")
+    unet_weight_decay: float | None = setting(None, ge=0, default_doc="`weight_decay`",
+                                              help="weight decay of the denoiser adapters")
+    text_encoder_weight_decay: float | None = setting(None, ge=0, default_doc="`weight_decay`",
+                                                      help="weight decay of the text-encoder adapters")
+    lr_scheduler_num_cycles: int = setting(1, ge=1, le=10_000,
+                                           help="`cosine_with_restarts`: cosine cycles, the rate jumping back to "
+                                                "its peak at each restart")
+    lr_scheduler_power: float = setting(1.0, gt=0, le=100, help="`polynomial`: decay power (1: linear)")
 
     @property
     def embedding_learning_rate(self) -> float:
@@ -198,6 +253,33 @@ class TrainSection:
             module, install = OPTIONAL_OPTIMIZERS[self.optimizer]
             if importlib.util.find_spec(module) is None:
                 raise ConfigError(f"train.optimizer = {self.optimizer!r} needs {module}: {install}")
+        self._check_kohya_options()
+
+    def _check_kohya_options(self) -> None:
+        """Schedule arguments the chosen schedule would ignore are refused; optimizer_args are checked
+        against the optimizer's constructor (after the install check above)."""
+        from .optim import check_optimizer_args
+
+        if self.lr_scheduler_num_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            raise ConfigError(f"train.lr_scheduler_num_cycles: only `cosine_with_restarts` has cycles, but "
+                              f"train.lr_scheduler = {self.lr_scheduler!r}")
+        if self.lr_scheduler_power != 1.0 and self.lr_scheduler != "polynomial":
+            raise ConfigError(f"train.lr_scheduler_power: only `polynomial` has a power, but "
+                              f"train.lr_scheduler = {self.lr_scheduler!r}")
+        self.optimizer_args = check_optimizer_args(self.optimizer, self.optimizer_args)
+
+
+def _optimizer_args(value: Any, scope: Scope, key: str) -> dict[str, Any]:
+    """A TOML table of scalars and arrays of scalars (the optimizer's signature is checked later)."""
+    if not isinstance(value, Mapping):
+        raise scope.fail(key, f"expected a table, e.g. {{ betas = [0.9, 0.99] }}, got {value!r}")
+    scalar = (bool, int, float, str)
+    for name, v in value.items():
+        if not (isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))):
+            raise scope.fail(f"{key}.{name}", f"expected a number, string, boolean or array of them, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise scope.fail(f"{key}.{name}", f"must be a finite number, got {v}")
+    return dict(value)
 
 
 @dataclass
@@ -225,7 +307,10 @@ def _multiple_of_8(v: int) -> bool:
 class SampleSection:
     prompts: list[str] = setting(default_factory=list,
                                  help="one PNG grid per prompt: `samples/stepNNNNNN-II-<prompt>.png`, also in "
-                                      "TensorBoard")
+                                      "TensorBoard; a prompt may end in kohya's per-prompt options "
+                                      "`--n <negative> --w <width> --h <height> --s <steps> --l <cfg> --d <seed>`")
+    prompt_file: str | None = setting(None, help="text file of more prompts, one per line with the same options "
+                                                 "(`#` lines are comments), relative to the config file")
     negative_prompt: str = setting("", help="negative prompt of every sample")
     every_steps: int | None = setting(None, ge=1, le=MAX_STEPS, help="sample every N steps (and always at the end)")
     steps: int = setting(20, ge=1, le=1000, help="denoising steps per image")
@@ -234,10 +319,10 @@ class SampleSection:
     num_images: int = setting(2, ge=1, le=64, help="images per prompt")
     width: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
                                 problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
-                                help="sample width in pixels")
+                                help="sample width in pixels (Flux and SD3: a multiple of 16)")
     height: int | None = setting(None, ge=8, le=8192, valid=_multiple_of_8, default_doc="model default",
                                  problem="must be a positive multiple of 8", allowed_doc="multiple of 8, [8, 8192]",
-                                 help="sample height in pixels")
+                                 help="sample height in pixels (Flux and SD3: a multiple of 16)")
 
 
 @dataclass
@@ -260,6 +345,8 @@ class TrainConfig:
     logging: LoggingSection
     data: dict[str, Any]
     base_dir: Path = Path(".")
+    # `[sample] prompts` and `prompt_file`, parsed with their per-prompt options (training/prompts.py)
+    sample_prompts: list[SamplePrompt] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -312,6 +399,18 @@ def _resolve_resume(resume: str | None, base_dir: Path) -> str | None:
     return str(path if path.is_absolute() else base_dir / path)
 
 
+def _resolve_init_from(init_from: str | None, base_dir: Path) -> str | None:
+    """The adapter file to start from, relative to the config file; refused early when it is no
+    file, rather than after the models have loaded."""
+    if init_from is None:
+        return None
+    path = Path(init_from).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        raise ConfigError(f"network.init_from: {path}: no such file (expected an adapter .safetensors)")
+    return str(path)
+
+
 def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> TrainConfig:
     """Check a parsed config (all sections and the datasets) and build the `TrainConfig`.
 
@@ -324,15 +423,27 @@ def config_from_dict(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Trai
         raise ConfigError(f"[{key}]: unknown section" + (f" (did you mean [{hint[0]}]?)" if hint else ""))
     sections = {name: _section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
     sections["train"].resume = _resolve_resume(sections["train"].resume, base_dir)
+    sections["network"].init_from = _resolve_init_from(sections["network"].init_from, base_dir)
     if not isinstance(raw.get("data", {}), Mapping):
         raise ConfigError(f"[data] must be a table, got {type(raw['data']).__name__}")
     data = dict(raw.get("data", {}))
     if not data:
         raise ConfigError("[data]: required: add [[data.datasets]] tables with a `dir`")
-    dataset_configs_from_toml(data, base_dir=base_dir)  # refuse bad datasets before anything runs
-    cfg = TrainConfig(**sections, data=data, base_dir=base_dir)
-    if cfg.sample.every_steps and not cfg.sample.prompts:
-        raise ConfigError("sample.every_steps is set but sample.prompts is empty")
+    datasets = dataset_configs_from_toml(data, base_dir=base_dir)  # refuse bad datasets before anything runs
+    if sections["train"].masked_loss and not any(d.mask_source for d in datasets):
+        raise ConfigError("train.masked_loss: no dataset gives loss masks: set alpha_mask = true or "
+                          "conditioning_data_dir (a folder of mask images) under [data] or in a [[data.datasets]] entry")
+    sample = sections["sample"]
+    prompt_file = None
+    if sample.prompt_file is not None:
+        prompt_file = Path(sample.prompt_file).expanduser()
+        sample.prompt_file = str(prompt_file if prompt_file.is_absolute() else base_dir / prompt_file)
+        prompt_file = Path(sample.prompt_file)
+    cfg = TrainConfig(**sections, data=data, base_dir=base_dir,
+                      sample_prompts=collect_prompts(sample.prompts, prompt_file))
+    if cfg.sample.every_steps and not cfg.sample_prompts:
+        raise ConfigError("sample.every_steps is set but sample.prompts is empty (and there is no "
+                          "sample.prompt_file)")
     return cfg
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +121,24 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
     if precision_notice and accelerator.is_main_process:
         logger.warning(precision_notice)
+    _warn_unsharded(accelerator)
     lock_output_dir(accelerator, output_dir, break_lock=break_lock)  # one run per folder; refuses unusable paths
     return Run(cfg, config_path, accelerator)
+
+
+def _warn_unsharded(accelerator) -> None:
+    """An FSDP or DeepSpeed launch config that Accelerate did not apply (it runs them on GPUs
+    only; on the CPU the processes train data-parallel over gloo): the run is correct, but every
+    process holds the whole frozen model, which is what the user chose sharding to avoid."""
+    from accelerate.utils import DistributedType
+
+    for env, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type != kind:
+            if accelerator.is_main_process:
+                logger.warning("the launch config asks for %s, but Accelerate runs it on GPUs only; this run is %s on %s "
+                               "with the whole frozen model on every process", kind.value, accelerator.distributed_type.value,
+                               accelerator.device.type)
+            return
 
 
 # -- 2. data: validated and scanned before any model loads ---------------------------------------
@@ -135,7 +151,7 @@ def prepare_data(run: Run):
     cfg = run.cfg
     dataset = build_dataset(dataset_configs_from_toml(cfg.data, base_dir=cfg.base_dir), batch_size=cfg.train.batch_size,
                             seed=cfg.train.seed, cache_dir=run.output_dir / "cache",
-                            report=print if run.main else None)
+                            report=print if run.main else None, masked_loss=cfg.train.masked_loss)
     set_seed(cfg.train.seed, device_specific=True)
     return dataset
 
@@ -156,6 +172,7 @@ class Models:
     prediction_type: str
     weight_dtype: torch.dtype
     parked: bool = False  # text encoders and VAE moved off the device once their outputs are cached
+    text_options: dict[str, Any] = field(default_factory=dict)  # encode_text arguments ([train] clip_skip)
 
     def park(self) -> None:
         """Move the text encoders and the VAE to the CPU: every output they give is cached."""
@@ -181,6 +198,7 @@ class Models:
 def load_models(run: Run) -> Models:
     from ..families import family_of_pipeline
     from ..models import load_pipeline
+    from .model import text_options
     from .objective import build_objective
 
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
@@ -190,6 +208,11 @@ def load_models(run: Run) -> Models:
     pipe = load_pipeline(pretrained, family=cfg.model.family, revision=cfg.model.revision,
                          variant=cfg.model.variant, prediction_type=cfg.model.prediction_type)
     family = family_of_pipeline(pipe)
+    if cfg.sample_prompts:  # a sample size the model cannot make stops the run now, not at the first sample
+        from .prompts import check_sizes
+        from .sampling import size_multiple
+
+        check_sizes(cfg.sample_prompts, cfg.sample.width, cfg.sample.height, size_multiple(pipe, family), family.title)
     parts = family.components(pipe)
     objective = build_objective(family, pipe, t_cfg)
     prediction_type = getattr(objective, "prediction_type", family.default_prediction)
@@ -215,7 +238,7 @@ def load_models(run: Run) -> Models:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
     return Models(pipe, family, denoiser, vae, text_encoders, parts.tokenizers, objective, prediction_type,
-                  weight_dtype)
+                  weight_dtype, text_options=text_options(family, t_cfg.clip_skip, text_encoders))
 
 
 def _place_denoiser(denoiser: nn.Module, device: torch.device, compute: torch.dtype, base_dtype: str) -> None:
@@ -286,8 +309,9 @@ def cache_text(run: Run, dataset, models: Models, model: "TrainingModel") -> boo
         return {k: v.float().cpu() for k, v in embeds.items()}
 
     # big sequence embeddings (T5: 512 x 4096 per caption) go to disk rather than memory
-    dataset.cache_text_embeddings(encode_captions, "|".join(module_identity(t) for t in models.text_encoders),
-                                  to_disk=models.family.text_cache_on_disk)
+    encoder_id = "|".join(module_identity(t) for t in models.text_encoders)
+    encoder_id += "".join(f"|{k}={v}" for k, v in sorted(models.text_options.items()))  # clip_skip: other embeddings
+    dataset.cache_text_embeddings(encode_captions, encoder_id, to_disk=models.family.text_cache_on_disk)
     return True
 
 
@@ -313,37 +337,41 @@ class Parts:
 
 
 def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Parts:
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     from ..data import make_loader
+    from ..loading import init_from_file
     from ..network import chosen_text_encoders, create_network
     from . import checkpoint
     from .model import TrainingModel
-    from .optim import build_optimizer
+    from .optim import build_lr_scheduler, build_optimizer
 
     cfg, accelerator, t_cfg = run.cfg, run.accelerator, run.cfg.train
-    network = create_network(cfg.network.adapter_config(),
-                             unet=models.denoiser if cfg.network.train_unet else None,
-                             text_encoders=chosen_text_encoders(models.family, models.text_encoders, cfg.network),
+    denoiser = models.denoiser if cfg.network.train_unet else None
+    encoders = chosen_text_encoders(models.family, models.text_encoders, cfg.network)
+    network = create_network(cfg.network.adapter_config(), unet=denoiser, text_encoders=encoders,
                              family=models.family, prediction_type=models.prediction_type)
+    if cfg.network.init_from:  # before resume, which restores a checkpoint over it
+        run.report(str(init_from_file(network, cfg.network.init_from, denoiser, encoders)))
     network.to(accelerator.device, dtype=torch.float32)
     if t_cfg.compile:
         _compile(models.denoiser, t_cfg)
     model = TrainingModel(network, models.denoiser, models.text_encoders, models.family,
-                          cfg.network.train_text_encoder, embedding, conditioning=_conditioning(t_cfg))
+                          cfg.network.train_text_encoder, embedding, conditioning=_conditioning(t_cfg),
+                          text=models.text_options)
     if cache_text(run, dataset, models, model) and all(c.cache_latents != "off" for c in dataset.configs):
         models.park()  # every text and image input is cached: free device memory for the denoiser
     optimizer = build_optimizer(t_cfg.optimizer, _param_groups(network, embedding, t_cfg), t_cfg.learning_rate,
-                                t_cfg.weight_decay)
+                                t_cfg.weight_decay, t_cfg.optimizer_args)
     loader = make_loader(dataset, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                          num_workers=t_cfg.num_workers)
     steps_per_epoch = max(1, math.ceil(len(loader) / t_cfg.gradient_accumulation_steps))
     max_steps = t_cfg.max_steps or t_cfg.epochs * steps_per_epoch
     num_epochs = t_cfg.epochs or sys.maxsize  # with max_steps alone, epochs run until the steps are done
-    lr_scheduler = get_scheduler(t_cfg.lr_scheduler, optimizer,
-                                 num_warmup_steps=t_cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+    lr_scheduler = build_lr_scheduler(t_cfg.lr_scheduler, optimizer,
+                                      warmup_steps=t_cfg.lr_warmup_steps * accelerator.num_processes,
+                                      total_steps=max_steps * accelerator.num_processes,
+                                      num_cycles=t_cfg.lr_scheduler_num_cycles, power=t_cfg.lr_scheduler_power)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMAModel(network.parameters(), decay=t_cfg.ema_decay) if t_cfg.ema_decay else None
     progress = Progress()
@@ -375,17 +403,44 @@ def _conditioning(t_cfg) -> dict[str, Any]:
 
 
 def _param_groups(network, embedding, t_cfg) -> list[dict]:
+    """Denoiser adapters, text-encoder adapters, trigger embedding: each group its learning rate and
+    weight decay (a group without "weight_decay" takes the optimizer's, train.weight_decay)."""
     groups = []
     unet_params = [p for k, a in network.named_children() if network.components[k] == "unet" for p in a.parameters()]
     te_params = [p for k, a in network.named_children() if network.components[k] != "unet" for p in a.parameters()]
     if unet_params:
-        groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate})
+        groups.append({"params": unet_params, "lr": t_cfg.unet_lr or t_cfg.learning_rate,
+                       **_decay(t_cfg.unet_weight_decay)})
     if te_params:
-        groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate})
+        groups.append({"params": te_params, "lr": t_cfg.text_encoder_lr or t_cfg.learning_rate,
+                       **_decay(t_cfg.text_encoder_weight_decay)})
     if embedding is not None:  # no weight decay: it would pull the vectors to zero, not to the word's start
         groups.append({"params": list(embedding.parameters()), "weight_decay": 0.0,
                        "lr": t_cfg.embedding_learning_rate})
     return groups
+
+
+def _decay(weight_decay: float | None) -> dict[str, float]:
+    return {} if weight_decay is None else {"weight_decay": weight_decay}
+
+
+def _option_facts(t_cfg) -> dict[str, Any]:
+    """sd-scripts' metadata keys of the loss, noise and clip-skip options, written when an option is
+    on (ss_clip_skip tells a UI to sample with the same clip skip); files of runs without them
+    stay as they were."""
+    facts: dict[str, Any] = {}
+    if t_cfg.loss_type != "l2":
+        facts.update(ss_loss_type=t_cfg.loss_type, ss_huber_c=t_cfg.huber_c, ss_huber_schedule=t_cfg.huber_schedule,
+                     ss_huber_scale=t_cfg.huber_scale)
+    if t_cfg.multires_noise_iterations:
+        facts.update(ss_multires_noise_iterations=t_cfg.multires_noise_iterations,
+                     ss_multires_noise_discount=t_cfg.multires_noise_discount)
+    if t_cfg.ip_noise_gamma:
+        facts.update(ss_ip_noise_gamma=t_cfg.ip_noise_gamma,
+                     ss_ip_noise_gamma_random_strength=t_cfg.ip_noise_gamma_random_strength)
+    if t_cfg.clip_skip != 1:
+        facts["ss_clip_skip"] = t_cfg.clip_skip
+    return facts
 
 
 # -- 6. files: adapters, checkpoints, samples ------------------------------------------------------
@@ -410,7 +465,8 @@ class Files:
             "ss_noise_offset": t_cfg.noise_offset, "ss_num_train_images": len(dataset.samples),
             "ss_datasets": json.dumps(dataset.summary_dict() if hasattr(dataset, "summary_dict") else
                                       {"samples_per_epoch": len(dataset), "images": len(dataset.samples)}),
-            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps}
+            "ss_training_started_at": str(time.time()), "ss_max_train_steps": parts.max_steps,
+            **_option_facts(t_cfg)}
 
     def save_adapter(self, path: Path) -> Path:
         from ..embeddings import embedding_path
@@ -440,19 +496,31 @@ class Files:
         if run.main:
             checkpoint.prune(run.output_dir, run.cfg.output.name, run.cfg.output.keep_last)
 
+    def _prompt_encoder(self):
+        """With [train] clip_skip, samples get prompt embeddings from the training model's own
+        encode_text (the pipeline's clip_skip would count layers differently, and Diffusers' breaks
+        on transformers 5's CLIP); None otherwise: the pipeline encodes the prompts itself."""
+        from ..text import tokenize
+
+        if not self.models.text_options:
+            return None
+        model = self.run.accelerator.unwrap_model(self.parts.model)
+        expand = self.parts.embedding.expand if self.parts.embedding is not None else (lambda text: text)
+        return lambda text: model.encode_text(tokenize(self.models.tokenizers, [expand(text)]))
+
     def sample(self) -> None:
         from .sampling import sample_grids
 
         run, s = self.run, self.run.cfg.sample
         accelerator, network, step = run.accelerator, self.parts.network, self.parts.progress.step
-        if run.main and s.prompts:
+        if run.main and run.cfg.sample_prompts:
             network.eval()
             with self.models.whole_pipeline(accelerator.device) as pipe:
-                grids = sample_grids(pipe, s.prompts, run.output_dir / "samples", step,
+                grids = sample_grids(pipe, run.cfg.sample_prompts, run.output_dir / "samples", step,
                                      negative_prompt=s.negative_prompt, steps=s.steps,
                                      guidance_scale=s.guidance_scale, seed=s.seed, num_images=s.num_images,
                                      width=s.width, height=s.height, device=accelerator.device,
-                                     autocast=accelerator.autocast)
+                                     autocast=accelerator.autocast, encode_prompt=self._prompt_encoder())
             network.train()
             tracker = _tensorboard(accelerator)
             if tracker is not None:
@@ -488,8 +556,9 @@ def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, 
                 weights = None
                 if t_cfg.prior_loss_weight != 1.0:
                     weights = torch.where(batch["is_reg"], t_cfg.prior_loss_weight, 1.0)
+                mask = batch["mask"].to(accelerator.device) if "mask" in batch else None
                 loss = models.objective.loss(latents, lambda noisy, timesteps: model(noisy, timesteps, batch),
-                                             sample_weights=weights)
+                                             sample_weights=weights, mask=mask)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
@@ -532,7 +601,7 @@ def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, 
                 raise TrainingStopped(
                     f"stopped by signal {stop.signal} at step {progress.step}; checkpoint saved in "
                     f"{checkpoint.state_dir(run.output_dir, progress.step)}. Resume with: "
-                    f"{_resume_command(run.config_path)}")
+                    f"{_resume_command(run.config_path, run.output_dir)}")
             if progress.step >= parts.max_steps:
                 break
         else:
@@ -580,7 +649,7 @@ def finish(run: Run, models: Models, parts: Parts, looped: tuple[Files, float, i
     parts.states.save(progress.step, files.state_bytes)
     if run.main:
         checkpoint.prune(run.output_dir, cfg.output.name, cfg.output.keep_last)
-    if cfg.sample.prompts:
+    if cfg.sample_prompts:
         files.sample()
     agree = _ranks_agree(accelerator, network)
     accelerator.wait_for_everyone()
@@ -631,7 +700,12 @@ def _stop_everywhere(accelerator, stop: StopRequested) -> bool:
     return accelerator.reduce(flag, "max").item() > 0
 
 
-def _resume_command(config_path: Path | None) -> str:
+def _resume_command(config_path: Path | None, output_dir: Path) -> str:
+    from ..resources import BUNDLE_DIR
+
+    if config_path is not None and BUNDLE_DIR in config_path.resolve().parents:
+        # the installed package's quickstart: no train.py there, and the outputs are not where its config says
+        return f"lokr-diffusion quickstart --output {output_dir} --set train.resume=latest"
     cfg = str(config_path) if config_path else "<config.toml>"
     return f"accelerate launch train.py --config {cfg} --set train.resume=latest"
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import ConfigError
-from .loss import denoising_loss, flow_matching_loss
+from .loss import LossFunction, NoiseOptions, denoising_loss, flow_matching_loss
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,14 +24,19 @@ NOISE_ONLY = {
     "zero_terminal_snr": "it rescales a DDPM beta schedule",
     "min_timestep": "flow matching draws positions in [0, 1] from `timestep_sampling`",
     "max_timestep": "flow matching draws positions in [0, 1] from `timestep_sampling`",
+    "multires_noise_iterations": "the noise is the flow's end point and part of its velocity target, while "
+                                 "sampling starts from white Gaussian noise; sd-scripts adds it to DDPM "
+                                 "training only",
 }
 # [train] keys that only mean something for rectified flow
 FLOW_ONLY = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "shift", "loss_weighting", "guidance")
-_NOISE_DEFAULTS = {"min_snr_gamma": None, "zero_terminal_snr": False, "min_timestep": 0, "max_timestep": None}
+_NOISE_DEFAULTS = {"min_snr_gamma": None, "zero_terminal_snr": False, "min_timestep": 0, "max_timestep": None,
+                   "multires_noise_iterations": 0}
 
 
 class Objective(Protocol):
-    def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         ...
 
     def describe(self) -> str:
@@ -45,18 +50,22 @@ class NoisePrediction:
     scheduler: Any
     prediction_type: str
     zero_snr: bool
-    noise_offset: float = 0.0
+    noise: NoiseOptions = NoiseOptions()
     min_timestep: int = 0
     max_timestep: int | None = None
     min_snr_gamma: float | None = None
+    loss_fn: LossFunction = LossFunction()
 
-    def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return denoising_loss(latents, denoise, self.scheduler, self.prediction_type, noise_offset=self.noise_offset,
+    def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        return denoising_loss(latents, denoise, self.scheduler, self.prediction_type, noise=self.noise,
                               min_timestep=self.min_timestep, max_timestep=self.max_timestep,
-                              min_snr_gamma=self.min_snr_gamma, sample_weights=sample_weights)
+                              min_snr_gamma=self.min_snr_gamma, sample_weights=sample_weights, loss_fn=self.loss_fn,
+                              mask=mask)
 
     def describe(self) -> str:
-        return f"prediction {self.prediction_type}{', zero terminal SNR' if self.zero_snr else ''}"
+        return (f"prediction {self.prediction_type}{', zero terminal SNR' if self.zero_snr else ''}"
+                f"{describe_options(self.noise, self.loss_fn)}")
 
 
 @dataclass
@@ -69,7 +78,8 @@ class RectifiedFlow:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     weighting: str = "none"
-    noise_offset: float = 0.0
+    noise: NoiseOptions = NoiseOptions()
+    loss_fn: LossFunction = LossFunction()
     fixed_shift: float | None = 1.0
     dynamic: tuple[int, int, float, float] | None = None  # base/max sequence length, base/max shift
     tokens: Callable[[torch.Tensor], int] | None = None
@@ -81,16 +91,43 @@ class RectifiedFlow:
         slope = (max_shift - base_shift) / (max_len - base_len)
         return math.exp(base_shift + slope * (self.tokens(latents) - base_len))
 
-    def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, latents: torch.Tensor, denoise: Denoise, sample_weights: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         return flow_matching_loss(latents, denoise, self.shift_for(latents), sampling=self.sampling,
                                   logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
-                                  weighting=self.weighting, noise_offset=self.noise_offset,
-                                  sample_weights=sample_weights)
+                                  weighting=self.weighting, noise=self.noise, loss_fn=self.loss_fn,
+                                  sample_weights=sample_weights, mask=mask)
 
     def describe(self) -> str:
         shift = ("resolution-dependent shift" if self.dynamic is not None and self.tokens is not None
                  else f"shift {self.fixed_shift:g}")
-        return f"rectified flow ({self.sampling} timesteps, {shift}, loss weighting {self.weighting})"
+        return (f"rectified flow ({self.sampling} timesteps, {shift}, loss weighting {self.weighting})"
+                f"{describe_options(self.noise, self.loss_fn)}")
+
+
+def describe_options(noise: NoiseOptions, loss_fn: LossFunction) -> str:
+    """The noise and loss options that differ from plain training, for the start-of-run line."""
+    parts = []
+    if loss_fn.kind != "l2":
+        parts.append(f"{loss_fn.kind} loss" + (f" (huber_c {loss_fn.huber_c:g}, {loss_fn.huber_schedule} schedule)"
+                                               if loss_fn.needs_threshold else ""))
+    if noise.multires_iterations:
+        parts.append(f"multires noise ({noise.multires_iterations} levels, discount {noise.multires_discount:g})")
+    if noise.ip_gamma:
+        parts.append(f"input perturbation {noise.ip_gamma:g}" + (" (random strength)" if noise.ip_random_strength
+                                                                  else ""))
+    return "".join(f", {p}" for p in parts)
+
+
+def noise_options(t_cfg: Any) -> NoiseOptions:
+    return NoiseOptions(offset=t_cfg.noise_offset, multires_iterations=t_cfg.multires_noise_iterations,
+                        multires_discount=t_cfg.multires_noise_discount, ip_gamma=t_cfg.ip_noise_gamma,
+                        ip_random_strength=t_cfg.ip_noise_gamma_random_strength)
+
+
+def loss_function(t_cfg: Any) -> LossFunction:
+    return LossFunction(kind=t_cfg.loss_type, huber_c=t_cfg.huber_c, huber_schedule=t_cfg.huber_schedule,
+                        huber_scale=t_cfg.huber_scale)
 
 
 def build_objective(family: Any, pipe: Any, t_cfg: Any, denoiser: Any = None) -> Objective:
@@ -118,10 +155,10 @@ def _noise(pipe: Any, t_cfg: Any) -> NoisePrediction:
                                           rescale_betas_zero_snr=zero_snr)
     if zero_snr and not model_zero_snr:  # the sampling scheduler must match what training switched on
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, rescale_betas_zero_snr=True)
-    return NoisePrediction(scheduler, prediction_type, zero_snr, noise_offset=t_cfg.noise_offset,
+    return NoisePrediction(scheduler, prediction_type, zero_snr, noise=noise_options(t_cfg),
                            min_timestep=t_cfg.min_timestep,
                            max_timestep=t_cfg.max_timestep or scheduler.config.num_train_timesteps,
-                           min_snr_gamma=t_cfg.min_snr_gamma)
+                           min_snr_gamma=t_cfg.min_snr_gamma, loss_fn=loss_function(t_cfg))
 
 
 def _flow(family: Any, pipe: Any, t_cfg: Any, denoiser: Any) -> RectifiedFlow:
@@ -139,5 +176,6 @@ def _flow(family: Any, pipe: Any, t_cfg: Any, denoiser: Any) -> RectifiedFlow:
                          logit_mean=0.0 if t_cfg.logit_mean is None else t_cfg.logit_mean,
                          logit_std=1.0 if t_cfg.logit_std is None else t_cfg.logit_std,
                          mode_scale=1.29 if t_cfg.mode_scale is None else t_cfg.mode_scale,
-                         weighting=t_cfg.loss_weighting or "none", noise_offset=t_cfg.noise_offset,
-                         fixed_shift=fixed, dynamic=dynamic, tokens=getattr(family, "image_tokens", None))
+                         weighting=t_cfg.loss_weighting or "none", noise=noise_options(t_cfg),
+                         loss_fn=loss_function(t_cfg), fixed_shift=fixed, dynamic=dynamic,
+                         tokens=getattr(family, "image_tokens", None))
