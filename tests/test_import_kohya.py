@@ -184,6 +184,7 @@ def _check_pending(result, doc, option, target, value):
 def test_sd15_lokr_with_dataset_config(tmp_path):
     config = _write(tmp_path / "lokr.toml", SD15_LOKR)
     dataset = _write(tmp_path / "dataset_config.toml", DATASET_CONFIG)
+    (tmp_path / "previous.safetensors").write_bytes(b"")  # network_weights: the config checks that it exists
     result = import_kohya(config, dataset_config=dataset, script="train_network.py", kohya_dir=tmp_path)
     cfg, doc, report = _load(result, tmp_path)
 
