@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -24,6 +25,14 @@ def command(name: str, setup: Callable[[argparse.ArgumentParser], None]):
     return register
 
 
+def _dtype_word(word: str, full_precision: str = "fp32") -> str:
+    """argparse `type` of dtype options: torch's names (float16, bfloat16, float32) are accepted
+    and become the short spelling the choices list."""
+    from .dtypes import canonical_dtype_name
+
+    return canonical_dtype_name(word, full_precision)
+
+
 def _tiny_model_args(p: argparse.ArgumentParser) -> None:
     from .families import family_names
 
@@ -36,8 +45,6 @@ def _tiny_model_args(p: argparse.ArgumentParser) -> None:
 @command("tiny-model", _tiny_model_args)
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     """Write a small randomly initialised Diffusers pipeline (no network needed)."""
-    from pathlib import Path
-
     from .errors import OutputError
     from .families import get_family
 
@@ -143,7 +150,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     _tool_network_args(p)
     p.add_argument("--alpha", type=float, default=None, help="alpha of Linear layers / 1x1 convs (default: dim)")
     p.add_argument("--conv-alpha", type=float, default=None, help="alpha of k x k convs (default: conv dim)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16",
+    p.add_argument("--mixed-precision", type=lambda w: _dtype_word(w, "no"), choices=["no", "fp16", "bf16"],
+                   default="bf16",
                    help="memory estimate: dtype of the frozen weights, as train.mixed_precision (default bf16)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "prodigy", "adafactor", "sgd"], default="adamw",
                    help="memory estimate: optimizer whose states count (default adamw)")
@@ -196,7 +204,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
                    help="adapter to bake in, optionally with a strength (default 1.0); repeat for several")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="a folder (Diffusers layout) or a .safetensors file (original single-file layout for the UIs)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+    p.add_argument("--dtype", type=_dtype_word, choices=["fp16", "bf16", "fp32"], default=None,
                    help="dtype of the written weights (default: fp32; the merge itself is always done in fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -242,7 +250,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                           "modules over to_q/to_k/to_v (and proj_mlp) are stacked into qkv / linear1 (LoKr and LoHa "
                           "cannot be: three Kronecker products are not one); out of them, fused modules are split "
                           "into their rows")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
+    p.add_argument("--dtype", type=_dtype_word, choices=["fp16", "bf16", "fp32"], default=None, help="dtype of the factors (default: keep)")
     p.add_argument("--family", choices=family_names(), default=None, metavar="FAMILY",
                    help="model family, when the keys and metadata cannot tell (tiny or unusual models): "
                         + ", ".join(family_names()))
@@ -279,7 +287,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model")
     p.add_argument("--out", required=True, metavar="FILE", help="adapter .safetensors to write")
     _tool_network_args(p, algos=("lokr", "lora"))
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the factors (default fp16)")
+    p.add_argument("--dtype", type=_dtype_word, choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the factors (default fp16)")
     p.add_argument("--device", default="cpu", help="where to run the SVDs, e.g. cuda (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON, with every module's error")
@@ -355,6 +363,48 @@ def _cmd_import_kohya(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="output/quickstart", metavar="DIR",
+                   help="folder for the adapter, samples, logs and checkpoint (default output/quickstart, under the "
+                        "current folder)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the quickstart config, e.g. train.max_steps=100 (repeatable)")
+
+
+def quickstart_argv(config: Path, out: Path, sets: list[str]) -> list[str]:
+    """The trainer's command line for the quickstart writing into `out` (absolute)."""
+    import json
+
+    # JSON's string syntax is TOML's basic string: the path survives backslashes, quotes and spaces
+    argv = ["--config", str(config), "--set", f"output.dir={json.dumps(str(out), ensure_ascii=False)}"]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
+@command("quickstart", _quickstart_args)
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    """Train the offline quickstart from any folder: LoKr teaches the bundled toy model a new shape.
+
+    The same run as `accelerate launch train.py --config train_configs/quickstart.toml` in a
+    clone (about four minutes on a 2-core CPU), with the config, toy model and images that ship
+    in the package, and every output under --output. Then score the adapter with the command it
+    prints (`lokr-diffusion toy score`).
+    """
+    from .resources import quickstart_config, refuse_package_path
+    from .training.loop import main as train_main
+
+    config = quickstart_config()
+    out = refuse_package_path(args.output, "--output")
+    argv = quickstart_argv(config, out, args.set)
+    print(f"quickstart: config {config}, outputs in {out}", flush=True)
+    code = train_main(argv)
+    if code == 0:
+        adapter = out / "quickstart_lokr.safetensors"
+        print(f"next: score what it learned with\n  lokr-diffusion toy score --adapter {adapter}")
+    return code
+
+
 def _toy_args(p: argparse.ArgumentParser) -> None:
     from .toy.cli import add_arguments
 
@@ -370,10 +420,13 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="lokr-diffusion",
         description="Train, inspect and convert LoKr/LoHa/LoRA adapters for Stable Diffusion.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (setup, run) in _COMMANDS.items():
         p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0], description=run.__doc__)
@@ -387,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     (lokr_diffusion.errorhandling: one line for problems the user can fix, a traceback and a
     bug-report line for anything else)."""
     from .errorhandling import run_guarded
+    from .quiet import silence_unrelated_warnings
 
+    silence_unrelated_warnings()
     args = build_parser().parse_args(argv)
     return run_guarded(f"lokr-diffusion {args.command}", lambda: args._run(args))
 

@@ -20,6 +20,7 @@ run with a message that names the key instead of failing an hour later.
 """
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -92,8 +93,24 @@ def _resolution_ok(value: tuple[int, ...]) -> bool:
     return len(value) == 2 and all(8 <= v <= MAX_RESOLUTION and v % 8 == 0 for v in value)
 
 
-def _bucket_reso(default: int, help: str) -> Any:
-    return setting(default, ge=8, le=MAX_RESOLUTION, help=help + " (a multiple of `bucket_step`)")
+def _bucket_reso(default_doc: str, help: str) -> Any:
+    return setting(None, ge=8, le=MAX_RESOLUTION, default_doc=default_doc,
+                   help=help + " (a multiple of `bucket_step`)")
+
+
+def derived_bucket_limits(resolution: tuple[int, int], step: int) -> tuple[int, int]:
+    """(min, max) bucket side for a config that sets neither: half and twice the side of the
+    training area, on the `step` grid, within [step, MAX_RESOLUTION].
+
+    Why derived: fixed defaults fit one resolution only (256..1024 is 512's), so `resolution = 64`
+    failed until the user found the bucket keys; half/twice is what the shipped SD 1.5 (256..1024)
+    and SDXL / Flux.1 (512..2048) configs state explicitly.
+    """
+    side = math.isqrt(resolution[0] * resolution[1])
+    top = MAX_RESOLUTION // step * step
+    low = min(max(side // 2 // step * step, step), top)
+    high = min(max(-(-2 * side // step) * step, low), top)
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -135,8 +152,8 @@ class DatasetConfig:
                                                   f"at most {MAX_RESOLUTION}",
                                           help="training area (bucketing) or crop size (without)")
     enable_bucket: bool = setting(True, help="aspect-ratio buckets")
-    min_bucket_reso: int = _bucket_reso(256, "smallest bucket side")
-    max_bucket_reso: int = _bucket_reso(1024, "largest bucket side")
+    min_bucket_reso: int | None = _bucket_reso("half the `resolution` side", "smallest bucket side")
+    max_bucket_reso: int | None = _bucket_reso("twice the `resolution` side", "largest bucket side")
     bucket_step: int = setting(64, ge=8, le=MAX_RESOLUTION, valid=lambda v: v % 8 == 0,
                                problem="must be a positive multiple of 8 (the VAE's downscale)",
                                allowed_doc=f"multiple of 8, [8, {MAX_RESOLUTION}]",
@@ -177,12 +194,27 @@ class DatasetConfig:
             object.__setattr__(self, "resolution", (self.resolution, self.resolution))
         else:
             object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
+        if (self.min_bucket_reso is None or self.max_bucket_reso is None) and self._derivable():
+            low, high = derived_bucket_limits(self.resolution, self.bucket_step)
+            # with one limit set, the other follows the resolution without crossing the one chosen
+            if self.min_bucket_reso is None:
+                low = low if self.max_bucket_reso is None else min(low, self.max_bucket_reso)
+                object.__setattr__(self, "min_bucket_reso", low)
+            if self.max_bucket_reso is None:
+                object.__setattr__(self, "max_bucket_reso", max(high, self.min_bucket_reso))
         ext = self.caption_extension
         if ext and not ext.startswith("."):
             object.__setattr__(self, "caption_extension", "." + ext)
         if not self.name:
             object.__setattr__(self, "name", str(self.dir or self.metadata_file or "<unnamed>"))
         _check_values(self, self.name)
+
+    def _derivable(self) -> bool:
+        """Whether the values the bucket limits are derived from are usable; if not, the usual
+        checks name the bad key instead of the derivation failing."""
+        res, step = self.resolution, self.bucket_step
+        return (isinstance(step, int) and not isinstance(step, bool) and step >= 8 and step % 8 == 0
+                and len(res) == 2 and all(isinstance(v, int) and v > 0 for v in res))
 
     @property
     def caches_latents(self) -> bool:
@@ -219,8 +251,14 @@ def _check_values(cfg: DatasetConfig, where: str) -> None:
     if cfg.dir is None and cfg.metadata_file is None:
         fail("dir", "is not set: each dataset needs `dir` (a folder of images) or `metadata_file` "
                     "(a metadata.jsonl)")
+    if cfg.enable_bucket and cfg.bucket_step * cfg.bucket_step > cfg.resolution[0] * cfg.resolution[1]:
+        fail("bucket_step", f"({cfg.bucket_step}) is larger than the resolution {cfg.resolution[0]}x"
+                            f"{cfg.resolution[1]}: no bucket would fit; set bucket_step to a multiple of 8 that is "
+                            "at most the resolution")
     for key in ("min_bucket_reso", "max_bucket_reso"):
         value = getattr(cfg, key)
+        if value is None:
+            continue  # only when resolution or bucket_step is unusable, which check_fields refused
         if value < cfg.bucket_step or value % cfg.bucket_step:
             fail(key, f"must be a positive multiple of bucket_step ({cfg.bucket_step}), got {value}")
     if cfg.min_bucket_reso > cfg.max_bucket_reso:

@@ -339,6 +339,26 @@ def non_finite(m: FileModule) -> list[str]:
 
 NON_FINITE = "non-finite values (NaN or inf)"
 
+# (what a key starts with, what such weights are), first match wins: for telling a user
+# which file they gave when it is not an adapter
+_WEIGHT_KINDS = (
+    (("model.diffusion_model.",), "a single-file Stable Diffusion checkpoint"),
+    (("double_blocks.", "single_blocks.", "joint_blocks."), "a diffusion transformer in the original layout"),
+    (("transformer_blocks.", "single_transformer_blocks."), "Diffusers transformer weights"),
+    (("down_blocks.", "conv_in.", "time_embedding."), "Diffusers UNet weights"),
+    (("encoder.down_blocks.", "decoder.up_blocks.", "decoder.conv_in.", "quant_conv."), "VAE weights"),
+    (("text_model.", "embeddings.token_embedding.", "encoder.layers."), "CLIP text-encoder weights"),
+    (("encoder.block.", "shared.weight"), "T5 text-encoder weights"),
+)
+
+
+def weights_kind(keys: list[str]) -> str | None:
+    """What a set of tensor names looks like (a UNet, a VAE, a checkpoint...), or None."""
+    for marks, kind in _WEIGHT_KINDS:
+        if any(k.startswith(m) for k in keys for m in marks):
+            return kind
+    return None
+
 
 def check_modules(modules: Mapping[str, FileModule], source: str, finite: bool = True) -> dict[str, list[str]]:
     """Raise an AdapterFileError naming `source`, the module and the tensor for the first unusable module.
@@ -355,10 +375,12 @@ def check_modules(modules: Mapping[str, FileModule], source: str, finite: bool =
                                    f"{', '.join(_missing(names, partial[0].NAME))} (it has {', '.join(sorted(names))})")
     adapters = [m for m in modules.values() if m.algo is not None]
     if not adapters:
-        some = sorted(f"{k}.{n}".rstrip(".") for k, m in modules.items() for n in m.extras)[:3]
-        found = f" (it has {', '.join(some)}{', ...' if len(some) == 3 else ''})" if some else " (it has no tensors)"
-        raise AdapterFileError(f"{source}: not an adapter file: no LoKr (lokr_w1...), LoHa (hada_w1_a...) or LoRA "
-                               f"(lora_down.weight...) module{found}")
+        keys = sorted(f"{k}.{n}".rstrip(".") for k, m in modules.items() for n in m.extras)
+        kind = weights_kind(keys)
+        found = (f"it holds {len(keys)} tensor(s)" + (f" that look like {kind} (a base model or a part of one), not an adapter" if kind else "")
+                 + f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})") if keys else "it has no tensors"
+        raise AdapterFileError(f"{source}: not an adapter file: {found}; expected the tensors of LoKr (lokr_w1...), "
+                               "LoHa (hada_w1_a...) or LoRA (lora_down.weight...) modules, or a PEFT adapter folder")
     bad: dict[str, list[str]] = {}
     for m in adapters:
         problem = module_problem(m.tensors, m.algo)

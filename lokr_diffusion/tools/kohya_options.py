@@ -784,6 +784,8 @@ KOHYA_DEFAULTS: dict[str, tuple[str, Any, str]] = {
     "max_train_steps": ("train.max_steps", 1600, "kohya trains 1600 steps unless told otherwise"),
     "save_precision": ("output.save_dtype", "fp32", "kohya saves in the training dtype, fp32 (here: fp16)"),
     "enable_bucket": ("data.enable_bucket", False, "kohya buckets only with enable_bucket (here: on)"),
+    "min_bucket_reso": ("data.min_bucket_reso", 256, "kohya's default is 256 (here: half the resolution side)"),
+    "max_bucket_reso": ("data.max_bucket_reso", 1024, "kohya's default is 1024 (here: twice the resolution side)"),
     "caption_extension": ("data.caption_extension", ".caption",
                           "kohya's default caption extension is .caption (here: .txt)"),
 }

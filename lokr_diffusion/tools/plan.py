@@ -128,7 +128,9 @@ def plan_config(config_path: str | Path) -> dict[str, Any]:
     elif cfg.model.family != "auto" and not Path(model).expanduser().exists():
         model = get_family(cfg.model.family).name
     t = cfg.train
-    setup = TrainingSetup(mixed_precision=t.mixed_precision, optimizer=t.optimizer, resolution=_largest_resolution(cfg),
+    from ..training.precision import resolve_mixed_precision
+
+    setup = TrainingSetup(mixed_precision=resolve_mixed_precision(t.mixed_precision)[0], optimizer=t.optimizer, resolution=_largest_resolution(cfg),
                           batch_size=t.batch_size, gradient_checkpointing=t.gradient_checkpointing,
                           ema=t.ema_decay is not None, base_dtype=cfg.model.base_dtype)
     result = plan_network(model, cfg.network.adapter_config(), title=cfg.output.name,

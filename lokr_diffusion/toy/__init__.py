@@ -12,9 +12,9 @@
 
 Command line: `lokr-diffusion toy pretrain|concept|score|validate-scorer|compare`.
 """
-from pathlib import Path
+from ..resources import toy_assets
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
+ASSETS = toy_assets()  # the repository's assets/toy in a clone, the wheel's bundled copy once installed
 MODEL_DIR = ASSETS / "model"
 CONCEPT_DIR = ASSETS / "concept"
 PRIOR_DIR = ASSETS / "prior"

@@ -7,7 +7,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..resources import checkout_root, refuse_package_path
 from . import CONCEPT_DIR, MODEL_DIR, PRIOR_DIR
+
+
+def _written(clone_path: Path, installed: str) -> str:
+    """Default of an output folder: in a clone the repository's committed copy (what `pretrain`,
+    `concept` and `compare` exist to regenerate); installed, a folder under the current one, never
+    the package's bundled copy."""
+    root = checkout_root()
+    return str(clone_path) if root is not None else installed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pre = sub.add_parser("pretrain", help="train the toy base model from scratch (deterministic, CPU)",
                          description="Pretrain the toy SD1.x-architecture model on generated shapes. "
                                      "The result ships in assets/toy/model; this rebuilds it.")
-    pre.add_argument("--out", default=str(MODEL_DIR), help=f"folder to write (default {MODEL_DIR})")
+    out = _written(MODEL_DIR, "toy_model")
+    pre.add_argument("--out", default=out, help=f"folder to write (default {out})")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, default=1, help="torch threads (1: bit-for-bit reproducible)")
     pre.add_argument("--vae-steps", type=int, default=None)
@@ -25,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     con = sub.add_parser("concept", help="write the concept images (the cross, trigger word sks) and prior images",
                          description="Write the concept fine-tuning images and the regularisation (prior "
                                      "preservation) images, with captions.")
-    con.add_argument("--out", default=str(CONCEPT_DIR), help=f"concept folder (default {CONCEPT_DIR})")
-    con.add_argument("--prior-out", default=str(PRIOR_DIR), help=f"prior folder (default {PRIOR_DIR})")
+    concept, prior = _written(CONCEPT_DIR, "toy_concept"), _written(PRIOR_DIR, "toy_prior")
+    con.add_argument("--out", default=concept, help=f"concept folder (default {concept})")
+    con.add_argument("--prior-out", default=prior, help=f"prior folder (default {prior})")
 
     sco = sub.add_parser("score", help="score an adapter: concept with/without trigger, preservation",
                          description="Sample the toy model with and without an adapter, read the samples with "
@@ -48,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cmp_ = sub.add_parser("compare", help="LoRA vs LoHa vs LoKr on the toy; writes docs/comparison.md",
                           description="Train every method with the quickstart config, score them, run the matrix "
                                       "experiment and write docs/comparison.md with plots (needs matplotlib).")
-    cmp_.add_argument("--docs", default=None, help="docs folder (default: the repository's docs/)")
+    root = checkout_root()
+    docs = str(root / "docs") if root is not None else "toy_compare"
+    cmp_.add_argument("--docs", default=docs, help=f"folder of comparison.md and its plots (default {docs})")
     cmp_.add_argument("--work", default="/tmp/lokr_toy_compare", help="scratch folder for the training runs")
     cmp_.add_argument("-n", type=int, default=32)
     cmp_.add_argument("--threads", type=int, default=1)
@@ -62,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     cmd = args.toy_command
+    for name in ("out", "prior_out", "docs", "work", "grids", "json"):
+        if getattr(args, name, None):
+            refuse_package_path(getattr(args, name), "--" + name.replace("_", "-"))
     if cmd == "pretrain":
         from .pretrain import PretrainSettings, pretrain
 
@@ -85,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "validate-scorer":
         return _validate(args)
     if cmd == "compare":
-        from .compare import METHODS, REPO, run_comparison
+        from .compare import METHODS, run_comparison
 
         methods = METHODS if not args.only else tuple(m for m in METHODS if m.label in args.only)
-        run_comparison(Path(args.docs) if args.docs else REPO / "docs", Path(args.work), n=args.n,
+        run_comparison(Path(args.docs), Path(args.work), n=args.n,
                        threads=args.threads, methods=methods, log=lambda m: print(m, flush=True),
                        sets=tuple(args.sets))
         return 0
@@ -113,7 +129,7 @@ def _score(args: argparse.Namespace, torch) -> int:
         print(f"trigger embedding: {embedding_path(adapter)} (loaded with the adapter)")
     evaluation, samples = evaluate_adapter(pipe, adapter, n=args.n, seed=args.seed, scale=args.scale)
     print(evaluation.report())
-    grids = Path(args.grids) if args.grids else adapter.parent / "toy_score"
+    grids = refuse_package_path(Path(args.grids) if args.grids else adapter.parent / "toy_score", "grids folder")
     for path in write_grids(samples, grids):
         print(f"grid: {path}")
     if args.json:

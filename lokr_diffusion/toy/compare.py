@@ -27,13 +27,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..resources import checkout_root, data_root
 from . import MODEL_DIR
 from .evaluate import Evaluation, Samples, adapter_applied, deltas_applied, evaluate, labelled_grid
 
 __all__ = ["METHODS", "Method", "run_comparison"]
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "train_configs" / "quickstart.toml"
+QUICKSTART = data_root() / "train_configs" / "quickstart.toml"
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def train_with_trainer(method: Method, out_dir: Path, config: Path = QUICKSTART,
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    root = checkout_root()  # a clone run with PYTHONPATH unset still imports its own package from there
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(root) if root else None)
     wall = time.perf_counter() - start
     (out_dir / f"{name}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     if proc.returncode != 0:
@@ -258,7 +259,7 @@ def approximation_sweep(deltas: list[torch.Tensor], loha_steps: int = 400) -> li
 FULL_FINETUNE_LR = 1e-4
 
 
-def run_comparison(docs_dir: Path = REPO / "docs", work_dir: Path = Path("/tmp/lokr_toy_compare"), n: int = 32,
+def run_comparison(docs_dir: Path = Path("docs"), work_dir: Path = Path("/tmp/lokr_toy_compare"), n: int = 32,
                    threads: int = 1, methods: tuple[Method, ...] = METHODS, loha_fit_steps: int = 400,
                    log: Callable[[str], None] = print, sets: tuple[str, ...] = ()) -> Path:
     """Train, score and fit every method; write docs_dir/comparison.md and docs_dir/comparison/*.png.

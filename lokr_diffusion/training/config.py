@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..data.config import DatasetConfig, dataset_configs_from_toml
+from ..dtypes import TORCH_ALIASES_DOC, dtype_setting
 from ..families import family_names
 from ..errors import ConfigError
 from ..network import AdapterConfig
@@ -54,8 +55,9 @@ class ModelSection:
                                    help="what the UNet predicts (`auto`: from the model's scheduler config)")
     revision: str | None = setting(None, help="hub revision (branch, tag or commit)")
     variant: str | None = setting(None, help="hub weight variant, e.g. `fp16`")
-    base_dtype: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16", "fp8"),
-                              default_doc="`auto` (the `mixed_precision` dtype)",
+    base_dtype: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16", "fp8"), parse=dtype_setting(),
+                              expect="string", default_doc="`auto` (the `mixed_precision` dtype)",
+                              allowed_doc=f"`auto`, `fp32`, `bf16`, `fp16`, `fp8` {TORCH_ALIASES_DOC}",
                               help="dtype the frozen denoiser's weights are stored in (adapters stay fp32): "
                                    "`bf16`/`fp16` halve it, `fp8` stores each Linear weight as float8 with a "
                                    "per-row scale (a quarter), each widened per layer in the forward")
@@ -127,8 +129,13 @@ class TrainSection:
                                   "= 1.0 with it)")
     weight_decay: float = setting(0.01, ge=0, help="decoupled weight decay of the adapters")
     max_grad_norm: float = setting(1.0, ge=0, help="gradient clipping (0 turns it off)")
-    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"),
-                                   help="`fp16` needs a GPU (with a gradient scaler); adapter weights stay fp32")
+    mixed_precision: str | None = setting(
+        None, choices=("no", "fp16", "bf16"), parse=dtype_setting("no"), expect="string",
+        default_doc="Accelerate's (`no` without `accelerate launch`)",
+        allowed_doc="`no`, `fp16`, `bf16` (or `float32`/`fp32` for `no`, `float16`, `bfloat16`)",
+        help="`fp16` needs a GPU (with a gradient scaler); adapter weights stay fp32. Unset, the run uses what "
+             "Accelerate is configured with (`accelerate config`, `accelerate launch --mixed_precision`); set, "
+             "the config wins and the run says so when Accelerate asked for another (fp16/bf16)")
     gradient_checkpointing: bool = setting(False, help="trade compute for memory")
     compile: bool = setting(False, help="torch.compile the denoiser once the adapters are attached (the first "
                                         "steps and the first sample compile; later ones run the compiled code)")
@@ -283,7 +290,8 @@ class OutputSection:
                                            help="save an adapter and resumable state every N steps")
     save_every_epochs: int | None = setting(None, ge=1, le=MAX_STEPS, help="the same every N epochs")
     keep_last: int | None = setting(3, ge=1, help="checkpoints and step adapters kept")
-    save_dtype: str = setting("fp16", choices=("fp32", "fp16", "bf16"),
+    save_dtype: str = setting("fp16", choices=("fp32", "fp16", "bf16"), parse=dtype_setting(), expect="string",
+                              allowed_doc=f"`fp32`, `fp16`, `bf16` {TORCH_ALIASES_DOC}",
                               help="dtype of the saved adapter (alpha is always float32)")
 
     def check(self) -> None:

@@ -100,8 +100,12 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
 
     from .lock import lock_output_dir
     from .logs import trackers
+    from .precision import resolve_mixed_precision
 
     t_cfg, output_dir = cfg.train, cfg.output_dir
+    # unset: Accelerate's choice; set: the config's, said aloud when Accelerate asked otherwise (precision.py).
+    # Resolved here, once, so the weights' dtype, the metadata and the resume check read one word.
+    t_cfg.mixed_precision, precision_notice = resolve_mixed_precision(t_cfg.mixed_precision)
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on a CPU machine):
     # Accelerate only picks its gloo CPU backend when told the run is on the CPU.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -114,8 +118,11 @@ def start_run(cfg: TrainConfig, config_path: Path | None, break_lock: bool) -> R
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     if t_cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU")
+        raise ConfigError("mixed precision 'fp16' (train.mixed_precision, or Accelerate's setting when the key is "
+                          "unset) needs a GPU; use 'bf16' or 'no' on the CPU")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    if precision_notice and accelerator.is_main_process:
+        logger.warning(precision_notice)
     _warn_unsharded(accelerator)
     lock_output_dir(accelerator, output_dir, break_lock=break_lock)  # one run per folder; refuses unusable paths
     return Run(cfg, config_path, accelerator)
@@ -599,7 +606,7 @@ def train_loop(run: Run, dataset, models: Models, parts: Parts) -> tuple[Files, 
                 raise TrainingStopped(
                     f"stopped by signal {stop.signal} at step {progress.step}; checkpoint saved in "
                     f"{checkpoint.state_dir(run.output_dir, progress.step)}. Resume with: "
-                    f"{_resume_command(run.config_path)}")
+                    f"{_resume_command(run.config_path, run.output_dir)}")
             if progress.step >= parts.max_steps:
                 break
         else:
@@ -714,7 +721,12 @@ def _stop_everywhere(accelerator, stop: StopRequested) -> bool:
     return accelerator.reduce(flag, "max").item() > 0
 
 
-def _resume_command(config_path: Path | None) -> str:
+def _resume_command(config_path: Path | None, output_dir: Path) -> str:
+    from ..resources import BUNDLE_DIR
+
+    if config_path is not None and BUNDLE_DIR in config_path.resolve().parents:
+        # the installed package's quickstart: no train.py there, and the outputs are not where its config says
+        return f"lokr-diffusion quickstart --output {output_dir} --set train.resume=latest"
     cfg = str(config_path) if config_path else "<config.toml>"
     return f"accelerate launch train.py --config {cfg} --set train.resume=latest"
 
@@ -747,9 +759,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from ..errorhandling import run_guarded
+    from ..quiet import silence_unrelated_warnings
     from .config import load_config
     from .lock import release_all
 
+    silence_unrelated_warnings()
     parser = argparse.ArgumentParser(prog="train.py", description="Train a LoKr/LoHa/LoRA adapter.")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
