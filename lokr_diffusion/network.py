@@ -85,7 +85,7 @@ class AdapterConfig:
     overrides: tuple[ModuleOverride, ...] = setting(
         (), parse=lambda v, scope, key: parse_overrides(v, scope, key), expect="array of tables",
         help="per-module settings, first match wins: `{ match = \"<glob or class>\", algo, factor, dim, alpha, "
-             "full_matrix, decompose_both, unbalanced_factorization, use_scalar, rs_lora, rank_dropout, "
+             "full_matrix, decompose_both, unbalanced_factorization, use_scalar, rs_lora, weight_decompose, use_tucker, rank_dropout, "
              "module_dropout }`; see [Per-module settings](#per-module-settings)")
 
     def __post_init__(self) -> None:
@@ -104,8 +104,9 @@ class AdapterConfig:
         get = lambda name: o.get(name, getattr(self, name))  # noqa: E731
         settings = None if dim is None else ModuleSettings(
             dim, dim if alpha is None else alpha, get("factor"), get("full_matrix"), get("decompose_both"),
-            use_scalar=get("use_scalar"), unbalanced=get("unbalanced_factorization"), use_tucker=self.use_tucker)
-        return ModulePlan(get("algo"), settings, get("rs_lora"), get("rank_dropout"), get("module_dropout"))
+            use_scalar=get("use_scalar"), unbalanced=get("unbalanced_factorization"), use_tucker=get("use_tucker"))
+        return ModulePlan(get("algo"), settings, get("rs_lora"), get("rank_dropout"), get("module_dropout"),
+                          get("weight_decompose"))
 
     def network_args(self) -> dict[str, object]:
         """The `ss_network_args` sd-scripts users know (LyCORIS's names)."""
@@ -135,6 +136,7 @@ class ModulePlan:
     rs_lora: bool
     rank_dropout: float
     module_dropout: float
+    weight_decompose: bool = False  # DoRA
 
 
 def stored_alpha(alpha: float, dim: int, rs_lora: bool) -> float:
@@ -331,7 +333,7 @@ def create_network(config: AdapterConfig, unet: nn.Module | None = None, text_en
                 used[index] += 1
                 network.override_of[key] = index
             adapter = new_adapter(key, target.module, plan, config.rank_dropout_scale,
-                                  weight_decompose=config.weight_decompose)
+                                  weight_decompose=plan.weight_decompose)
             network.add_adapter(Target(component, target.path, target.module), adapter.key, adapter)
     if skipped_convs:
         logger.info("skipped %d k x k convolutions of preset %r: set conv_dim to train them", skipped_convs, config.preset)

@@ -40,6 +40,8 @@ class ModuleOverride:
     unbalanced_factorization: bool | None = setting(None, help="LoKr: larger output factor on w1")
     use_scalar: bool | None = setting(None, help="learnable scalar, both factors start non-zero")
     rs_lora: bool | None = setting(None, help="scale alpha / sqrt(dim)")
+    weight_decompose: bool | None = setting(None, help="DoRA (LyCORIS `dora_wd`) on the matched modules")
+    use_tucker: bool | None = setting(None, help="Tucker core on matched k x k convs with a low-rank factor")
     rank_dropout: float | None = setting(None, ge=0, lt=1, help="output-channel dropout")
     module_dropout: float | None = setting(None, ge=0, lt=1, help="whole-module dropout")
 

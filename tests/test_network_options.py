@@ -435,3 +435,32 @@ def test_training_with_overrides_starts_from_a_file(tiny_sd15_path, tmp_path):
     changes = [_rel(a.delta_weight().detach(), start[a.key]) for a in trained.adapters()]
     assert max(changes) > 0 and sorted(changes)[len(changes) // 2] < 0.5
     trained.remove()
+
+
+def test_overrides_set_dora_and_tucker_per_module(tiny_sd15_path, tmp_path):
+    """`weight_decompose` and `use_tucker` per override: only the matched modules get a DoRA
+    magnitude or a Tucker core, and the file loads back to the same updates."""
+    unet, _ = load_components(tiny_sd15_path)
+    overrides = [{"match": "down_blocks.0.resnets.0.conv1", "use_tucker": True, "dim": 1},  # dim 1: w2 low-rank
+                 {"match": "*.attn2.to_q", "weight_decompose": True}]
+    cfg = AdapterConfig(algo="lokr", preset="full", factor=4, dim=2, conv_dim=2, alpha=1.0, overrides=overrides)
+    net = create_network(cfg, unet=unet)
+    by_path = {net.paths[a.key]: a for a in net.adapters()}
+    tucker = {p for p, a in by_path.items() if "lokr_t2" in a.tensor_names}
+    dora = {p for p, a in by_path.items() if a.dora}
+    assert tucker == {"down_blocks.0.resnets.0.conv1"}
+    assert dora and all(p.endswith(".attn2.to_q") for p in dora)
+    assert len(dora) == sum(1 for p in by_path if p.endswith(".attn2.to_q"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if not name.endswith("dora_scale"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours = {a.key: a.delta_weight().detach() for a in net.adapters()}
+    file = tmp_path / "per_module.safetensors"
+    net.save(file, dtype=torch.float32)
+    net.remove()
+    loaded, _ = load_network(file, unet=unet, strict=True)
+    for a in loaded.adapters():
+        assert _rel(a.delta_weight().detach(), ours[a.key]) <= 1e-6
+    loaded.remove()
