@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -100,7 +101,11 @@ def main() -> None:
     for base in BASES:
         cmd = [sys.executable, __file__, "--one", base, "--steps", str(args.steps), "--double", str(args.double),
                "--single", str(args.single), "--tokens", str(args.tokens)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+        # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so a freed fp32
+        # copy would stay in the resident set; a fixed threshold returns every freed tensor at once,
+        # as a GPU's caching allocator would reuse it
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env=env)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     ref = rows[0]
@@ -122,7 +127,8 @@ def main() -> None:
                      f"{r['first_loss']:.4f} | {r['last_loss']:.4f} | "
                      f"{(r['last_loss'] - ref['last_loss']) / ref['last_loss']:+.1%} | {r['s_per_step']:.2f} |")
     lines += ["", "Training peak: VmHWM after /proc/self/clear_refs once the base is stored and the adapters "
-              f"attached. Process base: {overhead:.2f} GiB (resident size before training less the stored weights), "
+              "attached, each process run with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors leave the resident set "
+              f"at once). Process base: {overhead:.2f} GiB (resident size before training less the stored weights), "
               "the same in every row; at full depth (57 blocks) it and the one-layer widened copy are a small "
               "share, here they are not."]
     args.out.parent.mkdir(parents=True, exist_ok=True)

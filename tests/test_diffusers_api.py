@@ -11,10 +11,10 @@ from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPi
 from safetensors.torch import load_file
 from torch import nn
 
-from lokr_diffusion import AdapterConfig, create_network, list_adapters, load_adapter, set_adapter_scale
+from lokr_diffusion import list_adapters, load_adapter, set_adapter_scale
 from lokr_diffusion.diffusers_api import use_diffusers_api
 
-from .test_pipelines import CONFIGS, _make_file, _reference_dw, _reference_names
+from .test_pipelines import CONFIGS, _make_file, _reference_dw, _reference_names, random_adapter_file
 
 
 def _sd_pipe(path):
@@ -277,24 +277,13 @@ def test_sdxl_second_text_encoder(tiny_sdxl_path, tmp_path):
     assert all(torch.equal(m.weight, base[id(m)]) for m in d if m not in te2)
 
 
-def _random_file(model, cfg, path, seed):
-    net = create_network(AdapterConfig(**cfg), unet=model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    net.save(path, dtype=torch.float32)
-    net.remove()
-    return path
-
-
 def test_flux_transformer_weights_and_fuse(tiny_flux_path, tmp_path):
     """A DiT: adapters on the transformer, `transformer` as the component name, Flux's own fuse default."""
     pipe = use_diffusers_api(FluxPipeline.from_pretrained(str(tiny_flux_path)))
     names = {"lycoris_" + n.replace(".", "_"): m for n, m in pipe.transformer.named_modules()
              if isinstance(m, nn.Linear)}
-    x = _random_file(pipe.transformer, dict(algo="lokr", factor=4, dim=2, alpha=1.0), tmp_path / "x.safetensors", 21)
-    y = _random_file(pipe.transformer, dict(algo="loha", dim=2, alpha=1.0), tmp_path / "y.safetensors", 22)
+    x = random_adapter_file(tmp_path / "x.safetensors", dict(algo="lokr", factor=4, dim=2, alpha=1.0), 21, pipe.transformer)
+    y = random_adapter_file(tmp_path / "y.safetensors", dict(algo="loha", dim=2, alpha=1.0), 22, pipe.transformer)
     base = {id(m): m.weight.detach().clone() for m in names.values()}
     pipe.load_lora_weights(x, adapter_name="x")
     pipe.load_lora_weights(y, adapter_name="y")

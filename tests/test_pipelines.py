@@ -93,7 +93,12 @@ CONFIGS = {
 
 def _make_file(pipe, sdxl, cfg, path, seed):
     tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
-    net = create_network(AdapterConfig(**cfg), unet=pipe.unet, text_encoders=tes)
+    return random_adapter_file(path, cfg, seed, pipe.unet, tes)
+
+
+def random_adapter_file(path, cfg, seed, denoiser, text_encoders=()):
+    """An adapter file of `cfg` on these models with every tensor random (fresh ones are 0), fp32."""
+    net = create_network(AdapterConfig(**cfg), unet=denoiser, text_encoders=list(text_encoders))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():

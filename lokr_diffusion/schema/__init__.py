@@ -300,6 +300,18 @@ def parse_toml(text: str, source: str, error: type[Exception]) -> dict[str, Any]
         raise error(f"{source}: not valid TOML: {exc}") from None
 
 
+def read_toml_file(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A TOML file's contents; a missing file, text that is not UTF-8 or a syntax error is
+    `error` naming the file (and the line)."""
+    if not path.is_file():
+        raise error(f"{path}: no such {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_toml(text, str(path), error)
+
+
 # -- documentation ----------------------------------------------------------------------------------
 
 def _default_text(f: dataclasses.Field, spec: Spec) -> str:

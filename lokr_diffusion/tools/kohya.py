@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
-from ..schema import parse_toml
+from ..schema import read_toml_file
 from .kohya_write import toml_value
 from .kohya_options import (ARGS, CHANGED, DATASET, DROPPED, KOHYA_DEFAULTS, MAPPED, NETWORK, Outcome, Rule,
                             as_bool, as_float, as_str, parse_key_values, rule_index, target_exists)
@@ -130,13 +130,7 @@ def parse_kohya_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, Any], l
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such {what}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_toml(text, str(path), ConfigError)
+    return read_toml_file(path, what, ConfigError)
 
 
 # -- the import -----------------------------------------------------------------------------------

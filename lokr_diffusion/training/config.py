@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..network import AdapterConfig
 from .loss import FLOW_LOSS_WEIGHTING, HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLING
 from .prompts import SamplePrompt, collect_prompts
-from ..schema import Scope, build, help_text, parse_toml, setting, tomllib
+from ..schema import Scope, build, help_text, read_toml_file, setting, tomllib
 
 # Every name here is one diffusers.optimization.get_scheduler builds from the arguments the trainer
 # passes (warmup and total steps); piecewise_constant needs step rules the config cannot give.
@@ -534,13 +534,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     A UTF-8 byte-order mark is accepted; a syntax error names the file and the line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    raw = parse_toml(text, str(path), ConfigError)
+    raw = read_toml_file(path, "config file", ConfigError)
     raw = apply_overrides(raw, list(overrides))
     try:
         return config_from_dict(raw, base_dir=path.resolve().parent)
