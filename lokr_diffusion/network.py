@@ -60,7 +60,7 @@ class AdapterConfig:
     decompose_both: bool = setting(False, help="LoKr: also decompose w1 when the rank is small enough")
     weight_decompose: bool = setting(False, help="DoRA (LyCORIS `dora_wd`): also train a magnitude per output row, "
                                                  "saved as `dora_scale` (see docs/toolbox.md for how each UI "
-                                                 "applies it)")
+                                                 "applies it); not with `use_scalar`")
     use_tucker: bool = setting(False, help="k x k convs with a low-rank factor store it as a Tucker core "
                                            "(`lokr_t2`, `hada_t1`/`hada_t2`, `lora_mid`), as LyCORIS `use_tucker`; "
                                            "ComfyUI skips Tucker LoKr layers")
