@@ -70,6 +70,7 @@ DEFAULT_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_PNG = ROOT / "docs" / "benchmarks" / "speed.png"
 GPU_JSON = ROOT / "docs" / "benchmarks" / "gpu_results.json"
 FLUX_JSON = ROOT / "docs" / "benchmarks" / "flux_results.json"
+COMPILE_JSON = ROOT / "docs" / "benchmarks" / "compile_results.json"
 FLUX_HEADING = "## Flux-shaped"
 COMMAND = "python bench/bench_speed.py"
 
@@ -705,6 +706,7 @@ def reproduce_lines() -> list[str]:
             COMMAND + "            # everything but Flux (CPU, plus the GPU variant where CUDA is present)",
             COMMAND + " --quick    # main scenario only, fewer rounds",
             COMMAND + " --flux     # the Flux-shaped case alone (long); rewrites only its section",
+            "python bench/bench_compile.py          # compiled against eager (torch.compile); rewrites only its section",
             "```", ""]
 
 
@@ -822,6 +824,10 @@ def write_report(results: dict, md_path: Path, png_path: Path, args) -> None:
             L += [f"### {entry['title']}", ""] + scenario_tables(entry, "cpu") + [""]
     if results.get("flux"):
         L += flux_section(results["flux"], md_path, args.flux_json)
+    if COMPILE_JSON.exists():  # measured by bench_compile.py, kept across runs of this one
+        from bench_compile import compile_section
+
+        L += compile_section(json.loads(COMPILE_JSON.read_text()))
     if results.get("model_check"):
         L += ["## The per-layer path choice against measurement", ""] + model_table(results["model_check"]) + [""]
     if results.get("profile"):

@@ -65,16 +65,14 @@ def main(family_name: str, tiny_folder: str) -> None:
     for checkpointing in (False, True):
         if checkpointing:
             denoiser.enable_gradient_checkpointing()
-        peaks = []
-        for _ in range(2):  # the first step also pays one-off costs (kernel caches, lazy imports)
-            gc.collect()
-            open("/proc/self/clear_refs", "w").write("5")  # the peak from here on is this step's
-            family.denoise(denoiser, *inputs).float().square().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated, as between steps
-            peaks.append(_rss("VmHWM"))
+        gc.collect()
+        open("/proc/self/clear_refs", "w").write("5")  # the peak from here on is this step's
+        family.denoise(denoiser, *inputs).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated, as between steps
+        peak = _rss("VmHWM")
         e = estimates[checkpointing]
-        print(json.dumps({"family": family_name, "checkpointing": checkpointing, "measured": peaks[-1] - baseline,
+        print(json.dumps({"family": family_name, "checkpointing": checkpointing, "measured": peak - baseline,
                           "estimate": e["total"], **{k: e[k] for k in ("frozen_weights", "adapter", "activations")}}),
               flush=True)
 

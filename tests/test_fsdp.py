@@ -24,7 +24,7 @@ def test_adapter_gradients_on_an_fsdp_sharded_base():
     from tests.test_train import _free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "tests.fsdp_worker", "sd15", "flux"]
+           "-m", "tests.fsdp_worker", "sd15", "flux"]  # the two kinds of denoiser: UNet and DiT
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

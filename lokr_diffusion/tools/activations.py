@@ -33,11 +33,13 @@ class _Counter:
         self.regions: dict[int, int] = {}  # every region's saved tensors, for a run without checkpointing
         self.region_peak = 0
         self.kept_inputs: dict[int, int] = {}
+        self.held: list[torch.Tensor] = []  # fake, so free to hold: no storage key is reused while counting
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()  # views (a weight's transpose, saved by linear) share it
         if storage._cdata not in self.weights:
             (self.region if self.region is not None else self.outside)[storage._cdata] = storage.nbytes()
+            self.held.append(t)
         return t
 
     def checkpoint(self, function, *args, **kwargs):
@@ -48,6 +50,7 @@ class _Counter:
         for a in (*args, *kwargs.values()):
             if torch.is_tensor(a):
                 self.kept_inputs[a.untyped_storage()._cdata] = a.untyped_storage().nbytes()
+                self.held.append(a)
         self.region = {}
         try:
             return function(*args, **kwargs)
