@@ -1,8 +1,7 @@
 """`import-kohya` on setups written the way the sd-scripts and LyCORIS docs write them.
 
 Each produced config is loaded with the trainer's `load_config`; the report must classify every
-option it was given. Options whose target key other work adds (PENDING_TARGETS) are checked either
-way: written when this version has the key, reported as dropped with the key's name when not.
+option it was given.
 """
 import shlex
 import textwrap
@@ -16,7 +15,7 @@ from lokr_diffusion.schema import tomllib
 from lokr_diffusion.tools.kohya import import_kohya, parse_kohya_argv
 from lokr_diffusion.tools.kohya_write import (DOCS_END, DOCS_START, format_report, format_summary, mapping_markdown,
                                               missing_packages, replace_block, write_import)
-from lokr_diffusion.tools.kohya_options import CHANGED, DROPPED, MAPPED, PENDING_TARGETS, RULES, target_exists
+from lokr_diffusion.tools.kohya_options import CHANGED, DROPPED, MAPPED, RULES, target_exists
 from lokr_diffusion.training.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,12 +379,12 @@ def test_cli_writes_config_and_report(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_rules_name_real_or_pending_keys():
-    """A typo in the table's targets fails here; PENDING_TARGETS lists the keys parallel work adds."""
+def test_rules_name_real_keys():
+    """A typo in the table's targets fails here: every target is a key of the config."""
     special = {"network", "data"}
     for rule in RULES:
         if rule.target and rule.target not in special:
-            assert target_exists(rule.target) or rule.target in PENDING_TARGETS, rule
+            assert target_exists(rule.target), rule
 
 
 def test_report_renders_every_line(tmp_path):

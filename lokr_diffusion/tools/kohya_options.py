@@ -14,9 +14,8 @@ into each `[[data.datasets]]` entry) and its status:
 
 A converter turns kohya's value into this project's; it may return an `Outcome` to set several keys,
 set none, or change the status for one particular value (an optimizer without a counterpart, say).
-Targets in PENDING_TARGETS are keys that not every version of the config has yet: the importer
-writes a target only when the running version's schema has it, and otherwise reports the option as
-dropped, naming the key it needs (see `target_exists`).
+The importer writes a target only when the running config schema has it (`target_exists`), and
+otherwise reports the option as dropped, naming the key it needs.
 """
 from __future__ import annotations
 
@@ -34,15 +33,6 @@ if TYPE_CHECKING:
 MAPPED, CHANGED, DROPPED = "mapped", "changed", "dropped"
 ARGS, DATASET, NETWORK = "args", "dataset", "network_args"
 
-# Keys newer versions of the config have; the importer uses them once they exist (target_exists).
-PENDING_TARGETS = frozenset({
-    "train.loss_type", "train.huber_c", "train.huber_schedule", "train.multires_noise_iterations",
-    "train.multires_noise_discount", "train.ip_noise_gamma", "train.clip_skip", "train.optimizer_args",
-    "train.lr_scheduler_num_cycles", "train.lr_scheduler_power", "train.masked_loss", "sample.prompt_file",
-    "validation.split", "validation.seed", "validation.every_steps",
-    "network.weight_decompose", "network.use_tucker", "network.use_scalar", "network.rs_lora",
-    "network.unbalanced_factorization", "network.rank_dropout_scale", "network.init_from",
-})
 
 
 @dataclass
