@@ -160,8 +160,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="memory estimate: images per step (default 1)")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="memory estimate: without gradient checkpointing (default: with)")
-    p.add_argument("--base-dtype", choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
+    p.add_argument("--base-dtype", type=_dtype_word, choices=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
                    help="memory estimate: how the frozen denoiser's weights are stored, as model.base_dtype")
+    p.add_argument("--no-memory", action="store_true",
+                   help="leave out the memory estimate (it runs the model once on fake tensors: seconds for a 12 B model)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON, with every module")
 
 
@@ -182,7 +184,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .tools.plan import TrainingSetup, format_plan, plan_config, plan_network
 
     if args.config is not None:
-        _emit(plan_config(args.config), args.json, format_plan)
+        _emit(plan_config(args.config, memory=not args.no_memory), args.json, format_plan)
         return 0
     if args.model is None:
         raise ConfigError("plan: give --config TRAIN.toml, or --model with the network flags")
@@ -194,7 +196,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                           resolution=(args.resolution, args.resolution) if args.resolution else None,
                           batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing,
                           base_dtype=args.base_dtype)
-    _emit(plan_network(args.model, config, training=setup), args.json, format_plan)
+    _emit(plan_network(args.model, config, training=setup, memory=not args.no_memory), args.json, format_plan)
     return 0
 
 

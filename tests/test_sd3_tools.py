@@ -135,6 +135,6 @@ def test_layout_names_other_families_lack_are_refused():
 
 
 def test_plan_by_family_name(capsys):
-    r = run_json(capsys, "plan", "--model", "sd35-medium", "--preset", "attn-only")
+    r = run_json(capsys, "plan", "--model", "sd35-medium", "--preset", "attn-only", "--no-memory")
     # the text encoders the trainer picks by default: the two CLIP towers, T5 left out
     assert r["family"] == "sd35-medium" and r["modules"] == {"unet": 243, "te1": 48, "te2": 128}

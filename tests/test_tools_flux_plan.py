@@ -51,7 +51,7 @@ def test_family_name_plans_the_real_architecture(capsys, meta):
 
 def test_memory_flags(capsys):
     args = ["plan", "--model", "flux-schnell", "--preset", "attn-only", "--factor", "8", "--dim", "10000",
-            "--resolution", "512"]
+            "--resolution", "256"]
     base = run_json(capsys, *args)["memory"]
     r = run_json(capsys, *args, "--no-gradient-checkpointing", "--optimizer", "adamw8bit", "--mixed-precision", "no",
                  "--batch-size", "2")["memory"]

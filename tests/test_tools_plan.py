@@ -24,7 +24,8 @@ def _check_against(r, net):
 
 def test_family_name_uses_the_real_architecture(capsys):
     r = run_json(capsys, "plan", "--model", "sd15", "--algo", "lokr", "--preset", "full", "--factor", "8",
-                 "--dim", "4", "--conv-dim", "2", "--alpha", "2")
+                 "--dim", "4", "--conv-dim", "2", "--alpha", "2", "--no-memory")
+    assert "memory" not in r
     cfg = AdapterConfig(algo="lokr", preset="full", factor=8, dim=4, conv_dim=2, alpha=2.0)
     unet, tes = get_family("sd15").build_meta()
     _check_against(r, create_network(cfg, unet, tes))
@@ -85,7 +86,8 @@ def test_plan_config_equals_what_the_trainer_builds(config):
 
     path = Path(__file__).parent.parent / "train_configs" / config
     cfg = load_config(path)
-    result = plan_config(path)
+    result = plan_config(path, memory=False)  # the estimate has its own tests
+    assert "memory" not in result
     local = cfg.base_dir / cfg.model.pretrained_model
     if local.exists():  # the quickstart's bundled toy model
         from lokr_diffusion.tools.plan import models_for

@@ -112,7 +112,7 @@ def models_for(model: str) -> tuple[nn.Module, list[nn.Module], str]:
     return unet, encoders, str(model)
 
 
-def plan_config(config_path: str | Path) -> dict[str, Any]:
+def plan_config(config_path: str | Path, memory: bool = True) -> dict[str, Any]:
     """:func:`plan_network` for a training TOML: the network `train.py --config` builds.
 
     The model is the config's (a local path relative to the config file, as the trainer reads
@@ -135,7 +135,8 @@ def plan_config(config_path: str | Path) -> dict[str, Any]:
                           ema=t.ema_decay is not None, base_dtype=cfg.model.base_dtype)
     result = plan_network(model, cfg.network.adapter_config(), title=cfg.output.name,
                           train_unet=cfg.network.train_unet, train_text_encoder=cfg.network.train_text_encoder,
-                          text_encoders=cfg.network.text_encoders, training=setup)
+                          text_encoders=cfg.network.text_encoders, training=setup if memory else None,
+                          memory=memory)
     result["config_file"] = str(config_path)
     result["save_dtype"] = cfg.output.save_dtype
     return result
@@ -205,9 +206,10 @@ def trained_text_encoders(family: Family, encoders: list[nn.Module], train_text_
 
 def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, train_unet: bool = True,
                  train_text_encoder: bool = True, text_encoders: list[str] | None = None,
-                 training: TrainingSetup | None = None) -> dict[str, Any]:
+                 training: TrainingSetup | None = None, memory: bool = True) -> dict[str, Any]:
     """Everything the trainer will build for `config` on `model`, as plain data, and the training
-    memory it needs under `training` (defaults: bf16, AdamW, batch 1, gradient checkpointing)."""
+    memory it needs under `training` (defaults: bf16, AdamW, batch 1, gradient checkpointing);
+    `memory=False` leaves the estimate out (its counted forward takes seconds on a 12 B model)."""
     unet, encoders, source = models_for(model)
     family = family_of(unet, encoders)
     trained = trained_text_encoders(family, encoders, train_text_encoder, text_encoders)
@@ -244,8 +246,9 @@ def plan_network(model: str, config: AdapterConfig, title: str = "adapter", *, t
     if config.conv_dim is None and config.preset == "full":
         result["notes"].append("k x k convolutions of preset full are skipped: give --conv-dim to train them "
                                "(LyCORIS's full trains them at conv_dim = dim unless told otherwise)")
-    result["memory"] = training_memory(family, unet, encoders, [te for te in trained if te is not None],
-                                       network, training or TrainingSetup())
+    if memory:
+        result["memory"] = training_memory(family, unet, encoders, [te for te in trained if te is not None],
+                                           network, training or TrainingSetup())
     network.remove()
     return result
 
