@@ -127,16 +127,22 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def storable(module: nn.Module, fp8: bool) -> bool:
+    """Whether `store_layer` stores this layer's weight: plain nn.Linear, and for bf16/fp16 also
+    plain nn.Conv2d (fp8 keeps convolutions in the compute dtype)."""
+    return type(module) is nn.Linear or (type(module) is nn.Conv2d and not fp8)
+
+
 def store_layer(module: nn.Module, dtype: torch.dtype) -> bool:
     """Turn one plain frozen nn.Linear (or, for bf16/fp16, nn.Conv2d) into its stored form in
     `dtype`, in place (same object, hooks and geometry; its class becomes the subclass that
     widens the weight per call). False, unchanged, for any other module."""
+    if not storable(module, dtype == FP8):
+        return False
     if type(module) is nn.Linear:
         cls = Fp8Linear if dtype == FP8 else CastLinear
-    elif type(module) is nn.Conv2d and dtype != FP8:
-        cls = CastConv2d
     else:
-        return False
+        cls = CastConv2d
     if dtype == FP8:
         q, scale = quantize_fp8(module.weight)
         module.weight = nn.Parameter(q, requires_grad=False)

@@ -26,6 +26,7 @@ from ..families import Family, family_of_pipeline_class, get_family
 from ..models import load_pipeline
 from ..network import AdapterConfig, AdapterNetwork, chosen_text_encoders, create_network, family_of
 from ..pipelines import _components as pipeline_components
+from ..storage import storable
 from .text import counts, human_bytes, shape
 
 SAVE_DTYPES = {name: dtype for dtype, name in SHORT_NAMES.items()}
@@ -267,7 +268,7 @@ def _stored_weight_bytes(denoiser: nn.Module, base_dtype: str, compute_bytes: in
     total, widest = 0, 0
     for m in denoiser.modules():
         for name, p in m.named_parameters(recurse=False):
-            narrow = name == "weight" and (type(m) is nn.Linear or (type(m) is nn.Conv2d and base_dtype != "fp8"))
+            narrow = name == "weight" and storable(m, base_dtype == "fp8")
             total += p.numel() * (stored if narrow else compute_bytes)
             if narrow:
                 total += 4 * p.shape[0] if base_dtype == "fp8" else 0  # one float32 scale per output row
