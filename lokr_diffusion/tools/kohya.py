@@ -129,10 +129,6 @@ def parse_kohya_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, Any], l
     return script, options, launcher
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    return read_toml_file(path, what, ConfigError)
-
-
 # -- the import -----------------------------------------------------------------------------------
 
 class Importer:
@@ -157,7 +153,7 @@ class Importer:
         self.dataset_config = dataset_config
         if dataset_config is None and "dataset_config" in args:
             self.dataset_config = Path(self.path(as_str(args["dataset_config"], self)))
-        self.dataset_raw = _read_toml(self.dataset_config, "dataset config") if self.dataset_config else {}
+        self.dataset_raw = read_toml_file(self.dataset_config, "dataset config", ConfigError) if self.dataset_config else {}
         self.family, self.family_reason = self._detect_family(family)
         self._flow: dict[str, Outcome] | None = None
 
@@ -609,7 +605,7 @@ def import_kohya(config: str | Path | None = None, argv: Sequence[str] = (), dat
         if config_path.suffix != ".toml":
             config_path = config_path.with_name(config_path.name + ".toml")
     if config_path is not None:
-        options, where = flatten_kohya_toml(_read_toml(config_path, "kohya config"), config_path.name)
+        options, where = flatten_kohya_toml(read_toml_file(config_path, "kohya config", ConfigError), config_path.name)
         args.update(options)
         origins.update(where)
         sources.append(str(config_path))
