@@ -6,7 +6,10 @@ Errors are reported by lokr_diffusion.errorhandling (one line, exit codes listed
 import signal
 import sys
 
-from lokr_diffusion.training.loop import main
+from lokr_diffusion.quiet import silence_unrelated_warnings
+
+silence_unrelated_warnings()  # before the trainer's imports, which load Diffusers' pipelines
+from lokr_diffusion.training.loop import main  # noqa: E402
 
 if __name__ == "__main__":
     code = main()

@@ -105,7 +105,9 @@ def main() -> None:
         # copy would stay in the resident set; a fixed threshold returns every freed tensor at once,
         # as a GPU's caching allocator would reuse it
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if done.returncode != 0:
+            sys.exit(f"bench_memory: the {base} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     ref = rows[0]

@@ -23,7 +23,7 @@ from lokr_diffusion.training.lock import LOCK_NAME, acquire
 from lokr_diffusion.training.loop import main as train_main
 
 from .helpers import wait_for
-from .test_train import ROOT, write_config
+from .test_train import ROOT, train_here, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,6 @@ def _config(folder: Path, model, **sections) -> Path:
     for k, v in sections.items():
         merged.setdefault(k, {}).update(v)
     return write_config(folder, model, **merged)
-
-
-def _train(capsys, config: Path, *extra: str) -> tuple[int, str]:
-    code = train_main(["--config", str(config), *extra])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]:
@@ -99,7 +93,7 @@ def test_pickle_in_custom_checkpoint_is_never_loaded(trained, tiny_sd15_path, tm
     cfg, out = _copy(trained, tmp_path, tiny_sd15_path)
     marker = tmp_path / "pwned"
     _plant(out / "checkpoints" / "step-000002" / "custom_checkpoint_0.pkl", marker)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 0, log[-3000:]
     assert not marker.exists()
     assert "unexpected file(s) custom_checkpoint_0.pkl" in log and "resumed from" in log and "step-000001" in log
@@ -110,7 +104,7 @@ def test_pickle_as_random_states_is_never_loaded(trained, tiny_sd15_path, tmp_pa
     cfg, out = _copy(trained, tmp_path, tiny_sd15_path)
     marker = tmp_path / "pwned"
     _plant(out / "checkpoints" / "step-000002" / "random_states_0.pkl", marker)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 0 and not marker.exists()
     assert "random_states_0.pkl" in log and "step-000001" in log
     _no_traceback(log)
@@ -126,7 +120,7 @@ def test_pickle_with_a_forged_manifest_is_refused(name, trained, tiny_sd15_path,
     manifest = json.loads((state / checkpoint.MANIFEST).read_text())
     manifest["files"][name] = {"size": (state / name).stat().st_size, "sha256": checkpoint._sha256(state / name)}
     (state / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2 and not marker.exists()
     assert f"{name}: cannot be loaded as plain tensors" in log
     _no_traceback(log)
@@ -156,7 +150,7 @@ def test_damaged_newest_checkpoint_falls_back(damage, needle, trained, tiny_sd15
         data = bytearray(f.read_bytes())
         data[10] ^= 1
         f.write_bytes(bytes(data))
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 0, log[-3000:]
     assert "checkpoint step-000002 is damaged" in log and needle in log
     assert "resuming from step-000001, the newest intact checkpoint" in log and "at step 1" in log
@@ -168,7 +162,7 @@ def test_no_intact_checkpoint_is_an_error(trained, tiny_sd15_path, tmp_path, cap
     for state in (out / "checkpoints").iterdir():
         (state / "optimizer.bin").write_bytes(b"")
     before = snapshot(tmp_path)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2 and "no intact checkpoint in" in log and "train.resume = false" in log
     assert snapshot(tmp_path) == before
     _no_traceback(log)
@@ -182,7 +176,7 @@ def test_no_intact_checkpoint_is_an_error(trained, tiny_sd15_path, tmp_path, cap
 def test_checkpoint_of_another_config_is_refused(override, needle, trained, tiny_sd15_path, tmp_path, capsys):
     cfg, out = _copy(trained, tmp_path, tiny_sd15_path, **override)
     before = snapshot(tmp_path)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2, log[-3000:]
     assert "was saved by a run with another config" in log and needle in log
     assert snapshot(tmp_path) == before  # the refusal changed nothing
@@ -191,7 +185,7 @@ def test_checkpoint_of_another_config_is_refused(override, needle, trained, tiny
 
 def test_checkpoint_of_another_base_model_is_refused(trained, tiny_sd15_path, tiny_sd2_path, tmp_path, capsys):
     cfg, _ = _copy(trained, tmp_path, tiny_sd2_path)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2 and "base model is" in log and str(tiny_sd2_path) in log
     _no_traceback(log)
 
@@ -209,7 +203,7 @@ def _folder_with(folder: Path, name: str) -> Path:
 def test_resume_from_a_folder_that_is_not_a_checkpoint(make, needle, tiny_sd15_path, tmp_path, capsys):
     target = make(tmp_path)
     cfg = _config(tmp_path, tiny_sd15_path, train={"max_steps": 2, "resume": str(target)})
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2 and needle in log and str(target) in log
     _no_traceback(log)
 
@@ -219,7 +213,7 @@ def test_checkpoint_of_an_older_version_is_named(trained, tiny_sd15_path, tmp_pa
     for state in (out / "checkpoints").iterdir():
         (state / checkpoint.MANIFEST).unlink()
         torch.save({"step": 1}, state / "custom_checkpoint_0.pkl")
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2 and "older version of lokr-diffusion" in log
     _no_traceback(log)
 
@@ -252,7 +246,7 @@ def test_users_tmp_files_survive_a_run(tiny_sd15_path, tmp_path, capsys):
     (out / ".x.tmp").write_text("mine")
     (out / "samples" / ".draft.tmp").write_text("mine too")
     (out / "checkpoints" / "step-000009.lokr-999999999.tmp").mkdir(parents=True)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 0, log[-3000:]
     assert (out / ".x.tmp").read_text() == "mine" and (out / "samples" / ".draft.tmp").read_text() == "mine too"
     assert not (out / "checkpoints" / "step-000009.lokr-999999999.tmp").exists()
@@ -268,7 +262,7 @@ def _bad_output(tmp_path, capsys, out_dir: str) -> tuple[int, str, bool]:
     cfg = _config(tmp_path, tmp_path / "no-such-model", output={"dir": out_dir})
     cfg.write_text(cfg.read_text().replace("\0", "\\u0000"))  # TOML's escape for a NUL
     before = snapshot(tmp_path)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     return code, log, snapshot(tmp_path) == before
 
 
@@ -341,7 +335,7 @@ def holder(tmp_path):
 def test_second_run_on_a_locked_folder_is_refused(holder, tiny_sd15_path, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_sd15_path)
     before = snapshot(tmp_path)
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert code == 2 and "is in use by another training run" in log and f"pid {holder.pid}" in log
     assert socket.gethostname() in log and "--break-lock" in log
     assert snapshot(tmp_path) == before  # the holder's lock is untouched
@@ -350,7 +344,7 @@ def test_second_run_on_a_locked_folder_is_refused(holder, tiny_sd15_path, tmp_pa
 
 def test_break_lock_flag_takes_a_live_lock(holder, tmp_path, capsys):
     cfg = _config(tmp_path, tmp_path / "no-such-model")
-    code, log = _train(capsys, cfg, "--break-lock")
+    code, log = train_here(capsys, cfg, "--break-lock")
     assert "breaking the lock" in log and f"pid {holder.pid}" in log
     assert code == 2 and "no-such-model" in log  # it went on, up to the missing model
     assert not (tmp_path / "out" / LOCK_NAME).exists()  # and released its own lock on the way out
@@ -364,7 +358,7 @@ def test_stale_lock_is_taken_over(tmp_path, capsys):
     (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                              "started": "2020-01-01T00:00:00"}))
     cfg = _config(tmp_path, tmp_path / "no-such-model")
-    code, log = _train(capsys, cfg)
+    code, log = train_here(capsys, cfg)
     assert f"taking over the stale lock of {out}" in log and f"pid {dead.pid}" in log
     assert code == 2 and "no-such-model" in log
     assert not (out / LOCK_NAME).exists()
@@ -374,7 +368,7 @@ def test_lock_of_another_host_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "2020-01-01"}))
-    code, log = _train(capsys, _config(tmp_path, tmp_path / "no-such-model"))
+    code, log = train_here(capsys, _config(tmp_path, tmp_path / "no-such-model"))
     assert code == 2 and "host elsewhere.example" in log and "on another host" in log
     _no_traceback(log)
 
@@ -382,7 +376,7 @@ def test_lock_of_another_host_is_refused(tmp_path, capsys):
 def test_same_process_cannot_run_twice_on_one_folder(tmp_path, capsys):
     lock = acquire(tmp_path / "out")
     try:
-        code, log = _train(capsys, _config(tmp_path, tmp_path / "no-such-model"))
+        code, log = train_here(capsys, _config(tmp_path, tmp_path / "no-such-model"))
     finally:
         lock.release()
     assert code == 2 and f"pid {os.getpid()}" in log and "still running" in log
@@ -418,7 +412,7 @@ def test_one_sigint_saves_and_resume_continues(tiny_sd15_path, tmp_path, capsys)
     states = _intact_states(out)
     assert states and not list(out.rglob("*.lokr-*.tmp")) and not (out / LOCK_NAME).exists()
     step = int(states[-1].split("-")[1])
-    code, log = _train(capsys, cfg, "--set", "train.resume=latest", "--set", f"train.max_steps={step + 1}")
+    code, log = train_here(capsys, cfg, "--set", "train.resume=latest", "--set", f"train.max_steps={step + 1}")
     assert code == 0 and f"at step {step}" in log, log[-3000:]
 
 

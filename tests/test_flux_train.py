@@ -18,7 +18,7 @@ from lokr_diffusion.training.logs import read_log
 from lokr_diffusion.training.loss import flow_matching_loss, shift_sigmas
 from lokr_diffusion.training.objective import RectifiedFlow, build_objective
 
-from .test_train import DATASET, _ok, launch, write_config
+from .test_train import DATASET, _ok, launch, ok_here, train_here, write_config
 
 FLUX_TRAIN = {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "seed": 1}
 
@@ -150,17 +150,17 @@ def test_flux_end_to_end(tiny_flux_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_flux_exact_resume(tiny_flux_path, tmp_path):
+def test_flux_exact_resume(tiny_flux_path, tmp_path, capsys):
     """Stop after 2 of 4 steps, resume: the adapter equals a 4-step run's (the T5 embeddings come
     from the on-disk text cache both times)."""
     common = dict(train={"max_steps": 4, "timestep_sampling": "logit_normal", "shift": 3.0},
                   output={"save_every_steps": 2})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _ok(launch(_flux_config(tmp_path / "a", tiny_flux_path, **common)))
+    ok_here(capsys, _flux_config(tmp_path / "a", tiny_flux_path, **common))
     part = _flux_config(tmp_path / "b", tiny_flux_path, **common)
-    _ok(launch(part, "--set", "train.max_steps=2"))
-    log = _ok(launch(part, "--set", "train.resume=latest"))
+    ok_here(capsys, part, "--set", "train.max_steps=2")
+    log = ok_here(capsys, part, "--set", "train.resume=latest")
     assert "resumed from" in log and "step-000002" in log
     assert list((tmp_path / "b" / "out" / "cache").rglob("*.safetensors"))  # the text cache is on disk
     a, b = load_file(tmp_path / "a" / "out" / "t.safetensors"), load_file(tmp_path / "b" / "out" / "t.safetensors")
@@ -180,12 +180,11 @@ def test_flux_two_cpu_processes_with_t5(tiny_flux_path, tmp_path):
     assert all(torch.isfinite(v).all() for v in sd.values())
 
 
-def test_unknown_text_encoder_prefix_is_refused(tiny_flux_path, tmp_path):
+def test_unknown_text_encoder_prefix_is_refused(tiny_flux_path, tmp_path, capsys):
     cfg = _flux_config(tmp_path, tiny_flux_path, network={"train_text_encoder": True, "text_encoders": ["te3"]})
-    result = launch(cfg)
-    assert result.returncode != 0
-    assert "network.text_encoders: 'te3' is no text encoder of Flux.1 [dev]; expected some of te1, te2" in (
-        result.stdout + result.stderr)
+    code, log = train_here(capsys, cfg)
+    assert code == 2
+    assert "network.text_encoders: 'te3' is no text encoder of Flux.1 [dev]; expected some of te1, te2" in log
 
 
 # -- the pipeline API on FluxPipeline --------------------------------------------------------------
@@ -248,14 +247,14 @@ def test_flux_file_on_sd_pipeline_and_back_are_clear_errors(tiny_flux_path, tiny
 
 
 @pytest.mark.slow
-def test_shipped_tiny_flux_config_trains(tiny_flux_path, tmp_path):
+def test_shipped_tiny_flux_config_trains(tiny_flux_path, tmp_path, capsys):
     """train_configs/flux_tiny.toml as shipped, with its model and output folders moved to tmp."""
     from .test_train import ROOT
 
     config = ROOT / "train_configs" / "flux_tiny.toml"
-    log = _ok(launch(config, "--set", f"model.pretrained_model={str(tiny_flux_path)!r}",
-                     "--set", f"output.dir={str(tmp_path / 'out')!r}", "--set", "train.max_steps=2",
-                     "--set", "output.save_every_steps=1"))
+    log = ok_here(capsys, config, "--set", f"model.pretrained_model={str(tiny_flux_path)!r}",
+                  "--set", f"output.dir={str(tmp_path / 'out')!r}", "--set", "train.max_steps=2",
+                  "--set", "output.save_every_steps=1")
     assert "family flux, rectified flow" in log
     assert (tmp_path / "out" / "flux_tiny_lokr.safetensors").exists()
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1

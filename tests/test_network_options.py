@@ -408,10 +408,10 @@ def test_init_from_mismatches_and_fresh_modules(tiny_sd15_path, tmp_path, caplog
 
 
 @pytest.mark.slow
-def test_training_with_overrides_starts_from_a_file(tiny_sd15_path, tmp_path):
+def test_training_with_overrides_starts_from_a_file(tiny_sd15_path, tmp_path, capsys):
     """The one end-to-end run: overrides (three algorithms, use_scalar), init_from a file of the
     same config, rank_dropout_scale; 2 steps move the update away from the file's, not far."""
-    from .test_train import _ok, launch, write_config
+    from .test_train import ok_here, write_config
 
     unet, _ = load_components(tiny_sd15_path)
     overrides = [{"match": "*attn2*", "algo": "loha", "dim": 2}, {"match": "FeedForward", "algo": "lora", "dim": 2},
@@ -428,7 +428,7 @@ def test_training_with_overrides_starts_from_a_file(tiny_sd15_path, tmp_path):
     config = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 2},
                           network={"overrides": overrides, "init_from": "start.safetensors", "rank_dropout": 0.1,
                                    "rank_dropout_scale": True})
-    log = _ok(launch(config))
+    log = ok_here(capsys, config)
     assert "192 modules start from the file" in log
     trained, report = load_network(tmp_path / "out" / "t.safetensors", unet=unet, strict=True)
     assert set(report.algorithms) == {"lokr", "loha", "lora"}

@@ -17,7 +17,7 @@ from lokr_diffusion.training.config import config_from_dict
 from lokr_diffusion.training.loss import shift_sigmas
 from lokr_diffusion.training.objective import RectifiedFlow, build_objective
 
-from .test_train import DATASET, ROOT, _ok, launch, write_config
+from .test_train import DATASET, ROOT, _ok, launch, ok_here, train_here, write_config
 
 SD3_TRAIN = {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "seed": 1}
 TINY_ATTN_MLP = {"unet": 21, "te1": 12, "te2": 12, "te3": 14}  # 2 blocks (12 + 9), 2 CLIP layers x 6, 2 T5 x 7
@@ -123,17 +123,17 @@ def test_sd3_end_to_end_with_every_text_encoder(tiny_sd3_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_sd3_exact_resume(tiny_sd3_path, tmp_path):
+def test_sd3_exact_resume(tiny_sd3_path, tmp_path, capsys):
     """Stop after 2 of 4 steps, resume: the adapter equals a 4-step run's (text encoders frozen:
     the three encoders' embeddings come from the on-disk text cache both times)."""
     common = dict(network={"train_text_encoder": False}, train={"max_steps": 4, "timestep_sampling": "logit_normal"},
                   output={"save_every_steps": 2})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _ok(launch(_sd3_config(tmp_path / "a", tiny_sd3_path, **common)))
+    ok_here(capsys, _sd3_config(tmp_path / "a", tiny_sd3_path, **common))
     part = _sd3_config(tmp_path / "b", tiny_sd3_path, **common)
-    _ok(launch(part, "--set", "train.max_steps=2"))
-    log = _ok(launch(part, "--set", "train.resume=latest"))
+    ok_here(capsys, part, "--set", "train.max_steps=2")
+    log = ok_here(capsys, part, "--set", "train.resume=latest")
     assert "resumed from" in log and "step-000002" in log
     assert list((tmp_path / "b" / "out" / "cache").rglob("*.safetensors"))  # the text cache is on disk
     a, b = load_file(tmp_path / "a" / "out" / "t.safetensors"), load_file(tmp_path / "b" / "out" / "t.safetensors")
@@ -142,24 +142,23 @@ def test_sd3_exact_resume(tiny_sd3_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_tiny_sd3_config_trains(tiny_sd3_path, tmp_path):
+def test_shipped_tiny_sd3_config_trains(tiny_sd3_path, tmp_path, capsys):
     """train_configs/sd3_tiny.toml as shipped, with its model and output folders moved to tmp."""
     config = ROOT / "train_configs" / "sd3_tiny.toml"
-    log = _ok(launch(config, "--set", f"model.pretrained_model={str(tiny_sd3_path)!r}",
-                     "--set", f"output.dir={str(tmp_path / 'out')!r}", "--set", "train.max_steps=2",
-                     "--set", "output.save_every_steps=1"))
+    log = ok_here(capsys, config, "--set", f"model.pretrained_model={str(tiny_sd3_path)!r}",
+                  "--set", f"output.dir={str(tmp_path / 'out')!r}", "--set", "train.max_steps=2",
+                  "--set", "output.save_every_steps=1")
     assert "family sd35-large, rectified flow (logit_normal timesteps, shift 3" in log
     sd = load_file(tmp_path / "out" / "sd3_tiny_lokr.safetensors")
     assert {k.split("_")[0] + "_" + k.split("_")[1] for k in sd} == {"lycoris_transformer", "lora_te1", "lora_te2"}
     assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
 
 
-def test_unknown_text_encoder_prefix_is_refused(tiny_sd3_path, tmp_path):
+def test_unknown_text_encoder_prefix_is_refused(tiny_sd3_path, tmp_path, capsys):
     cfg = _sd3_config(tmp_path, tiny_sd3_path, network={"train_text_encoder": True, "text_encoders": ["te4"]})
-    result = launch(cfg)
-    assert result.returncode != 0
-    assert "network.text_encoders: 'te4' is no text encoder of SD3.5 Large; expected some of te1, te2, te3" in (
-        result.stdout + result.stderr)
+    code, log = train_here(capsys, cfg)
+    assert code == 2
+    assert "network.text_encoders: 'te4' is no text encoder of SD3.5 Large; expected some of te1, te2, te3" in log
 
 
 # -- the pipeline API on StableDiffusion3Pipeline --------------------------------------------------

@@ -1,4 +1,5 @@
 """The trainer end to end, through real `accelerate launch` subprocesses on tiny models."""
+import logging
 import os
 import subprocess
 import sys
@@ -75,6 +76,31 @@ def launch(config: Path, *extra: str, processes: int = 1, timeout: int = 600) ->
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def train_here(capsys, config: Path, *extra: str) -> tuple[int, str]:
+    """(exit code, output) of the trainer run in this process: the same `main` that `train.py`
+    calls, without the ten seconds of imports a fresh process pays. For runs that test what is
+    trained; `launch` keeps the end-to-end tests on a real `accelerate launch`. The trainer's
+    log lines are shown as a fresh process shows them (its logging.basicConfig does nothing
+    under pytest, which has its own handlers)."""
+    logger = logging.getLogger("lokr_diffusion")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        code = train_main(["--config", str(config), *extra])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def ok_here(capsys, config: Path, *extra: str) -> str:
+    code, log = train_here(capsys, config, *extra)
+    assert code == 0, log[-5000:]
+    return log
+
+
 def _free_port() -> int:
     import socket
 
@@ -124,6 +150,7 @@ def test_sd15_end_to_end(tiny_sd15_path, tmp_path):
     adapter = out / "t.safetensors"
     assert adapter.exists() and (out / "t-step000002.safetensors").exists()
     assert "adapter identical on all 1 process(es)" in log
+    assert "requires torchvision" not in log  # lokr_diffusion.quiet, installed before the imports
     assert f"loss masks from {masks}" in log and "no loss masks (every pixel trains)" in log
     assert "huber loss (huber_c 0.1, snr schedule), multires noise (4 levels, discount 0.3), input perturbation 0.1" \
         in log
@@ -177,7 +204,7 @@ def test_sdxl_end_to_end_with_text_encoder(tiny_sdxl_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
+def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path, capsys):
     """Stop after 2 of 4 steps, resume; the adapter and the trigger embedding equal a 4-step
     run's (fp32, CPU). Both hold out a validation split; the interrupted run validates at every
     step, the other at step 3 and the end, which must not change what is trained. The CSV log
@@ -189,13 +216,13 @@ def test_exact_resume_matches_uninterrupted_run(tiny_sd15_path, tmp_path):
     validation = {"split": 0.2, "seed": 5, "batch_size": 3, "timesteps": [200, 700]}
     (tmp_path / "a").mkdir()
     full = write_config(tmp_path / "a", tiny_sd15_path, validation={**validation, "every_steps": 3}, **common)
-    _ok(launch(full))
+    ok_here(capsys, full)
     (tmp_path / "b").mkdir()
     part = write_config(tmp_path / "b", tiny_sd15_path, validation={**validation, "every_steps": 1}, **common)
-    log = _ok(launch(part, "--set", "train.max_steps=2"))
+    log = ok_here(capsys, part, "--set", "train.max_steps=2")
     assert "validation: 4 image(s) held out of the training set" in log
     at_step_2 = load_file(tmp_path / "b" / "out" / "t_emb.safetensors")["emb_params"]
-    log = _ok(launch(part, "--set", "train.resume=latest"))
+    log = ok_here(capsys, part, "--set", "train.resume=latest")
     assert "resumed from" in log and "step-000002" in log
     for name in ("t.safetensors", "t_emb.safetensors"):
         a = load_file(tmp_path / "a" / "out" / name)

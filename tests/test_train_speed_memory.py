@@ -1,5 +1,5 @@
-"""The trainer with `[train] compile`, `[model] base_dtype` and gradient checkpointing, through
-real `accelerate launch` runs on the tiny models."""
+"""The trainer with `[train] compile`, `[model] base_dtype` and gradient checkpointing on the tiny
+models (the compiled run through a real `accelerate launch`, the others in this process)."""
 import pytest
 import torch
 from safetensors import safe_open
@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.training.config import config_from_dict
 
-from .test_train import _ok, launch, write_config
+from .test_train import _ok, launch, ok_here, write_config
 
 SAMPLE = {"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1, "width": 64, "height": 64}
 
@@ -39,7 +39,7 @@ def _format(path):
 
 
 @pytest.mark.slow
-def test_flux_fp8_and_bf16_bases_train_and_save_the_same_format(tiny_flux_path, tmp_path):
+def test_flux_fp8_and_bf16_bases_train_and_save_the_same_format(tiny_flux_path, tmp_path, capsys):
     """fp8 (with gradient checkpointing on the DiT blocks) and bf16 stored bases, fp32 compute:
     both train and write the same tensors, shapes, dtypes and metadata keys as an fp32 base."""
     files, logs = {}, {}
@@ -48,7 +48,7 @@ def test_flux_fp8_and_bf16_bases_train_and_save_the_same_format(tiny_flux_path, 
         run.mkdir()
         cfg = write_config(run, tiny_flux_path, train={"max_steps": 2, **extra}, sample={**SAMPLE, "every_steps": 2})
         cfg.write_text(cfg.read_text().replace("[model]\n", f'[model]\nbase_dtype = "{base}"\n', 1))
-        logs[base] = _ok(launch(cfg))
+        logs[base] = ok_here(capsys, cfg)
         files[base] = run / "out" / "t.safetensors"
     assert "layers stored in fp8" in logs["fp8"] and "layers stored in bf16" in logs["bf16"]
     assert _format(files["fp8"]) == _format(files["bf16"]) == _format(files["fp32"])
