@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .helpers import wait_for
-from .test_train import ROOT, write_config
+from .test_train import ROOT, ok_here, train_here, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -59,15 +59,14 @@ def _steps(out: Path) -> int:
     return max(states, default=0)
 
 
-def test_sigkill_at_random_moments_then_resume(tiny_sd15_path, tmp_path):
+def test_sigkill_at_random_moments_then_resume(tiny_sd15_path, tmp_path, capsys):
     sections = dict(network={"rank_dropout": 0.1},
                     data={"cache_latents": "disk"},
                     train={"max_steps": 8, "lr_scheduler": "cosine", "lr_warmup_steps": 2, "resume": "latest"},
                     output={"save_every_steps": 1, "keep_last": 2})
     (tmp_path / "ref").mkdir()
     ref_cfg = write_config(tmp_path / "ref", tiny_sd15_path, **sections)
-    ref = _start(ref_cfg)
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+    ok_here(capsys, ref_cfg)  # the uninterrupted reference, in this process
     reference = load_file(tmp_path / "ref" / "out" / "t.safetensors")
 
     (tmp_path / "run").mkdir()
@@ -119,11 +118,10 @@ def test_sigterm_saves_and_prints_the_resume_hint(tiny_sd15_path, tmp_path):
     assert_all_readable(out)
 
 
-def test_diverging_run_stops_with_a_clear_message(tiny_sd15_path, tmp_path):
+def test_diverging_run_stops_with_a_clear_message(tiny_sd15_path, tmp_path, capsys):
     cfg = write_config(tmp_path, tiny_sd15_path, train={"max_steps": 50, "learning_rate": 1e30, "max_nonfinite_steps": 3,
                                                         "max_grad_norm": 0.0, "optimizer": "sgd"})
-    proc = _start(cfg)
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 2, log[-3000:]
+    code, log = train_here(capsys, cfg)
+    assert code == 2, log[-3000:]
     assert "3 non-finite" in log and "in a row" in log and "Traceback" not in log
     assert not (tmp_path / "out" / "t.safetensors").exists()  # non-finite weights are never saved

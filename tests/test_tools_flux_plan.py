@@ -8,6 +8,7 @@ import pytest
 
 from lokr_diffusion import AdapterConfig, create_network
 from lokr_diffusion.families import get_family
+from lokr_diffusion.tools.plan import format_plan
 
 from .test_tools_helpers import run_cli, run_json
 
@@ -42,8 +43,7 @@ def test_family_name_plans_the_real_architecture(capsys, meta):
     assert m["activations"] > 57 * ((1024 // 16) ** 2 + 512) * 3072 * 2
     assert m["total"] == m["frozen_weights"] + m["adapter"] + m["activations"] and m["widening"] == 0
     assert m["caching_text_encoders"] == 2 * _params(t5)
-    code, out, _ = run_cli(capsys, "plan", "--model", "flux", "--factor", "16", "--dim", "10000")
-    assert code == 0
+    out = format_plan(r)  # the text `plan` prints (counting Flux's activations again costs seconds)
     assert "training memory (estimate, bf16, adamw, batch 1, 1024x1024, gradient checkpointing): " in out
     assert "  frozen weights:  " in out and "  adapter:         " in out and "  activations:     " in out
     assert "not included: text encoders without adapters" in out and "CUDA context" in out

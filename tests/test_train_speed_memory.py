@@ -1,5 +1,5 @@
 """The trainer with `[train] compile`, `[model] base_dtype` and gradient checkpointing on the tiny
-models (the compiled run through a real `accelerate launch`, the others in this process)."""
+models, in this process (the end-to-end tests cover `accelerate launch` itself)."""
 import pytest
 import torch
 from safetensors import safe_open
@@ -8,19 +8,23 @@ from safetensors.torch import load_file
 from lokr_diffusion.errors import ConfigError
 from lokr_diffusion.training.config import config_from_dict
 
-from .test_train import _ok, launch, ok_here, write_config
+from .test_train import ok_here, write_config
 
 SAMPLE = {"prompts": ["a red circle"], "every_steps": 2, "steps": 2, "num_images": 1, "width": 64, "height": 64}
 
 
 @pytest.mark.slow
-def test_compiled_flux_trains_samples_and_saves(tiny_flux_path, tmp_path):
+def test_compiled_flux_trains_samples_and_saves(tiny_flux_path, tmp_path, capsys):
     """compile_backend "aot_eager": the same graph capture as inductor without generating C++
     (inductor compiles for minutes on this CPU; the tiny UNets take Dynamo minutes too, so the
-    suite compiles the tiny Flux transformer)."""
+    suite compiles the tiny Flux transformer). In this process, Dynamo's caches reset around it."""
     cfg = write_config(tmp_path, tiny_flux_path, train={"max_steps": 3, "compile": True, "compile_backend": "aot_eager"},
                        output={"save_every_steps": 2}, sample=SAMPLE)
-    log = _ok(launch(cfg))
+    torch._dynamo.reset()
+    try:
+        log = ok_here(capsys, cfg)
+    finally:
+        torch._dynamo.reset()
     out = tmp_path / "out"
     assert "denoiser compiled (backend aot_eager)" in log
     assert (out / "t.safetensors").exists() and (out / "t-step000002.safetensors").exists()
