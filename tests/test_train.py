@@ -1,4 +1,5 @@
-"""The trainer end to end, through real `accelerate launch` subprocesses on tiny models."""
+"""The trainer end to end on tiny models: real `accelerate launch` subprocesses, and runs in this
+process (`train_here`) where a test checks what is trained rather than how the run is launched."""
 import logging
 import os
 import subprocess
