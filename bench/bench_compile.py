@@ -4,7 +4,7 @@ The UNet and scenario are bench_speed.py's main CPU case (SD 1.5 config at width
 batch 2, 32x32 latents, fp32; LoKr attn-mlp factor 8 full matrix). Four copies of the same
 weights run in interleaved rounds: the floor (frozen UNet, gradient to the input latents) and
 ours, each eager and each compiled in place the way `[train] compile = true` does it
-(`nn.Module.compile`, inductor). The first calls (compilation) are warm-up, reported apart.
+(`training.compilation.compile_in_place`, inductor). The first calls (compilation) are warm-up, reported apart.
 Results go to docs/benchmarks/compile_results.json and the "Compiled" section of BENCHMARKS.md
 (the rest of the file is left as it is; a full bench_speed.py run keeps the stored section).
 
@@ -35,6 +35,8 @@ def measure(rounds: int, threads: int, backend: str) -> dict:
     import torch
     import torch._dynamo as dynamo
 
+    from lokr_diffusion.training.compilation import compile_in_place
+
     torch.set_num_threads(threads)
     env = B.environment(threads)
     setup, scen = S.cpu_setup(), S.SCENARIOS[0]
@@ -50,7 +52,7 @@ def measure(rounds: int, threads: int, backend: str) -> dict:
     dynamo.reset()
     for name, att in models.items():
         if name.endswith("compiled"):
-            att.model.compile(backend=backend)
+            compile_in_place(att.model, backend)  # as `[train] compile = true` does it
         t0 = time.perf_counter()
         S.train_step(setup, att, inputs)  # compiles the training graph for the compiled ones
         first[name] = time.perf_counter() - t0

@@ -73,3 +73,18 @@ def test_compile_config_refusals():
                                             "compile_mode": "max-autotune"}})
     with pytest.raises(ConfigError, match="model.base_dtype"):
         config_from_dict({**base, "model": {**base["model"], "base_dtype": "int4"}})
+
+
+def test_compile_in_place_turns_layout_optimisation_off_on_the_cpu():
+    """The trainer's and the benchmark's compile call: on a CPU the inductor mode is passed as its
+    options plus layout_optimization = False; other backends get no inductor options. The module
+    itself stays the same object (only its calls are compiled, lazily)."""
+    from lokr_diffusion.training.compilation import compile_in_place
+
+    model = torch.nn.Conv2d(4, 4, 1)
+    assert compile_in_place(model, "inductor", "default") == {
+        "backend": "inductor", "options": {"layout_optimization": False}}
+    args = compile_in_place(torch.nn.Linear(2, 2), "inductor", "max-autotune-no-cudagraphs")
+    assert args["options"] == {"max_autotune": True, "coordinate_descent_tuning": True, "layout_optimization": False}
+    assert compile_in_place(torch.nn.Linear(2, 2), "aot_eager", "default") == {"backend": "aot_eager"}
+    assert model._compiled_call_impl is not None

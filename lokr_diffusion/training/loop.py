@@ -394,15 +394,14 @@ def attach_adapters(run: Run, dataset, models: Models, embedding, encoder) -> Pa
 
 
 def _compile(denoiser: nn.Module, t_cfg) -> None:
-    """Compile the denoiser in place (`nn.Module.compile`), adapters attached: the module, its
-    state dict and the pipeline holding it stay as they are, only its calls run compiled. The
-    first training step compiles the training graph, the first sample the inference one."""
-    options: dict[str, Any] = {"backend": t_cfg.compile_backend}
-    if t_cfg.compile_backend == "inductor":
-        options["mode"] = t_cfg.compile_mode
-    denoiser.compile(**options)
-    logger.info("denoiser compiled (backend %s%s)", t_cfg.compile_backend,
-                f", mode {t_cfg.compile_mode}" if "mode" in options else "")
+    """Compile the denoiser in place, adapters attached (training.compilation). The first training
+    step compiles the training graph, the first sample the inference one."""
+    from .compilation import compile_in_place
+
+    args = compile_in_place(denoiser, t_cfg.compile_backend, t_cfg.compile_mode)
+    how = "" if t_cfg.compile_backend != "inductor" else f", mode {t_cfg.compile_mode}" + (
+        ", layout optimisation off on the CPU" if "options" in args else "")
+    logger.info("denoiser compiled (backend %s%s)", t_cfg.compile_backend, how)
 
 
 def _conditioning(t_cfg) -> dict[str, Any]:
