@@ -136,8 +136,7 @@ def plan_config(config_path: str | Path, memory: bool = True) -> dict[str, Any]:
                           ema=t.ema_decay is not None, base_dtype=cfg.model.base_dtype)
     result = plan_network(model, cfg.network.adapter_config(), title=cfg.output.name,
                           train_unet=cfg.network.train_unet, train_text_encoder=cfg.network.train_text_encoder,
-                          text_encoders=cfg.network.text_encoders, training=setup if memory else None,
-                          memory=memory)
+                          text_encoders=cfg.network.text_encoders, training=setup, memory=memory)
     result["config_file"] = str(config_path)
     result["save_dtype"] = cfg.output.save_dtype
     return result
