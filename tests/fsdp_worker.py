@@ -1,7 +1,9 @@
 """One process of tests/test_fsdp.py (run by torchrun over gloo): adapters on a denoiser whose
 frozen blocks are sharded with torch's FSDP2 `fully_shard`, the sharding Accelerate's FSDP2
 plugin applies per block on GPUs. Rank 0 prints one JSON line per process and family with what the test checks."""
+import gc
 import json
+import os
 import sys
 
 import torch
@@ -53,4 +55,13 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     for name in sys.argv[1:]:
         check(name)
+    # Teardown: both ranks past their last collective, the sharded models and their pending
+    # work freed, the group destroyed while the interpreter is whole. Then leave without the
+    # interpreter's finalisation, during which gloo's threads freeing tensors now and then
+    # aborted the process (SIGABRT after all results were printed).
+    dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
