@@ -7,7 +7,10 @@ several adapters stack on one layer, and detaching the last one restores the lay
 Two ways to add the adapters, chosen per call:
 - while adapters are trained (grad enabled and some adapter tensor requires grad):
   base(x) + sum of multiplier * scale * delta(x), each delta on its cheapest path (factored
-  for LoKr), so the backward pass never touches a full-size weight gradient;
+  for LoKr), so the backward pass never touches a full-size weight gradient. Where dW has to
+  be rebuilt or is cheaper rebuilt (LoHa; LoKr on layers with many tokens and few features)
+  and the layer computes in fp32, W + dW goes into the layer's own product for the call: one
+  full-size product more than the frozen layer (the weight gradient) instead of three;
 - otherwise (inference): one call of the layer's op with W + sum of multiplier * scale * dW,
   rebuilt in float32 and cast to the weight's dtype, and kept until a weight, a scale or the
   set of adapters changes. An unfused adapter then runs at the base's speed, for the memory
@@ -73,18 +76,46 @@ class _Dispatch:
         training = torch.is_grad_enabled() and any(p.requires_grad for a in active for p in a.parameters())
         if not training and not self.stored:
             return self._merged(x, active)
-        out = base_out = self.original(x, *args, **kwargs)
+        fold = training and self._can_fold(x, active)
+        base_out = None if fold else self.original(x, *args, **kwargs)
         compiling = torch.compiler.is_compiling()
+        outputs, updates = [], []
         for a in active:
+            keep = None
             if training and a.training and a.module_dropout:
                 keep = torch.rand(()) >= a.module_dropout  # drawn before the delta's own draws
-                if compiling:  # no host sync: a dropped module adds 0 (its gradient is 0, not None)
-                    out = out + a.delta(x, base_out).to(out.dtype) * keep
-                    continue
-                if not keep:
-                    continue
-            out = out + a.delta(x, base_out).to(out.dtype)
+                if not compiling:  # under compile no host sync: a dropped module adds 0 (its gradient is 0, not None)
+                    if not keep:
+                        continue
+                    keep = None
+            y = a.delta(x, base_out, fold=fold)
+            if y is None:  # cheaper rebuilt: added to the layer's weight for this call
+                u = a.multiplier * a.delta_weight()
+                updates.append(u if keep is None else u * keep)
+            else:
+                outputs.append((y, keep))
+        if fold:
+            base_out = self._apply(x, self.base.weight + sum(updates)) if updates else self.original(x, *args, **kwargs)
+        out = base_out
+        for y, keep in outputs:
+            out = out + (y.to(out.dtype) if keep is None else y.to(out.dtype) * keep)
         return out
+
+    def _can_fold(self, x: torch.Tensor, active: list[AdapterModule]) -> bool:
+        """Whether a rebuilt update may be added to the layer's weight for a training call: one
+        full-size product (the weight gradient) instead of three. Only for an fp32 layer with
+        its own forward on fp32 input (a narrower sum would round the small update away), and
+        without DoRA (whose change is computed from the frozen layer's own output)."""
+        return (not self.stored and not self.had_own_forward and self.base.weight.dtype == torch.float32
+                and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+                and not any(a.dora for a in active))
+
+    def _apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's own operation (bias and conv geometry included) with `weight` in place of its weight."""
+        base = self.base
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, base.bias)
+        return F.linear(x, weight, base.bias)
 
     def _build_merged(self, active: list[AdapterModule]) -> torch.Tensor:
         """W + sum of multiplier * scale * dW, rebuilt in float32, in the weight's dtype."""
@@ -108,9 +139,7 @@ class _Dispatch:
                     self._merged_weight = self._build_merged(active)
                 self._merged_key = key
             w = self._merged_weight
-        if isinstance(base, nn.Conv2d):
-            return base._conv_forward(x, w, base.bias)
-        return F.linear(x, w, base.bias)
+        return self._apply(x, w)
 
     def remove(self, adapter: AdapterModule) -> None:
         self.adapters.remove(adapter)
@@ -264,11 +293,13 @@ class AdapterModule(nn.Module):
             self.base.__dict__["_lokr_dispatch"].remove(self)
             self._attached = False
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
         """multiplier * scale * dW applied to x: the factored path where the algorithm has one.
 
         `base_out` is the frozen layer's output for x: a DoRA module rescales it per output
-        channel instead of rebuilding W + D (lokr_diffusion.dora)."""
+        channel instead of rebuilding W + D (lokr_diffusion.dora). With `fold` (the caller can
+        add a weight to the layer's own for this call), None where rebuilding dW is the cheaper
+        way: the caller then adds multiplier * `delta_weight()` to the layer's weight."""
         t = self.factors()
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
@@ -282,7 +313,10 @@ class AdapterModule(nn.Module):
             if y is None:  # the norm of W + D from the rebuilt update
                 y = apply_weight(x, (self.delta_weight() * self.multiplier).to(x.dtype), self.base)
         else:
-            y = self.algo.forward(x, t, self.base, scale=s)  # LoKr folds s into a small factor
+            fold = fold and not (self.training and self.rank_dropout)  # the mask applies to the output
+            y = self.algo.forward(x, t, self.base, scale=s, merge=fold)  # LoKr folds s into a small factor
+            if y is None and fold:
+                return None
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
             y = apply_weight(x, w.to(x.dtype) * s, self.base)

@@ -223,20 +223,31 @@ def test_path_choice_is_a_function_of_shapes_only():
         pass
 
     seen = []
-    real_linear, real_conv = lokr.kron_linear, lokr.kron_conv2d
+    real_linear, real_conv, real_forward = lokr.kron_linear, lokr.kron_conv2d, lokr.forward
+
+    def forward(*args, **kwargs):
+        y = real_forward(*args, **kwargs)
+        if y is None:
+            seen.append("rebuild")
+        return y
+
     try:
         lokr.kron_linear = lambda x, w1, w2, order: seen.append(("linear", order)) or real_linear(x, w1, w2, order)
         lokr.kron_conv2d = lambda x, w1, w2, s, p, d, order: seen.append(("conv", order)) or real_conv(x, w1, w2, s, p, d, order)
-        for base, shape in ((nn.Linear(128, 512), (2, 64, 128)), (nn.Conv2d(64, 64, 3, padding=1), (2, 64, 8, 8))):
+        lokr.forward = forward
+        cases = ((nn.Linear(128, 512), (2, 64, 128), "rebuild"), (nn.Linear(512, 512), (2, 16, 512), ("linear", "tok")),
+                 (nn.Conv2d(64, 64, 3, padding=1), (2, 64, 8, 8), "rebuild"),
+                 (nn.Conv2d(512, 512, 3, padding=1), (2, 512, 4, 4), ("conv", "in")))
+        for base, shape, expected in cases:
             adapter = _adapter(base, ModuleSettings(8, 8, factor=8, full_matrix=True))
             for seed in (1, 2):
                 torch.manual_seed(seed)
                 base(torch.randn(shape) * seed).sum().backward()
-            assert len(seen) == 2 and seen[0] == seen[1], seen
+            assert seen == [expected, expected], (base, seen)
             seen.clear()
             adapter.detach()
     finally:
-        lokr.kron_linear, lokr.kron_conv2d = real_linear, real_conv
+        lokr.kron_linear, lokr.kron_conv2d, lokr.forward = real_linear, real_conv, real_forward
 
 
 def test_sd_layer_choices_are_stable():
@@ -293,3 +304,83 @@ def test_bf16_cuda_paths_agree(make_base, shape, s):
         for got, ref in zip(res[path], res["rebuild"]):
             scale = ref.abs().max().clamp_min(1e-6)
             assert float((got - ref).abs().max() / scale) < 3e-2, path
+
+
+def _extra_flops_per_token(base: nn.Module, make_x, algo_name: str, tokens: tuple[int, int]) -> float:
+    """Matrix-product FLOPs per token (or output pixel) that a training step of the adapted
+    layer adds to the frozen layer's step, from two input sizes (what does not grow with the
+    input, building dW from its factors, drops out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lokr_diffusion.algos import get_algorithm
+
+    algo = get_algorithm(algo_name)
+    base.requires_grad_(False)
+
+    def step_flops(n: int) -> int:
+        x = make_x(n).requires_grad_(True)
+        with FlopCounterMode(display=False) as counter, lokr.force_path("rebuild"):
+            base(x).float().square().sum().backward()
+        return counter.get_total_flops()
+
+    frozen = [step_flops(n) for n in tokens]
+    t = algo.init_tensors(tuple(base.weight.shape), ModuleSettings(4, 4, factor=4))
+    t = {n: torch.randn(v.shape) * 0.1 for n, v in t.items()}
+    adapter = AdapterModule("probe", base, algo, t, 4.0)
+    adapter.attach()
+    try:
+        adapted = [step_flops(n) for n in tokens]
+    finally:
+        adapter.detach()
+    return ((adapted[1] - frozen[1]) - (adapted[0] - frozen[0])) / (tokens[1] - tokens[0])
+
+
+@pytest.mark.parametrize("algo_name", ["loha", "lokr"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_rebuilt_update_costs_one_product_when_folded(algo_name, kind):
+    """Where dW is rebuilt (LoHa always, LoKr where its cost model says so) on an fp32 layer,
+    the training step adds W + dW into the layer's own product: one full-size product more
+    than the frozen layer (the weight gradient), not three (a forward, the input gradient and
+    the weight gradient of a product of its own), which is what a bf16 layer still pays."""
+    if kind == "linear":
+        base = nn.Linear(48, 32)
+        make_x = lambda n: torch.randn(n, 48)  # noqa: E731
+        per_token = 2 * 48 * 32
+    else:
+        base = nn.Conv2d(8, 16, 3, padding=1)
+        make_x = lambda n: torch.randn(n, 8, 5, 5)  # noqa: E731
+        per_token = 2 * 8 * 16 * 9 * 25  # per sample: 25 output pixels
+    folded = _extra_flops_per_token(base, make_x, algo_name, (4, 12))
+    assert folded == per_token, (folded, per_token)
+    base.to(torch.bfloat16)
+    unfolded = _extra_flops_per_token(base, lambda n: make_x(n).to(torch.bfloat16), algo_name, (4, 12))
+    assert unfolded == 3 * per_token, (unfolded, per_token)
+
+
+def test_folded_update_with_module_dropout():
+    """A folded module that module dropout drops adds nothing, one it keeps adds W + dW."""
+    base = nn.Linear(48, 32).requires_grad_(False)
+    from lokr_diffusion.algos import get_algorithm
+
+    loha = get_algorithm("loha")
+    t = {n: torch.randn(v.shape) * 0.3 for n, v in loha.init_tensors((32, 48), ModuleSettings(4, 4)).items()}
+    adapter = AdapterModule("probe", base, loha, t, 4.0, multiplier=0.5, module_dropout=0.5)
+    adapter.attach()
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        frozen = F.linear(x, base.weight, base.bias)
+        full = F.linear(x, base.weight + 0.5 * adapter.delta_weight(), base.bias)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        y = base(x)
+        if not y.requires_grad:  # nothing trainable in this call
+            torch.testing.assert_close(y, frozen)
+            seen.add("dropped")
+        else:
+            _close(y, full, "kept module")
+            y.sum().backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+            adapter.zero_grad(set_to_none=True)
+            seen.add("kept")
+    assert seen == {"dropped", "kept"}
