@@ -2,7 +2,8 @@
 
 `lokr.force_path` makes every LoKr layer take one path: "in", "out" and "tok" (the factored
 orders of lokr_diffusion.kron_autograd; "tok" is linear-only, convs take "in" for it) or
-"rebuild" (form dW = kron(w1, w2), then one full linear/conv). All three must agree on the output and on the gradients w.r.t. the input and
+"rebuild" (form dW = kron(w1, w2); on these fp32 layers it is added to the layer's weight for the
+call, so the layer runs one linear/conv with W + dW). All must agree on the output and on the gradients w.r.t. the input and
 every factor, for linear layers, 1x1 and k x k convolutions (stride, padding), full and
 low-rank factors, in fp32 (and bf16 on CUDA when present).
 """
