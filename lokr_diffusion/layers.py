@@ -403,9 +403,12 @@ class RowSliceAdapter(AdapterModule):
         full = self.algo.delta_weight(self.factors(), self.fused_shape)
         return torch.cat([full[s:e] for s, e in self.rows]) * self.scale
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
         """multiplier * this layer's rows of the scaled fused dW, applied to x (no factored path:
-        the rows of a product are no product of the factors' rows in general)."""
+        the rows of a product are no product of the factors' rows in general); with `fold`,
+        None: the caller adds those rows to the layer's weight."""
+        if fold:
+            return None
         w = self.delta_weight() * self.multiplier
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(w.dtype)
