@@ -258,14 +258,14 @@ def record() -> int:
     """
     import torch
 
-    from lokr_diffusion.models import build_tiny_pipeline
+    from lokr_diffusion.families import get_family
 
     torch.set_num_threads(1)
     cases: dict[str, Any] = {}
     disagreements = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hash_models_") as models:
-        copies = {(f, copy): Path(build_tiny_pipeline(f, Path(models) / f"tiny_{f}_{copy}", seed=0))
+        copies = {(f, copy): Path(get_family(f).build_tiny(Path(models) / f"tiny_{f}_{copy}", seed=0))
                   for f in FAMILIES for copy in ("a", "b")}
         for family, algo in CASES:
             runs = []
