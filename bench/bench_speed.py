@@ -279,9 +279,9 @@ def check_model(setup, scen, rounds: int = 7, kinds=("linear", "conv")) -> list[
             n_in = n_out = x.numel() // in_dim
         kind = "conv" if isinstance(base, nn.Conv2d) else "linear"
         # as the dispatcher decides: an fp32 layer without autocast folds a rebuilt dW into its weight
-        merge = base.weight.dtype == torch.float32 and setup.autocast is None
-        costs = lokr.path_costs(kind, n_in, n_out, a_, b_, c_, d_, k, True, 4, setup.device, merge)
-        choice = lokr.plan(kind, n_in, n_out, a_, b_, c_, d_, k, True, 4, setup.device, merge)
+        fold = base.weight.dtype == torch.float32 and setup.autocast is None
+        costs = lokr.path_costs(kind, n_in, n_out, a_, b_, c_, d_, k, True, 4, setup.device, fold)
+        choice = lokr.plan(kind, n_in, n_out, a_, b_, c_, d_, k, True, 4, setup.device, fold)
 
         x.requires_grad_(True)
 

@@ -314,7 +314,7 @@ class AdapterModule(nn.Module):
                 y = apply_weight(x, (self.delta_weight() * self.multiplier).to(x.dtype), self.base)
         else:
             fold = fold and not (self.training and self.rank_dropout)  # the mask applies to the output
-            y = self.algo.forward(x, t, self.base, scale=s, merge=fold)  # LoKr folds s into a small factor
+            y = self.algo.forward(x, t, self.base, scale=s, fold=fold)  # LoKr folds s into a small factor
             if y is None and fold:
                 return None
         if y is None:

@@ -45,10 +45,10 @@ class Algorithm(Protocol):
         ...
 
     def forward(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-                scale: float | torch.Tensor | None = None, merge: bool = False) -> torch.Tensor | None:
+                scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
         """The delta output for input `x` of layer `base` without building dW (cheaper in
         training), times `scale` when given (unscaled when None); None where rebuilding dW is
-        the only or the cheaper way, and the caller then applies `delta_weight`. `merge` says
+        the only or the cheaper way, and the caller then applies `delta_weight`. `fold` says
         that the caller adds a rebuilt dW to the layer's own weight (one full-size product in
         training instead of three), for algorithms that weigh the two ways."""
         ...

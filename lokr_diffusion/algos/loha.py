@@ -67,6 +67,6 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-            scale: float | torch.Tensor | None = None, merge: bool = False) -> torch.Tensor | None:
+            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
     """Always None: a Hadamard product has no cheaper form than the rebuilt weight."""
     return None

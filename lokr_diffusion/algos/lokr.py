@@ -118,7 +118,7 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 # Ways to compute scale * linear/conv(x, kron(w1, w2)):
 #   "rebuild":  form dW (out x in [x k]). Run as a product of its own, training pays three
 #               full-size products (forward, input gradient, weight gradient); folded into the
-#               layer's own weight for the call (`merge`: the dispatcher can do it for an fp32
+#               layer's own weight for the call (`fold`: the dispatcher can do it for an fp32
 #               layer), only one, the weight gradient, plus a few weight-sized passes.
 #   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd): far fewer
 #               multiply-adds, but several passes over activation-sized tensors. Orders:
@@ -144,17 +144,17 @@ def _cost(flops: float, elems: float, kernels: int, esize: int, device_type: str
 
 def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1,
                training: bool = True, esize: int = 4, device_type: str = "cpu",
-               merge: bool = False) -> dict[str, float]:
+               fold: bool = False) -> dict[str, float]:
     """Estimated seconds of each path for one layer: {"rebuild", "in", "out"[, "tok"]: seconds}.
 
     kind: "linear" or "conv" (NCHW). n_in / n_out: tokens (linear) or pixels times batch (conv)
-    at the input and the output; k: kernel size kh*kw. merge: a rebuilt dW is added to the
+    at the input and the output; k: kernel size kh*kw. fold: a rebuilt dW is added to the
     layer's weight for the call instead of running as a product of its own.
     """
     cin, cout = c * d, a * b
     w = cout * cin * k  # full kernel size
     ad, cb = a * d, c * b
-    if training and merge:
+    if training and fold:
         # W + dW built (read W, write the sum), the weight gradient (reads x and the output
         # gradient), reduced to the two factors' gradients (two reads of it)
         rebuild = _cost(2.0 * n_out * cout * cin * k, n_in * cin + n_out * cout + 5 * w, 4, esize, device_type)
@@ -198,9 +198,9 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
 
 @functools.lru_cache(maxsize=4096)
 def plan(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1, training: bool = True,
-         esize: int = 4, device_type: str = "cpu", merge: bool = False) -> str:
+         esize: int = 4, device_type: str = "cpu", fold: bool = False) -> str:
     """"rebuild", "in", "out" or "tok": the cheapest path by `path_costs`. A pure function of shapes."""
-    costs = path_costs(kind, n_in, n_out, a, b, c, d, k, training, esize, device_type, merge)
+    costs = path_costs(kind, n_in, n_out, a, b, c, d, k, training, esize, device_type, fold)
     return min(costs, key=costs.get)
 
 
@@ -224,7 +224,7 @@ def force_path(path: str | None) -> Iterator[None]:
 
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-            scale: float | torch.Tensor | None = None, merge: bool = False) -> torch.Tensor | None:
+            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
     """kron(w1, w2) applied without forming it: (w1 (x) w2) vec(X) = vec(w1 X w2^T).
 
     Linear: the input features are viewed as (c, d); w2 contracts d, w1 mixes c. Conv: the c
@@ -235,14 +235,14 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
 
     `scale` (multiplier * alpha / r), when given, is folded into w1 rather than applied to the
     output, which saves a full pass over the activations; the result is then already scaled.
-    `merge`: the caller adds a rebuilt dW to the layer's weight, which makes rebuilding cheaper.
+    `fold`: the caller adds a rebuilt dW to the layer's weight, which makes rebuilding cheaper.
     """
     t = tensors
     dev = x.device.type
     if torch.is_autocast_enabled(dev):  # run in the autocast dtype, with autocast off inside
         cdtype = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return forward(x.to(cdtype), {name: v.to(cdtype) for name, v in t.items()}, base, scale, merge)
+            return forward(x.to(cdtype), {name: v.to(cdtype) for name, v in t.items()}, base, scale, fold)
     out_dim, in_dim, kernel = weight_dims(base.weight.shape)
     w1 = make_w1(t)
     a, c = w1.shape
@@ -266,7 +266,7 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     training = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in t.values()))
     choose = plan.__wrapped__ if torch.compiler.is_compiling() else plan  # traced: a constant of the graph
     order = _forced_path or choose("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
-                                   x.element_size(), dev, merge)
+                                   x.element_size(), dev, fold)
     if order == "rebuild":
         return None
     if is_conv and order == "tok":  # the token-major order exists for linear layers only

@@ -58,7 +58,7 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-            scale: float | torch.Tensor | None = None, merge: bool = False) -> torch.Tensor | None:
+            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
     """Bypass path down [-> mid] -> up, never forming the (out, in) matrix; the result times
     `scale` when given. None for unexpected tensor ranks or a grouped conv with a Tucker mid."""
     down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
