@@ -296,7 +296,8 @@ def check_model(setup, scen, rounds: int = 7, kinds=("linear", "conv")) -> list[
             for p in mod.parameters():
                 p.grad = None
 
-        paths = ("in", "out", "tok", "rebuild") if kind == "linear" else ("in", "out", "rebuild")
+        paths = ("in", "out", "rebuild") if kind == "conv" else ("in", "out", "tok", "rebuild", *(
+            ("fold-in", "fold-tok") if fold else ()))
         cfgs = {p: (lambda: None, lambda p=p: run(p), lambda: None) for p in ("base",) + paths}
         times = interleaved(cfgs, rounds, 2)
         med = {p: S.median([t[1] for t in ts]) for p, ts in times.items()}  # CPU time: steadier
@@ -548,15 +549,19 @@ def model_table(rows: list[dict]) -> list[str]:
     near = sum(r["layers"] for r in rows if r["loss"] <= 0.10)
     out = [f"Per distinct adapted layer of the main scenario's UNet (and the full preset's convs), one layer's "
            f"forward + backward in isolation with each path forced (median of interleaved repeats; rebuild: "
-           f"W + dW in the layer's own product, as fp32 training runs it). The model "
+           f"W + dW in the layer's own product, as fp32 training runs it; fold: the best of fold-in and "
+           f"fold-tok, dW detached in that product and the factors' gradients from the activations). The model "
            f"picks the measured best for {agree}/{total} layers and a path within 10% of it for {near}/{total}.", "",
-           "| layer (example) | n | kind | in -> out | tokens | a,b,c,d | base ms | in ms | out ms | rebuild ms | model picks | measured best | loss |",
-           "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|---|---:|"]
+           "| layer (example) | n | kind | in -> out | tokens | a,b,c,d | base ms | in ms | out ms | rebuild ms | fold ms "
+           "| model picks | measured best | loss |",
+           "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         ms = r["ms"]
+        folds = [ms[p] for p in ("fold-in", "fold-tok") if p in ms]
         out.append(f"| `{r['example']}` | {r['layers']} | {r['kind']} | {r['in']} -> {r['out']} | {r['tokens']} | "
                    f"{','.join(map(str, r['abcd']))} | {ms['base']:.2f} | {ms['in']:.2f} | {ms['out']:.2f} | "
-                   f"{ms['rebuild']:.2f} | {r['model_choice']} | {r['measured_best']} | {100 * r['loss']:.0f}% |")
+                   f"{ms['rebuild']:.2f} | {f'{min(folds):.2f}' if folds else '-'} | {r['model_choice']} | "
+                   f"{r['measured_best']} | {100 * r['loss']:.0f}% |")
     return out
 
 

@@ -36,7 +36,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kron_conv2d", "kron_linear"]
+__all__ = ["kron_conv2d", "kron_linear", "kron_linear_grads"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -45,17 +45,21 @@ __all__ = ["kron_conv2d", "kron_linear"]
 
 # The regrouped input of the last call. Attention's to_q, to_k and to_v read the same tensor with
 # the same grouping: the transposing copy is made once and the three backward passes share it.
-_regrouped: tuple = (None, -1, 0, 0, None)  # (weakref to x, x._version, c, d, xc)
+# Each layer flattens its input to 2-D, a new view object per call, so the cache is keyed on the
+# tensor the view was taken of, with the view's geometry.
+_regrouped: tuple = (None, -1, None, None)  # (weakref to the viewed tensor, its _version, geometry, xc)
 
 
 def _regroup(x: torch.Tensor, c: int, d: int) -> torch.Tensor:
-    """x (N, c*d) as (c, N, d), contiguous; reused while x is the same unmodified tensor."""
+    """x (N, c*d) as (c, N, d), contiguous; reused while x views the same unmodified tensor the same way."""
     global _regrouped
-    ref, version, c0, d0, xc = _regrouped
-    if ref is not None and ref() is x and version == x._version and c0 == c and d0 == d:
+    root = x if x._base is None else x._base
+    geometry = (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, c, d)
+    ref, version, geometry0, xc = _regrouped
+    if ref is not None and ref() is root and version == x._version and geometry0 == geometry:
         return xc
     xc = x.view(-1, c, d).transpose(0, 1).contiguous()  # the one transposing copy
-    _regrouped = (weakref.ref(x), x._version, c, d, xc)
+    _regrouped = (weakref.ref(root), x._version, geometry, xc)
     return xc
 
 
@@ -118,54 +122,85 @@ class _KronLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         saved, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
-        a, c = w1.shape
-        b, d = w2.shape
-        g = g.contiguous()
-        gx = gw1 = gw2 = None
-        if ctx.order == "in":
-            xc = saved  # (c, N, d)
-            n = xc.shape[1]
-            gt = g.view(n, a, b).transpose(0, 1)  # (a, N, b) strided view
-            if need_w2:
-                z = torch.mm(w1, xc.view(c, n * d)).view(a, n, d)
-                gw2 = torch.bmm(gt.transpose(1, 2), z).sum(0)
-            if need_w1 or need_x:
-                gz = torch.bmm(gt, w2.expand(a, b, d)).view(a, n * d)  # (a, N, d)
-                if need_w1:
-                    gw1 = torch.mm(gz, xc.view(c, n * d).t())
-                if need_x:
-                    gx = torch.mm(w1.t(), gz).view(c, n, d).transpose(0, 1).reshape(n, c * d)
-        elif ctx.order == "tok":
-            x = saved
-            n = x.shape[0]
-            x3 = x.view(n, c, d)
-            g2 = g.view(n * a, b)
-            if need_w2:
-                z = torch.bmm(w1.expand(n, a, c), x3)
-                gw2 = torch.mm(g2.t(), z.view(n * a, d))
-            if need_w1 or need_x:
-                gz = torch.mm(g2, w2).view(n, a, d)
-                if need_w1:
-                    gw1 = torch.bmm(gz, x3.transpose(1, 2)).sum(0)
-                if need_x:
-                    gx = torch.bmm(w1.t().expand(n, c, a), gz).view(n, c * d)
-        else:
-            x = saved
-            n = x.shape[0]
-            xt = x.view(n, c, d).transpose(0, 1)  # (c, N, d) strided view
-            gc = g.view(n, a, b).transpose(0, 1).contiguous().view(a, n * b)  # (a, N, b)
+        return (*_linear_backward(ctx.order, saved, w1, w2, g, *ctx.needs_input_grad[:3]), None)
+
+
+def _linear_backward(order, saved, w1, w2, g, need_x, need_w1, need_w2):
+    """(gx, gw1, gw2) of y = (w1 (x) w2) x from the output gradient g (N, a*b); `saved` is the
+    regrouped input (c, N, d) for order "in", else x (N, c*d). Plain tensor operations, so
+    torch.compile traces it too (as the backward of _KronLinearGrads)."""
+    a, c = w1.shape
+    b, d = w2.shape
+    g = g.contiguous()
+    gx = gw1 = gw2 = None
+    if order == "in":
+        xc = saved  # (c, N, d)
+        n = xc.shape[1]
+        gt = g.view(n, a, b).transpose(0, 1)  # (a, N, b) strided view
+        if need_w2:
+            z = torch.mm(w1, xc.view(c, n * d)).view(a, n, d)
+            gw2 = torch.bmm(gt.transpose(1, 2), z).sum(0)
+        if need_w1 or need_x:
+            gz = torch.bmm(gt, w2.expand(a, b, d)).view(a, n * d)  # (a, N, d)
             if need_w1:
-                t = torch.bmm(xt, w2.t().expand(c, d, b))
-                gw1 = torch.mm(gc, t.view(c, n * b).t())
-            if need_x or need_w2:
-                gtt = torch.mm(w1.t(), gc).view(c, n, b)
-                if need_w2:
-                    gw2 = torch.bmm(gtt.transpose(1, 2), xt).sum(0)
-                if need_x:
-                    gx = torch.empty(n, c * d, dtype=x.dtype, device=x.device)
-                    torch.bmm(gtt, w2.expand(c, b, d), out=gx.view(n, c, d).transpose(0, 1))
-        return gx, gw1, gw2, None
+                gw1 = torch.mm(gz, xc.view(c, n * d).t())
+            if need_x:
+                gx = torch.mm(w1.t(), gz).view(c, n, d).transpose(0, 1).reshape(n, c * d)
+    elif order == "tok":
+        x = saved
+        n = x.shape[0]
+        x3 = x.view(n, c, d)
+        g2 = g.view(n * a, b)
+        if need_w2:
+            z = torch.bmm(w1.expand(n, a, c), x3)
+            gw2 = torch.mm(g2.t(), z.view(n * a, d))
+        if need_w1 or need_x:
+            gz = torch.mm(g2, w2).view(n, a, d)
+            if need_w1:
+                gw1 = torch.bmm(gz, x3.transpose(1, 2)).sum(0)
+            if need_x:
+                gx = torch.bmm(w1.t().expand(n, c, a), gz).view(n, c * d)
+    else:
+        x = saved
+        n = x.shape[0]
+        xt = x.view(n, c, d).transpose(0, 1)  # (c, N, d) strided view
+        gc = g.view(n, a, b).transpose(0, 1).contiguous().view(a, n * b)  # (a, N, b)
+        if need_w1:
+            t = torch.bmm(xt, w2.t().expand(c, d, b))
+            gw1 = torch.mm(gc, t.view(c, n * b).t())
+        if need_x or need_w2:
+            gtt = torch.mm(w1.t(), gc).view(c, n, b)
+            if need_w2:
+                gw2 = torch.bmm(gtt.transpose(1, 2), xt).sum(0)
+            if need_x:
+                gx = torch.empty(n, c * d, dtype=x.dtype, device=x.device)
+                torch.bmm(gtt, w2.expand(c, b, d), out=gx.view(n, c, d).transpose(0, 1))
+    return gx, gw1, gw2
+
+
+class _KronLinearGrads(torch.autograd.Function):
+    """Identity on y, the output of a linear layer that ran with W + kron(w1, w2) in its weight,
+    the update detached. Its backward gives w1 and w2 the gradients of that product from the
+    activations, so the full-size weight gradient (N x out x in multiply-adds) is never formed;
+    x's gradient comes from the layer's own product with W + dW, as for the frozen layer."""
+
+    @staticmethod
+    def forward(ctx, y, x, w1, w2, order):
+        ctx.order = order
+        c, d = w1.shape[1], w2.shape[1]
+        if order == "in":  # shared with q/k/v in eager; under compile the graph dedupes the copies
+            saved = (x.view(-1, c, d).transpose(0, 1).contiguous() if torch.compiler.is_compiling()
+                     else _regroup(x, c, d))
+        else:
+            saved = x
+        ctx.save_for_backward(saved, w1, w2)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, w1, w2 = ctx.saved_tensors
+        _, gw1, gw2 = _linear_backward(ctx.order, saved, w1, w2, g, False, *ctx.needs_input_grad[2:4])
+        return g, None, gw1, gw2, None
 
 
 def _linear_traced(x, w1, w2, order):
@@ -205,6 +240,21 @@ def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: str 
         fwd = {"in": _linear_fwd_in, "out": _linear_fwd_out, "tok": _linear_fwd_tok}[order]
         y = fwd(x2, w1, w2)[0]
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def kron_linear_grads(y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      order: str = "in") -> torch.Tensor:
+    """y unchanged, with w1 and w2 given the gradients of F.linear(x, kron(w1, w2)) in backward.
+
+    For a layer that ran with kron(w1, w2) added (detached) to its weight: y = F.linear(x, W + dW)
+    already holds the update's output and x's gradient, and only the factors' gradients are
+    missing, which this computes from x and y's gradient in `order` ("in" or "tok", as
+    `kron_linear`) at the cost of the factored backward pass without its input gradient.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    return _KronLinearGrads.apply(y, x2, w1, w2, order)  # x gets no gradient here (backward returns None)
 
 
 # ------------------------------------------------------------------------------------------

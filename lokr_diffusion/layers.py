@@ -10,7 +10,9 @@ Two ways to add the adapters, chosen per call:
   for LoKr), so the backward pass never touches a full-size weight gradient. Where dW has to
   be rebuilt or is cheaper rebuilt (LoHa; LoKr on layers with many tokens and few features)
   and the layer computes in fp32, W + dW goes into the layer's own product for the call: one
-  full-size product more than the frozen layer (the weight gradient) instead of three;
+  full-size product more than the frozen layer (the weight gradient) instead of three; a LoKr
+  linear layer can also fold dW detached and give its factors their gradients from the
+  activations (a FoldedUpdate), which adds no full-size product at all;
 - otherwise (inference): one call of the layer's op with W + sum of multiplier * scale * dW,
   rebuilt in float32 and cast to the weight's dtype, and kept until a weight, a scale or the
   set of adapters changes. An unfused adapter then runs at the base's speed, for the memory
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algos.common import Algorithm, apply_weight, scalar_target
+from .algos.common import Algorithm, FoldedUpdate, apply_weight, scalar_target
 from .dora import decomposed_delta, factored_change, row_gain, update_row_terms
 from .errors import ConfigError
 from .storage import FP8, StoredLayer
@@ -79,7 +81,7 @@ class _Dispatch:
         fold = training and self._can_fold(x, active)
         base_out = None if fold else self.original(x, *args, **kwargs)
         compiling = torch.compiler.is_compiling()
-        outputs, updates = [], []
+        outputs, updates, folded = [], [], []
         for a in active:
             keep = None
             if training and a.training and a.module_dropout:
@@ -92,10 +94,15 @@ class _Dispatch:
             if y is None:  # cheaper rebuilt: added to the layer's weight for this call
                 u = a.multiplier * a.delta_weight()
                 updates.append(u if keep is None else u * keep)
+            elif isinstance(y, FoldedUpdate):  # in the weight too, its gradients from the activations
+                updates.append(y.weight if keep is None else y.weight * keep)
+                folded.append((y, keep))
             else:
                 outputs.append((y, keep))
         if fold:
             base_out = self._apply(x, self.base.weight + sum(updates)) if updates else self.original(x, *args, **kwargs)
+            for f, keep in folded:
+                base_out = f.gradients(base_out, keep)
         out = base_out
         for y, keep in outputs:
             out = out + (y.to(out.dtype) if keep is None else y.to(out.dtype) * keep)
@@ -293,13 +300,15 @@ class AdapterModule(nn.Module):
             self.base.__dict__["_lokr_dispatch"].remove(self)
             self._attached = False
 
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor | None = None,
+              fold: bool = False) -> torch.Tensor | FoldedUpdate | None:
         """multiplier * scale * dW applied to x: the factored path where the algorithm has one.
 
         `base_out` is the frozen layer's output for x: a DoRA module rescales it per output
         channel instead of rebuilding W + D (lokr_diffusion.dora). With `fold` (the caller can
         add a weight to the layer's own for this call), None where rebuilding dW is the cheaper
-        way: the caller then adds multiplier * `delta_weight()` to the layer's weight."""
+        way: the caller then adds multiplier * `delta_weight()` to the layer's weight; or the
+        algorithm's FoldedUpdate (already scaled), whose weight the caller adds."""
         t = self.factors()
         dtype = next(iter(t.values())).dtype
         if not torch.is_autocast_enabled(x.device.type):
@@ -315,8 +324,8 @@ class AdapterModule(nn.Module):
         else:
             fold = fold and not (self.training and self.rank_dropout)  # the mask applies to the output
             y = self.algo.forward(x, t, self.base, scale=s, fold=fold)  # LoKr folds s into a small factor
-            if y is None and fold:
-                return None
+            if fold and not isinstance(y, torch.Tensor):  # None or a FoldedUpdate: the caller folds it
+                return y
         if y is None:
             w = self.algo.delta_weight(t, tuple(self.base.weight.shape))
             y = apply_weight(x, w.to(x.dtype) * s, self.base)

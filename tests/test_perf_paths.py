@@ -3,9 +3,11 @@
 `lokr.force_path` makes every LoKr layer take one path: "in", "out" and "tok" (the factored
 orders of lokr_diffusion.kron_autograd; "tok" is linear-only, convs take "in" for it) or
 "rebuild" (form dW = kron(w1, w2); on these fp32 layers it is added to the layer's weight for the
-call, so the layer runs one linear/conv with W + dW). All must agree on the output and on the gradients w.r.t. the input and
-every factor, for linear layers, 1x1 and k x k convolutions (stride, padding), full and
-low-rank factors, in fp32 (and bf16 on CUDA when present).
+call, so the layer runs one linear/conv with W + dW), or "fold-in" / "fold-tok" (linear layers:
+dW detached in the weight, the factors' gradients from the activations; convs rebuild for them).
+All must agree on the output and on the gradients w.r.t. the input and every factor, for linear
+layers, 1x1 and k x k convolutions (stride, padding), full and low-rank factors, in fp32 (and
+bf16 on CUDA when present).
 """
 import pytest
 import torch
@@ -17,8 +19,8 @@ from lokr_diffusion import kron_autograd as ka
 from lokr_diffusion.algos import lokr
 from lokr_diffusion.kron import kron
 
-PATHS = ("in", "out", "tok", "rebuild")
-FACTORED = ("in", "out", "tok")
+PATHS = lokr.PATHS
+FACTORED = tuple(p for p in PATHS if p != "rebuild")
 
 
 def _adapter(base, settings, multiplier=0.7, alpha=None, seed=0):
@@ -195,8 +197,24 @@ def test_shared_input_regrouping_is_safe():
         torch.autograd.backward(ys, g)
         return [xr.grad] + [p.grad.clone() for a in adapters for p in a.parameters()]
 
-    for i, (r, q) in enumerate(zip(grads("rebuild"), grads("in"))):
-        _close(q, r, f"gradient {i}")
+    copies, real_regroup = [], ka._regroup
+
+    def regroup(x2, c, d):
+        cached = ka._regrouped[3]
+        xc = real_regroup(x2, c, d)
+        copies.append(xc is not cached)
+        return xc
+
+    reference = grads("rebuild")
+    try:
+        ka._regroup = regroup
+        for path in ("in", "fold-in"):
+            copies.clear()
+            for i, (r, q) in enumerate(zip(reference, grads(path))):
+                _close(q, r, f"{path} gradient {i}")
+            assert copies == [True, False, False], (path, copies)  # each layer views the 3-D input anew
+    finally:
+        ka._regroup = real_regroup
     x2 = torch.randn(4, 64)
     with lokr.force_path("in"), torch.no_grad():
         before = layers[0](x2)
@@ -232,11 +250,14 @@ def test_path_choice_is_a_function_of_shapes_only():
             seen.append("rebuild")
         return y
 
+    real_grads = lokr.kron_linear_grads
     try:
+        lokr.kron_linear_grads = lambda y, x, w1, w2, order: seen.append(("fold", order)) or real_grads(y, x, w1, w2, order)
         lokr.kron_linear = lambda x, w1, w2, order: seen.append(("linear", order)) or real_linear(x, w1, w2, order)
         lokr.kron_conv2d = lambda x, w1, w2, s, p, d, order: seen.append(("conv", order)) or real_conv(x, w1, w2, s, p, d, order)
         lokr.forward = forward
-        cases = ((nn.Linear(128, 512), (2, 64, 128), "rebuild"), (nn.Linear(512, 512), (2, 16, 512), ("linear", "tok")),
+        cases = ((nn.Linear(128, 512), (2, 64, 128), ("fold", "tok")), (nn.Linear(512, 512), (2, 16, 512), ("linear", "tok")),
+                 (nn.Linear(32, 32), (2, 2048, 32), "rebuild"),
                  (nn.Conv2d(64, 64, 3, padding=1), (2, 64, 8, 8), "rebuild"),
                  (nn.Conv2d(512, 512, 3, padding=1), (2, 512, 4, 4), ("conv", "in")))
         for base, shape, expected in cases:
@@ -249,6 +270,7 @@ def test_path_choice_is_a_function_of_shapes_only():
             adapter.detach()
     finally:
         lokr.kron_linear, lokr.kron_conv2d, lokr.forward = real_linear, real_conv, real_forward
+        lokr.kron_linear_grads = real_grads
 
 
 def test_sd_layer_choices_are_stable():
@@ -307,7 +329,8 @@ def test_bf16_cuda_paths_agree(make_base, shape, s):
             assert float((got - ref).abs().max() / scale) < 3e-2, path
 
 
-def _extra_flops_per_token(base: nn.Module, make_x, algo_name: str, tokens: tuple[int, int]) -> float:
+def _extra_flops_per_token(base: nn.Module, make_x, algo_name: str, tokens: tuple[int, int],
+                           path: str = "rebuild") -> float:
     """Matrix-product FLOPs per token (or output pixel) that a training step of the adapted
     layer adds to the frozen layer's step, from two input sizes (what does not grow with the
     input, building dW from its factors, drops out)."""
@@ -320,7 +343,7 @@ def _extra_flops_per_token(base: nn.Module, make_x, algo_name: str, tokens: tupl
 
     def step_flops(n: int) -> int:
         x = make_x(n).requires_grad_(True)
-        with FlopCounterMode(display=False) as counter, lokr.force_path("rebuild"):
+        with FlopCounterMode(display=False) as counter, lokr.force_path(path):
             base(x).float().square().sum().backward()
         return counter.get_total_flops()
 
@@ -356,6 +379,19 @@ def test_a_rebuilt_update_costs_one_product_when_folded(algo_name, kind):
     base.to(torch.bfloat16)
     unfolded = _extra_flops_per_token(base, lambda n: make_x(n).to(torch.bfloat16), algo_name, (4, 12))
     assert unfolded == 3 * per_token, (unfolded, per_token)
+
+
+@pytest.mark.parametrize("path", ["fold-in", "fold-tok"])
+def test_a_folded_lokr_update_adds_no_full_size_product(path):
+    """LoKr's fold paths on an fp32 linear layer: the forward and the input gradient are the
+    layer's own products with W + dW, and the only products added to the frozen layer's step
+    are the factor gradients' contractions, 4 (acd + abd) FLOPs per token (z = w1 mix, w2's
+    gradient, the output mix, w1's gradient), against 2 * out * in for a weight gradient."""
+    base = nn.Linear(48, 32)
+    a, b, c, d = lokr.factor_shapes((32, 48), 4)
+    extra = _extra_flops_per_token(base, lambda n: torch.randn(n, 48), "lokr", (4, 12), path)
+    assert extra == 4 * (a * c * d + a * b * d), (extra, a, b, c, d)
+    assert extra < 2 * 48 * 32  # less than the one weight gradient of the rebuilt fold
 
 
 def test_folded_update_with_module_dropout():

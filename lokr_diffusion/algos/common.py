@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -45,13 +46,31 @@ class Algorithm(Protocol):
         ...
 
     def forward(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-                scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
+                scale: float | torch.Tensor | None = None,
+                fold: bool = False) -> torch.Tensor | FoldedUpdate | None:
         """The delta output for input `x` of layer `base` without building dW (cheaper in
         training), times `scale` when given (unscaled when None); None where rebuilding dW is
         the only or the cheaper way, and the caller then applies `delta_weight`. `fold` says
         that the caller adds a rebuilt dW to the layer's own weight (one full-size product in
-        training instead of three), for algorithms that weigh the two ways."""
+        training instead of three), for algorithms that weigh the two ways; with it, a
+        FoldedUpdate is also an answer."""
         ...
+
+
+class FoldedUpdate:
+    """A training update that goes into the layer's weight for one call, detached, while the
+    factors get their gradients from the activations: the layer's own products then carry the
+    update's output and the input gradient, and no full-size weight gradient is formed.
+
+    `weight`: the scaled dW, shaped like the layer's weight. `gradients(y, keep=None)`: the
+    layer's output y, unchanged, with the factors' gradients attached (times `keep`, module
+    dropout's 0/1 draw, which the caller also applies to `weight`).
+    """
+
+    __slots__ = ("weight", "gradients")
+
+    def __init__(self, weight: torch.Tensor, gradients: Callable[..., torch.Tensor]) -> None:
+        self.weight, self.gradients = weight, gradients
 
 
 def apply_weight(x: torch.Tensor, weight: torch.Tensor, base: nn.Module) -> torch.Tensor:

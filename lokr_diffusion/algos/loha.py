@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from .common import ModuleSettings, tucker_applies, weight_dims
+from .common import FoldedUpdate, ModuleSettings, tucker_applies, weight_dims
 
 NAME = "loha"
 TENSOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -67,6 +67,6 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
+            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | FoldedUpdate | None:
     """Always None: a Hadamard product has no cheaper form than the rebuilt weight."""
     return None

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..kron import factorization, kron
-from ..kron_autograd import kron_conv2d, kron_linear
-from .common import ModuleSettings, kaiming_, tucker_applies, weight_dims
+from ..kron_autograd import kron_conv2d, kron_linear, kron_linear_grads
+from .common import FoldedUpdate, ModuleSettings, kaiming_, tucker_applies, weight_dims
 
 NAME = "lokr"
 TENSOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -120,6 +120,10 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 #               full-size products (forward, input gradient, weight gradient); folded into the
 #               layer's own weight for the call (`fold`: the dispatcher can do it for an fp32
 #               layer), only one, the weight gradient, plus a few weight-sized passes.
+#   "fold-in", "fold-tok" (linear, training, `fold`): dW detached in the layer's weight, so the
+#               forward and the input gradient are the frozen layer's own products, and the
+#               factors' gradients from the activations in that order (the factored backward
+#               pass without its input gradient: kron_autograd.kron_linear_grads).
 #   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd): far fewer
 #               multiply-adds, but several passes over activation-sized tensors. Orders:
 #               "in" (w1 mixes the input groups first), "out" (w2 first, w1 mixes the output
@@ -155,9 +159,10 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
     w = cout * cin * k  # full kernel size
     ad, cb = a * d, c * b
     if training and fold:
-        # W + dW built (read W, write the sum), the weight gradient (reads x and the output
-        # gradient), reduced to the two factors' gradients (two reads of it)
-        rebuild = _cost(2.0 * n_out * cout * cin * k, n_in * cin + n_out * cout + 5 * w, 4, esize, device_type)
+        # W + dW built, the weight gradient (reads x and the output gradient; its output is
+        # weight-sized and it reduces over the tokens: measured at about two thirds of the
+        # forward product's rate), reduced to the two factors' gradients
+        rebuild = _cost(3.0 * n_out * cout * cin * k, n_in * cin + n_out * cout + 10 * w, 4, esize, device_type)
     elif training:
         rebuild = _cost(6.0 * n_out * cout * cin * k, 3 * (n_in * cin + n_out * cout) + 6 * w, 9, esize, device_type)
     else:
@@ -178,7 +183,14 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
             fin = _cost(2.0 * n * (mix_in + w2_in), n * (3 * cin + 2 * ad + 1.5 * cout), 3, esize, device_type)
             fout = _cost(2.0 * n * (w2_out + mix_out), n * (1.5 * cin + 2 * cb + 3 * cout), 3, esize, device_type)
             ftok = _cost(2.0 * n * (mix_in + w2_in), n * (2 * cin + 3 * ad + cout), 2, esize, device_type)
-        return {"rebuild": rebuild, "in": fin, "out": fout, "tok": ftok}
+        costs = {"rebuild": rebuild, "in": fin, "out": fout, "tok": ftok}
+        if training and fold:  # dW detached in the weight (three weight-sized passes), factor gradients only
+            grads = 2.0 * n * (2 * mix_in + 2 * w2_in)
+            # in: regroup (shared by q/k/v), mix, w2 grad, output mix, w1 grad
+            costs["fold-in"] = _cost(grads, n * (5.5 * cin + 4 * ad + 3 * cout) + 3 * w, 8, esize, device_type)
+            # tok: two small batched mixes (slow, as in "tok"), two flat products
+            costs["fold-tok"] = _cost(grads, n * (2 * cin + 10 * ad + 2 * cout) + 3 * w, 7, esize, device_type)
+        return costs
     conv_in = 2.0 * n_out * a * b * d * k  # w2's convolution over the a mixed groups
     conv_out = 2.0 * n_out * c * b * d * k  # ... over the c input groups
     if training:
@@ -199,23 +211,28 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
 @functools.lru_cache(maxsize=4096)
 def plan(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int, k: int = 1, training: bool = True,
          esize: int = 4, device_type: str = "cpu", fold: bool = False) -> str:
-    """"rebuild", "in", "out" or "tok": the cheapest path by `path_costs`. A pure function of shapes."""
+    """"rebuild", "in", "out", "tok", "fold-in" or "fold-tok": the cheapest path by `path_costs`.
+    A pure function of shapes."""
     costs = path_costs(kind, n_in, n_out, a, b, c, d, k, training, esize, device_type, fold)
     return min(costs, key=costs.get)
 
 
 _forced_path: str | None = None
+PATHS = ("in", "out", "tok", "rebuild", "fold-in", "fold-tok")
 
 
 @contextlib.contextmanager
 def force_path(path: str | None) -> Iterator[None]:
-    """Make every LoKr layer take `path` ("in", "out", "tok" or "rebuild") instead of `plan`'s choice.
+    """Make every LoKr layer take `path` ("in", "out", "tok", "rebuild", "fold-in" or "fold-tok")
+    instead of `plan`'s choice.
 
-    For benchmarks and tests that compare the paths; None restores the cost model.
+    For benchmarks and tests that compare the paths; None restores the cost model. Where a path
+    does not apply, the nearest one does: "tok" on a conv is "in", and "fold-*" is "rebuild" on a
+    conv and the factored order where the caller cannot fold.
     """
     global _forced_path
-    if path not in (None, "in", "out", "tok", "rebuild"):
-        raise ValueError(f"force_path: expected 'in', 'out', 'tok', 'rebuild' or None, got {path!r}")
+    if path not in (None, *PATHS):
+        raise ValueError(f"force_path: expected one of {PATHS} or None, got {path!r}")
     previous, _forced_path = _forced_path, path
     try:
         yield
@@ -224,7 +241,7 @@ def force_path(path: str | None) -> Iterator[None]:
 
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
+            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | FoldedUpdate | None:
     """kron(w1, w2) applied without forming it: (w1 (x) w2) vec(X) = vec(w1 X w2^T).
 
     Linear: the input features are viewed as (c, d); w2 contracts d, w1 mixes c. Conv: the c
@@ -235,7 +252,9 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
 
     `scale` (multiplier * alpha / r), when given, is folded into w1 rather than applied to the
     output, which saves a full pass over the activations; the result is then already scaled.
-    `fold`: the caller adds a rebuilt dW to the layer's weight, which makes rebuilding cheaper.
+    `fold`: the caller adds a rebuilt dW to the layer's weight, which makes rebuilding cheaper;
+    in training a linear layer may then get a FoldedUpdate (paths "fold-in", "fold-tok"): dW
+    for the weight, with the factors' gradients taken from the activations.
     """
     t = tensors
     dev = x.device.type
@@ -267,7 +286,9 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     choose = plan.__wrapped__ if torch.compiler.is_compiling() else plan  # traced: a constant of the graph
     order = _forced_path or choose("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
                                    x.element_size(), dev, fold)
-    if order == "rebuild":
+    if order.startswith("fold-") and not (fold and training):
+        order = order[5:]
+    if order == "rebuild" or (is_conv and order.startswith("fold-")):
         return None
     if is_conv and order == "tok":  # the token-major order exists for linear layers only
         order = "in"
@@ -278,6 +299,10 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     w2 = make_w2(t, b, d, kernel)
     if w2.dtype != x.dtype:
         w2 = w2.to(x.dtype)
+    if order.startswith("fold-"):
+        update = kron(w1.detach(), w2.detach()).reshape(out_dim, in_dim)
+        return FoldedUpdate(update, lambda y, keep=None: kron_linear_grads(
+            y, x, w1 if keep is None else w1 * keep, w2, order[5:]))
     if is_conv:
         return kron_conv2d(x, w1, w2, base.stride, base.padding, base.dilation, order)
     return kron_linear(x, w1, w2, order)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import ModuleSettings, kaiming_, tucker_applies, weight_dims
+from .common import FoldedUpdate, ModuleSettings, kaiming_, tucker_applies, weight_dims
 
 NAME = "lora"
 TENSOR_NAMES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -58,7 +58,7 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 
 
 def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
-            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | None:
+            scale: float | torch.Tensor | None = None, fold: bool = False) -> torch.Tensor | FoldedUpdate | None:
     """Bypass path down [-> mid] -> up, never forming the (out, in) matrix; the result times
     `scale` when given. None for unexpected tensor ranks or a grouped conv with a Tucker mid."""
     down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
