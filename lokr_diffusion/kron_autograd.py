@@ -36,7 +36,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kron_conv2d", "kron_linear", "kron_linear_grads"]
+__all__ = ["kron_conv2d", "kron_conv2d_grads", "kron_linear", "kron_linear_grads"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,34 +333,56 @@ class _KronConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w1, w2, t = ctx.saved_tensors
-        geom, order = ctx.geom, ctx.order
-        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
-        n, _, h, w = x.shape
-        a, c = w1.shape
-        b, d = w2.shape[:2]
-        g = g.contiguous()
-        gx = gw1 = gw2 = None
-        if order == "in":
-            z = _mix(w1, x, c).view(n * a, d, h, w)
-            gz, gw2 = _conv_backward(g.view(n * a, b, *g.shape[2:]), z, w2, geom, need_x or need_w1, need_w2)
-            if gz is not None:
-                gz3 = gz.view(n, a, -1)
-                if need_w1:
-                    gw1 = torch.bmm(gz3, x.view(n, c, -1).transpose(1, 2)).sum(0)
-                if need_x:
-                    gx = _lmul(w1.t(), gz3).view_as(x)
-        else:
-            g3 = g.view(n, a, -1)
+        return (*_conv_backward_all(ctx.order, x, w1, w2, t, g, ctx.geom, *ctx.needs_input_grad[:3]), None, None)
+
+
+def _conv_backward_all(order, x, w1, w2, t, g, geom, need_x, need_w1, need_w2):
+    """(gx, gw1, gw2) of y = conv2d(x, kron(w1, w2)) from the output gradient g; `t` is order
+    "out"'s kept intermediate or None (recomputed). Plain tensor operations, so torch.compile
+    traces it too (as the backward of _KronConvGrads)."""
+    n, _, h, w = x.shape
+    a, c = w1.shape
+    b, d = w2.shape[:2]
+    g = g.contiguous()
+    gx = gw1 = gw2 = None
+    if order == "in":
+        z = _mix(w1, x, c).view(n * a, d, h, w)
+        gz, gw2 = _conv_backward(g.view(n * a, b, *g.shape[2:]), z, w2, geom, need_x or need_w1, need_w2)
+        if gz is not None:
+            gz3 = gz.view(n, a, -1)
             if need_w1:
-                if t is None:
-                    t = _conv(x.view(n * c, d, h, w), w2, geom)
-                gw1 = torch.bmm(g3, t.reshape(n, c, -1).transpose(1, 2)).sum(0)
-            if need_x or need_w2:
-                gt = _lmul(w1.t(), g3)  # (n, c, b*H'*W')
-                gx4, gw2 = _conv_backward(gt.view(n * c, b, *g.shape[2:]), x.view(n * c, d, h, w), w2, geom,
-                                          need_x, need_w2)
-                gx = gx4.view_as(x) if gx4 is not None else None
-        return gx, gw1, gw2, None, None
+                gw1 = torch.bmm(gz3, x.view(n, c, -1).transpose(1, 2)).sum(0)
+            if need_x:
+                gx = _lmul(w1.t(), gz3).view_as(x)
+    else:
+        g3 = g.view(n, a, -1)
+        if need_w1:
+            if t is None:
+                t = _conv(x.view(n * c, d, h, w), w2, geom)
+            gw1 = torch.bmm(g3, t.reshape(n, c, -1).transpose(1, 2)).sum(0)
+        if need_x or need_w2:
+            gt = _lmul(w1.t(), g3)  # (n, c, b*H'*W')
+            gx4, gw2 = _conv_backward(gt.view(n * c, b, *g.shape[2:]), x.view(n * c, d, h, w), w2, geom,
+                                      need_x, need_w2)
+            gx = gx4.view_as(x) if gx4 is not None else None
+    return gx, gw1, gw2
+
+
+class _KronConvGrads(torch.autograd.Function):
+    """Identity on y, the output of a conv that ran with W + kron(w1, w2) in its weight, the
+    update detached: the conv counterpart of _KronLinearGrads (order "in")."""
+
+    @staticmethod
+    def forward(ctx, y, x, w1, w2, geom):
+        ctx.geom = geom
+        ctx.save_for_backward(x, w1, w2)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w1, w2 = ctx.saved_tensors
+        _, gw1, gw2 = _conv_backward_all("in", x, w1, w2, None, g, ctx.geom, False, *ctx.needs_input_grad[2:4])
+        return g, None, gw1, gw2, None
 
 
 def kron_conv2d(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride=(1, 1), padding=(0, 0),
@@ -383,3 +405,12 @@ def kron_conv2d(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride=(1, 
     if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
         return _KronConv.apply(x, w1, w2, geom, order)
     return _conv_fwd(x, w1, w2, geom, order)[0]
+
+
+def kron_conv2d_grads(y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride=(1, 1),
+                      padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """y unchanged, with w1 and w2 given the gradients of conv2d(x, kron(w1, w2)) in backward:
+    `kron_linear_grads` for a conv (NCHW, groups 1) that ran with the update in its weight."""
+    geom = (tuple(stride), tuple(padding), tuple(dilation))
+    x = x if x.is_contiguous() else x.contiguous()
+    return _KronConvGrads.apply(y, x, w1.contiguous(), w2.contiguous(), geom)

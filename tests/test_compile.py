@@ -178,15 +178,20 @@ def test_compiled_training_equals_eager_without_recompiles(family_name):
     dynamo.reset()
 
 
-@pytest.mark.parametrize("path", ["fold-in", "fold-tok"])
-def test_folded_lokr_compiles_and_equals_eager(path):
+@pytest.mark.parametrize("path,kind", [("fold-in", "linear"), ("fold-tok", "linear"), ("fold-in", "conv")])
+def test_folded_lokr_compiles_and_equals_eager(path, kind):
     """LoKr's fold paths (dW detached in the weight, the factors' gradients from a custom
     autograd function) trace into one graph, also with module dropout's 0/1 draw, and give
     eager's gradients."""
     from lokr_diffusion.algos import lokr
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).requires_grad_(False)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).requires_grad_(False)
+        x = torch.randn(2, 24, 32, requires_grad=True)
+    else:
+        model = nn.Sequential(nn.Conv2d(32, 64, 1), nn.GELU(), nn.Conv2d(64, 32, 3, padding=1)).requires_grad_(False)
+        x = torch.randn(2, 32, 6, 6, requires_grad=True)
     adapters = []
     for i in (0, 2):
         base = model[i]
@@ -195,7 +200,6 @@ def test_folded_lokr_compiles_and_equals_eager(path):
         adapter.attach()
         adapters.append(adapter)
     params = [p for a in adapters for p in a.parameters()]
-    x = torch.randn(2, 24, 32, requires_grad=True)
 
     def grads(fn):
         for p in [*params, x]:

@@ -4,7 +4,7 @@
 orders of lokr_diffusion.kron_autograd; "tok" is linear-only, convs take "in" for it) or
 "rebuild" (form dW = kron(w1, w2); on these fp32 layers it is added to the layer's weight for the
 call, so the layer runs one linear/conv with W + dW), or "fold-in" / "fold-tok" (linear layers:
-dW detached in the weight, the factors' gradients from the activations; convs rebuild for them).
+dW detached in the weight, the factors' gradients from the activations; "fold-tok" is "fold-in" on convs).
 All must agree on the output and on the gradients w.r.t. the input and every factor, for linear
 layers, 1x1 and k x k convolutions (stride, padding), full and low-rank factors, in fp32 (and
 bf16 on CUDA when present).
@@ -250,15 +250,17 @@ def test_path_choice_is_a_function_of_shapes_only():
             seen.append("rebuild")
         return y
 
-    real_grads = lokr.kron_linear_grads
+    real_grads, real_conv_grads = lokr.kron_linear_grads, lokr.kron_conv2d_grads
     try:
         lokr.kron_linear_grads = lambda y, x, w1, w2, order: seen.append(("fold", order)) or real_grads(y, x, w1, w2, order)
+        lokr.kron_conv2d_grads = lambda y, x, w1, w2, *geom: seen.append(("fold", "conv")) or real_conv_grads(y, x, w1, w2, *geom)
         lokr.kron_linear = lambda x, w1, w2, order: seen.append(("linear", order)) or real_linear(x, w1, w2, order)
         lokr.kron_conv2d = lambda x, w1, w2, s, p, d, order: seen.append(("conv", order)) or real_conv(x, w1, w2, s, p, d, order)
         lokr.forward = forward
         cases = ((nn.Linear(128, 512), (2, 64, 128), ("fold", "tok")), (nn.Linear(512, 512), (2, 16, 512), ("linear", "tok")),
                  (nn.Linear(32, 32), (2, 2048, 32), "rebuild"),
                  (nn.Conv2d(64, 64, 3, padding=1), (2, 64, 8, 8), "rebuild"),
+                 (nn.Conv2d(128, 128, 1), (2, 128, 32, 32), ("fold", "conv")),
                  (nn.Conv2d(512, 512, 3, padding=1), (2, 512, 4, 4), ("conv", "in")))
         for base, shape, expected in cases:
             adapter = _adapter(base, ModuleSettings(8, 8, factor=8, full_matrix=True))
@@ -270,7 +272,7 @@ def test_path_choice_is_a_function_of_shapes_only():
             adapter.detach()
     finally:
         lokr.kron_linear, lokr.kron_conv2d, lokr.forward = real_linear, real_conv, real_forward
-        lokr.kron_linear_grads = real_grads
+        lokr.kron_linear_grads, lokr.kron_conv2d_grads = real_grads, real_conv_grads
 
 
 def test_sd_layer_choices_are_stable():
@@ -383,15 +385,21 @@ def test_a_rebuilt_update_costs_one_product_when_folded(algo_name, kind):
 
 @pytest.mark.parametrize("path", ["fold-in", "fold-tok"])
 def test_a_folded_lokr_update_adds_no_full_size_product(path):
-    """LoKr's fold paths on an fp32 linear layer: the forward and the input gradient are the
-    layer's own products with W + dW, and the only products added to the frozen layer's step
-    are the factor gradients' contractions, 4 (acd + abd) FLOPs per token (z = w1 mix, w2's
-    gradient, the output mix, w1's gradient), against 2 * out * in for a weight gradient."""
+    """LoKr's fold paths on an fp32 layer: the forward and the input gradient are the layer's
+    own products with W + dW, and the only products added to the frozen layer's step are the
+    factor gradients' contractions. Linear: 4 (acd + abd) FLOPs per token (z = w1 mix, w2's
+    gradient, the output mix, w1's gradient), against 2 * out * in for a weight gradient. Conv
+    (3x3 over 5x5, "fold-in" either way): the same per pixel, w2's products carrying the kernel."""
     base = nn.Linear(48, 32)
     a, b, c, d = lokr.factor_shapes((32, 48), 4)
     extra = _extra_flops_per_token(base, lambda n: torch.randn(n, 48), "lokr", (4, 12), path)
     assert extra == 4 * (a * c * d + a * b * d), (extra, a, b, c, d)
     assert extra < 2 * 48 * 32  # less than the one weight gradient of the rebuilt fold
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    a, b, c, d = lokr.factor_shapes((32, 32, 3, 3), 4)
+    extra = _extra_flops_per_token(conv, lambda n: torch.randn(n, 32, 5, 5), "lokr", (4, 12), path)
+    assert extra == 25 * 4 * (a * c * d + a * b * d * 9), (extra, a, b, c, d)
+    assert extra < 25 * 2 * 32 * 32 * 9
 
 
 def test_folded_update_with_module_dropout():

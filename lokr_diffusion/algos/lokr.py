@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..kron import factorization, kron
-from ..kron_autograd import kron_conv2d, kron_linear, kron_linear_grads
+from ..kron_autograd import kron_conv2d, kron_conv2d_grads, kron_linear, kron_linear_grads
 from .common import FoldedUpdate, ModuleSettings, kaiming_, tucker_applies, weight_dims
 
 NAME = "lokr"
@@ -120,10 +120,10 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 #               full-size products (forward, input gradient, weight gradient); folded into the
 #               layer's own weight for the call (`fold`: the dispatcher can do it for an fp32
 #               layer), only one, the weight gradient, plus a few weight-sized passes.
-#   "fold-in", "fold-tok" (linear, training, `fold`): dW detached in the layer's weight, so the
-#               forward and the input gradient are the frozen layer's own products, and the
+#   "fold-in", "fold-tok" (training, `fold`; convs only "fold-in"): dW detached in the layer's
+#               weight, so the forward and the input gradient are the frozen layer's own products, and the
 #               factors' gradients from the activations in that order (the factored backward
-#               pass without its input gradient: kron_autograd.kron_linear_grads).
+#               pass without its input gradient: kron_autograd.kron_linear_grads, kron_conv2d_grads).
 #   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd): far fewer
 #               multiply-adds, but several passes over activation-sized tensors. Orders:
 #               "in" (w1 mixes the input groups first), "out" (w2 first, w1 mixes the output
@@ -193,6 +193,13 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
         return costs
     conv_in = 2.0 * n_out * a * b * d * k  # w2's convolution over the a mixed groups
     conv_out = 2.0 * n_out * c * b * d * k  # ... over the c input groups
+    costs = {}
+    # dW detached in the weight; "in"'s backward without the input gradient. Offered for 1x1
+    # convs only: with a k x k kernel the convolution backward over the a groups ran 2-10x
+    # slower than this model says on small images (measured per layer), slower than "in"/"out".
+    if training and fold and k == 1:
+        costs["fold-in"] = _cost(2 * conv_in + 2.0 * n_in * 2 * a * c * d,
+                                 n_in * (2 * cin + 4 * ad) + n_out * cout + 3 * w, 6, esize, device_type)
     if training:
         # "in": mix, conv | recompute mix, conv backward (2 convs), w1 grad, input mix
         fin = _cost(3 * conv_in + 2.0 * n_in * 4 * a * c * d,
@@ -205,7 +212,7 @@ def path_costs(kind: str, n_in: int, n_out: int, a: int, b: int, c: int, d: int,
     else:
         fin = _cost(conv_in + 2.0 * n_in * a * c * d, n_in * (cin + 2 * ad) + n_out * cout, 3, esize, device_type)
         fout = _cost(conv_out + 2.0 * n_out * a * c * b, n_in * cin + n_out * (2 * cb + cout), 3, esize, device_type)
-    return {"rebuild": rebuild, "in": fin, "out": fout}
+    return {"rebuild": rebuild, "in": fin, "out": fout, **costs}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -227,8 +234,8 @@ def force_path(path: str | None) -> Iterator[None]:
     instead of `plan`'s choice.
 
     For benchmarks and tests that compare the paths; None restores the cost model. Where a path
-    does not apply, the nearest one does: "tok" on a conv is "in", and "fold-*" is "rebuild" on a
-    conv and the factored order where the caller cannot fold.
+    does not apply, the nearest one does: "tok" on a conv is "in" ("fold-tok" "fold-in"), and
+    "fold-*" is the factored order where the caller cannot fold.
     """
     global _forced_path
     if path not in (None, *PATHS):
@@ -253,8 +260,8 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     `scale` (multiplier * alpha / r), when given, is folded into w1 rather than applied to the
     output, which saves a full pass over the activations; the result is then already scaled.
     `fold`: the caller adds a rebuilt dW to the layer's weight, which makes rebuilding cheaper;
-    in training a linear layer may then get a FoldedUpdate (paths "fold-in", "fold-tok"): dW
-    for the weight, with the factors' gradients taken from the activations.
+    in training the layer may then get a FoldedUpdate (paths "fold-in", "fold-tok"): dW for
+    the weight, with the factors' gradients taken from the activations.
     """
     t = tensors
     dev = x.device.type
@@ -288,10 +295,10 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
                                    x.element_size(), dev, fold)
     if order.startswith("fold-") and not (fold and training):
         order = order[5:]
-    if order == "rebuild" or (is_conv and order.startswith("fold-")):
+    if order == "rebuild":
         return None
-    if is_conv and order == "tok":  # the token-major order exists for linear layers only
-        order = "in"
+    if is_conv and order.endswith("tok"):  # the token-major order exists for linear layers only
+        order = order[:-3] + "in"
     if w1.dtype != x.dtype:
         w1 = w1.to(x.dtype)
     if scale is not None and not (isinstance(scale, (int, float)) and scale == 1):
@@ -300,7 +307,10 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     if w2.dtype != x.dtype:
         w2 = w2.to(x.dtype)
     if order.startswith("fold-"):
-        update = kron(w1.detach(), w2.detach()).reshape(out_dim, in_dim)
+        update = kron(w1.detach(), w2.detach()).reshape(base.weight.shape)
+        if is_conv:
+            return FoldedUpdate(update, lambda y, keep=None: kron_conv2d_grads(
+                y, x, w1 if keep is None else w1 * keep, w2, base.stride, base.padding, base.dilation))
         return FoldedUpdate(update, lambda y, keep=None: kron_linear_grads(
             y, x, w1 if keep is None else w1 * keep, w2, order[5:]))
     if is_conv:
