@@ -296,8 +296,8 @@ def check_model(setup, scen, rounds: int = 7, kinds=("linear", "conv")) -> list[
             for p in mod.parameters():
                 p.grad = None
 
-        paths = ("in", "out", "rebuild") if kind == "conv" else ("in", "out", "tok", "rebuild", *(
-            ("fold-in", "fold-tok") if fold else ()))
+        # every path the cost model prices for this layer (fold-in for 1x1 convs, both folds for linear ones)
+        paths = tuple(costs)
         cfgs = {p: (lambda: None, lambda p=p: run(p), lambda: None) for p in ("base",) + paths}
         times = interleaved(cfgs, rounds, 2)
         med = {p: S.median([t[1] for t in ts]) for p, ts in times.items()}  # CPU time: steadier
@@ -626,23 +626,22 @@ def closing_notes(results: dict) -> list[str]:
             out.append(f"The floor itself spends {floor_lin:.0f} ms ({100 * floor_lin / t['floor']:.0f}%) in the linear "
                        f"layers' products.")
     out += ["",
-            "Why: with factor 8 and full-matrix w2, a linear layer's update costs three products with w2 per step "
-            "(forward, input gradient, w2 gradient), each 1/8 of the layer's own dense product, plus four small "
-            "w1 mixes, two regrouping copies (or the small batched products of the token-major order), the add "
-            "of the delta to the layer's output and the accumulation of the input gradient. At 128 to 512 "
-            "channels w2 is only 16x16 to 64x64, so those products and the mixes are limited by memory traffic, "
-            "not arithmetic: each is roughly one pass over an activation-sized tensor, and at 128 channels one "
-            "pass costs a fifth to a tenth of the layer's dense product on this machine. Rebuilding dW instead "
-            "(what LyCORIS and PEFT do) costs three dense products per layer; the cost model picks per layer, "
-            "and the table above shows it agrees with the measured best path.",
+            "Why: with factor 8 and full-matrix w2, a factored linear layer's update costs three products with "
+            "w2 per step (forward, input gradient, w2 gradient), each 1/8 of the layer's own dense product, plus "
+            "four small w1 mixes, regrouping copies (or the small batched products of the token-major order), "
+            "the add of the delta to the layer's output and the accumulation of the input gradient. At 128 to "
+            "512 channels w2 is only 16x16 to 64x64, so those products and the mixes are limited by memory "
+            "traffic, not arithmetic: each is roughly one pass over an activation-sized tensor, and at 128 "
+            "channels one pass costs a fifth to a tenth of the layer's dense product on this machine. Rebuilding "
+            "dW as a product of its own (what LyCORIS and PEFT do) costs three dense products per layer; added "
+            "to an fp32 layer's weight, one (the weight gradient); added detached (the fold paths), none, the "
+            "factors' gradients then costing half of the factored backward pass plus a few weight-sized passes. "
+            "The cost model picks per layer, and the table above compares its picks with the measured best.",
             "",
             "What would close the rest: (1) one fused kernel per direction (regroup, w1 mix, w2 product and "
-            "the add in one pass; a custom C++/Triton op or torch.compile over the adapter function) would cut "
-            "the passes per layer from about ten to three; (2) letting the layer dispatcher hand its output to "
-            "the adapter, so the last product accumulates into it (addmm/baddbmm) instead of a separate add, "
-            "saves one pass per layer and step; (3) at real SD widths (320/640/1280) the dense products grow "
-            "with the square of the width and the passes only linearly, so the same code lands closer to the "
-            "floor."]
+            "the add in one pass; a custom C++/Triton op) would cut the passes per layer to about three; (2) "
+            "at real SD widths (320/640/1280) the dense products grow with the square of the width and the "
+            "passes only linearly, so the same code lands closer to the floor."]
     return out
 
 
