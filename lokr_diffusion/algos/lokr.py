@@ -121,9 +121,10 @@ def rank(tensors: dict[str, torch.Tensor]) -> int | None:
 #               layer's own weight for the call (`fold`: the dispatcher can do it for an fp32
 #               layer), only one, the weight gradient, plus a few weight-sized passes.
 #   "fold-in", "fold-tok" (training, `fold`; convs only "fold-in"): dW detached in the layer's
-#               weight, so the forward and the input gradient are the frozen layer's own products, and the
-#               factors' gradients from the activations in that order (the factored backward
-#               pass without its input gradient: kron_autograd.kron_linear_grads, kron_conv2d_grads).
+#               weight, so the forward and the input gradient are the frozen layer's own
+#               products, and the factors' gradients come from the activations in that order
+#               (the factored backward pass without its input gradient:
+#               kron_autograd.kron_linear_grads, kron_conv2d_grads).
 #   factored:   contract with w2 and w1 separately (lokr_diffusion.kron_autograd): far fewer
 #               multiply-adds, but several passes over activation-sized tensors. Orders:
 #               "in" (w1 mixes the input groups first), "out" (w2 first, w1 mixes the output
