@@ -51,8 +51,11 @@ _regrouped: tuple = (None, -1, None, None)  # (weakref to the viewed tensor, its
 
 
 def _regroup(x: torch.Tensor, c: int, d: int) -> torch.Tensor:
-    """x (N, c*d) as (c, N, d), contiguous; reused while x views the same unmodified tensor the same way."""
+    """x (N, c*d) as (c, N, d), contiguous; reused while x views the same unmodified tensor the same way.
+    Under torch.compile always a fresh copy: a module-global cache has no place in a graph."""
     global _regrouped
+    if torch.compiler.is_compiling():
+        return x.view(-1, c, d).transpose(0, 1).contiguous()
     root = x if x._base is None else x._base
     geometry = (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype, c, d)
     ref, version, geometry0, xc = _regrouped
@@ -188,11 +191,7 @@ class _KronLinearGrads(torch.autograd.Function):
     def forward(ctx, y, x, w1, w2, order):
         ctx.order = order
         c, d = w1.shape[1], w2.shape[1]
-        if order == "in":  # shared with q/k/v in eager; under compile the graph dedupes the copies
-            saved = (x.view(-1, c, d).transpose(0, 1).contiguous() if torch.compiler.is_compiling()
-                     else _regroup(x, c, d))
-        else:
-            saved = x
+        saved = _regroup(x, c, d) if order == "in" else x  # the regrouped copy shared by q/k/v (eager)
         ctx.save_for_backward(saved, w1, w2)
         return y.view_as(y)
 

@@ -11,8 +11,8 @@ Two ways to add the adapters, chosen per call:
   be rebuilt or is cheaper rebuilt (LoHa; LoKr on layers with many tokens and few features)
   and the layer computes in fp32, W + dW goes into the layer's own product for the call: one
   full-size product more than the frozen layer (the weight gradient) instead of three; a LoKr
-  linear layer can also fold dW detached and give its factors their gradients from the
-  activations (a FoldedUpdate), which adds no full-size product at all;
+  linear or 1x1 conv layer can also fold dW detached and give its factors their gradients from
+  the activations (a FoldedUpdate), which adds no full-size product at all;
 - otherwise (inference): one call of the layer's op with W + sum of multiplier * scale * dW,
   rebuilt in float32 and cast to the weight's dtype, and kept until a weight, a scale or the
   set of adapters changes. An unfused adapter then runs at the base's speed, for the memory

@@ -295,11 +295,11 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
     order = _forced_path or choose("conv" if is_conv else "linear", n_in, n_out, a, b, c, d, k, training,
                                    x.element_size(), dev, fold)
     if order.startswith("fold-") and not (fold and training):
-        order = order[5:]
+        order = order.removeprefix("fold-")
     if order == "rebuild":
         return None
     if is_conv and order.endswith("tok"):  # the token-major order exists for linear layers only
-        order = order[:-3] + "in"
+        order = order.removesuffix("tok") + "in"
     if w1.dtype != x.dtype:
         w1 = w1.to(x.dtype)
     if scale is not None and not (isinstance(scale, (int, float)) and scale == 1):
@@ -313,7 +313,7 @@ def forward(x: torch.Tensor, tensors: dict[str, torch.Tensor], base: nn.Module,
             return FoldedUpdate(update, lambda y, keep=None: kron_conv2d_grads(
                 y, x, w1 if keep is None else w1 * keep, w2, base.stride, base.padding, base.dilation))
         return FoldedUpdate(update, lambda y, keep=None: kron_linear_grads(
-            y, x, w1 if keep is None else w1 * keep, w2, order[5:]))
+            y, x, w1 if keep is None else w1 * keep, w2, order.removeprefix("fold-")))
     if is_conv:
         return kron_conv2d(x, w1, w2, base.stride, base.padding, base.dilation, order)
     return kron_linear(x, w1, w2, order)
